@@ -1,0 +1,315 @@
+"""Tests for qimera.teachers (sources, checkpoint loading and the errors they raise)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qimera.models.cifar_resnet import resnet20, resnet32
+from qimera.teachers import (
+    PYTORCHCV_TEACHERS,
+    SOURCES,
+    TORCHVISION_TEACHERS,
+    LoadedTeacher,
+    TeacherError,
+    check_batchnorm,
+    find_classifier,
+    load_state_dict_file,
+    load_teacher,
+)
+
+SHARED_CKPT = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "teachers" / "resnet20-cifar10-optionA.th"
+)
+SHARED_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
+ARCH20 = "qimera.models.cifar_resnet:resnet20"
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+needs_shared = pytest.mark.skipif(
+    not SHARED_CKPT.is_file(), reason=f"shared checkpoint absent: {SHARED_CKPT}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _short_socket_timeout():
+    """Keep any (failing) download attempt from hanging."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    yield
+    socket.setdefaulttimeout(previous)
+
+
+@pytest.fixture(scope="module")
+def resnet20_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return resnet20().state_dict()
+
+
+def _save(obj, path: Path) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+# ----------------------------------------------------------------- the shared checkpoint
+
+
+@needs_shared
+def test_shared_checkpoint_loads_by_spec() -> None:
+    teacher = load_teacher(
+        "checkpoint", arch=ARCH20, weights=str(SHARED_CKPT), num_classes=10, **IMAGENET
+    )
+    assert isinstance(teacher, LoadedTeacher)
+    assert teacher.num_classes == 10
+    assert teacher.feature_dim == 64
+    assert teacher.fc_weight.shape == (10, 64)
+    assert teacher.input_size == (3, 32, 32)
+    assert teacher.mean == IMAGENET["mean"] and teacher.std == IMAGENET["std"]
+    assert teacher.source == "checkpoint" and teacher.name == ARCH20
+    assert Path(teacher.weights_path).resolve() == SHARED_CKPT.resolve()
+    assert teacher.sha256 == SHARED_SHA256
+    assert not teacher.model.training
+    assert all(not p.requires_grad for p in teacher.model.parameters())
+    state = torch.load(SHARED_CKPT, map_location="cpu", weights_only=True)["state_dict"]
+    torch.testing.assert_close(teacher.fc_weight, state["module.linear.weight"])
+    torch.testing.assert_close(teacher.model.layer3[2].bn2.running_var, state["module.layer3.2.bn2.running_var"])
+    assert not teacher.fc_weight.requires_grad
+    assert teacher.fc_weight.data_ptr() != teacher.model.linear.weight.data_ptr()
+
+
+@needs_shared
+def test_load_state_dict_file_unwraps_shared_checkpoint() -> None:
+    state = load_state_dict_file(SHARED_CKPT)
+    assert "linear.weight" in state and not any(k.startswith("module.") for k in state)
+
+
+# ----------------------------------------------------------------- state dict formats
+
+
+@pytest.mark.parametrize("layout", ["plain", "module_prefix", "state_dict", "model", "nested"])
+def test_state_dict_layouts_load(tmp_path: Path, resnet20_state, layout: str) -> None:
+    prefixed = {f"module.{k}": v for k, v in resnet20_state.items()}
+    obj = {
+        "plain": resnet20_state,
+        "module_prefix": prefixed,
+        "state_dict": {"state_dict": prefixed, "best_prec1": 90.0},
+        "model": {"model": resnet20_state, "epoch": 3},
+        "nested": {"model": {"state_dict": prefixed}},
+    }[layout]
+    path = _save(obj, tmp_path / "w.pt")
+    teacher = load_teacher("checkpoint", arch=ARCH20, weights=path, num_classes=10)
+    torch.testing.assert_close(teacher.fc_weight, resnet20_state["linear.weight"])
+    assert teacher.mean == (0.485, 0.456, 0.406) and teacher.input_size == (3, 32, 32)
+    assert len(teacher.sha256) == 64
+
+
+def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path, resnet20_state) -> None:
+    state = {k: v for k, v in resnet20_state.items() if not k.endswith("num_batches_tracked")}
+    teacher = load_teacher("checkpoint", arch=ARCH20, weights=_save(state, tmp_path / "w.pt"))
+    assert teacher.num_classes == 10  # inferred from the last nn.Linear
+
+
+def test_torchvision_arch_checkpoint(tmp_path: Path) -> None:
+    import torchvision
+
+    state = torchvision.models.resnet18(num_classes=7).state_dict()
+    teacher = load_teacher(
+        "checkpoint",
+        arch="torchvision.models:resnet18",
+        weights=_save(state, tmp_path / "r18.pth"),
+        num_classes=7,
+        input_size=(3, 64, 64),
+    )
+    assert teacher.fc_weight.shape == (7, 512) and teacher.input_size == (3, 64, 64)
+
+
+def test_wrong_weights_list_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    path = _save(resnet32().state_dict(), tmp_path / "r32.pt")
+    with pytest.raises(TeacherError) as info:
+        load_teacher("checkpoint", arch=ARCH20, weights=path, num_classes=10)
+    message = str(info.value)
+    assert "teacher.weights" in message and "unexpected keys" in message
+    assert "layer1.3.conv1.weight" in message
+
+
+def test_missing_keys_and_shape_mismatch_reported(tmp_path: Path, resnet20_state) -> None:
+    state = dict(resnet20_state)
+    del state["conv1.weight"]
+    state["linear.weight"] = torch.zeros(5, 64)
+    with pytest.raises(TeacherError, match=r"1 missing keys: conv1\.weight.*shape mismatches: linear\.weight"):
+        load_teacher("checkpoint", arch=ARCH20, weights=_save(state, tmp_path / "w.pt"))
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.th"
+    with pytest.raises(TeacherError, match="teacher.weights") as info:
+        load_teacher("checkpoint", arch=ARCH20, weights=str(missing))
+    assert str(missing) in str(info.value)
+    with pytest.raises(TeacherError, match="teacher.weights"):
+        load_state_dict_file(missing)
+
+
+def test_remote_weights_rejected() -> None:
+    with pytest.raises(TeacherError, match="only local paths"):
+        load_teacher("checkpoint", arch=ARCH20, weights="s3://bucket/resnet20.th")
+
+
+def test_pickled_module_rejected(tmp_path: Path) -> None:
+    path = _save(resnet20(), tmp_path / "full.pt")
+    with pytest.raises(TeacherError, match="weights_only"):
+        load_state_dict_file(path)
+
+
+def test_non_state_dict_rejected(tmp_path: Path) -> None:
+    with pytest.raises(TeacherError, match="not a state dict"):
+        load_state_dict_file(_save({"epoch": 3}, tmp_path / "x.pt"))
+
+
+@pytest.mark.parametrize(
+    ("arch", "fragment"),
+    [
+        ("qimera.models.cifar_resnet.resnet20", "package.module:callable"),
+        ("no_such_module_xyz:resnet20", "cannot import"),
+        ("qimera.models.cifar_resnet:resnet999", "no attribute"),
+        (None, "teacher.arch is required"),
+    ],
+)
+def test_bad_arch(tmp_path: Path, resnet20_state, arch, fragment: str) -> None:
+    path = _save(resnet20_state, tmp_path / "w.pt")
+    with pytest.raises(TeacherError, match="teacher.arch") as info:
+        load_teacher("checkpoint", arch=arch, weights=path)
+    assert fragment in str(info.value)
+
+
+class _NoBN(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _no_bn(num_classes: int = 10) -> nn.Module:
+    return _NoBN(num_classes)
+
+
+def test_model_without_batchnorm_rejected(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(TeacherError, match="no BatchNorm2d"):
+        check_batchnorm(_NoBN())
+    monkeypatch.setattr("qimera.models.cifar_resnet._test_no_bn", _no_bn, raising=False)
+    path = _save(_NoBN().state_dict(), tmp_path / "w.pt")
+    with pytest.raises(TeacherError, match="BatchNorm2d"):
+        load_teacher("checkpoint", arch="qimera.models.cifar_resnet:_test_no_bn", weights=path)
+
+
+def test_find_classifier_picks_last_matching_linear() -> None:
+    model = nn.Sequential(nn.Linear(8, 10), nn.BatchNorm1d(10), nn.Linear(10, 10), nn.Linear(10, 3))
+    assert find_classifier(model, 10) is model[2]
+    assert find_classifier(model) is model[3]
+    with pytest.raises(TeacherError, match="classifier"):
+        find_classifier(model, 1000)
+
+
+# ----------------------------------------------------------------- sources and zoo names
+
+
+def test_unknown_source_lists_sources() -> None:
+    with pytest.raises(TeacherError, match="teacher.source") as info:
+        load_teacher("hub", name="resnet18")
+    assert all(s in str(info.value) for s in SOURCES)
+
+
+@pytest.mark.parametrize("source", ["pytorchcv", "torchvision"])
+def test_unknown_zoo_name_lists_allowed(source: str) -> None:
+    with pytest.raises(TeacherError, match="teacher.name") as info:
+        load_teacher(source, name="vgg_nonexistent")
+    allowed = PYTORCHCV_TEACHERS if source == "pytorchcv" else TORCHVISION_TEACHERS
+    assert all(name in str(info.value) for name in allowed)
+
+
+def test_zoo_tables() -> None:
+    assert PYTORCHCV_TEACHERS["resnet20_cifar10"].mean == (0.4914, 0.4822, 0.4465)
+    assert PYTORCHCV_TEACHERS["resnet20_cifar100"].num_classes == 100
+    assert PYTORCHCV_TEACHERS["resnet50"].input_size == (3, 224, 224)
+    assert set(TORCHVISION_TEACHERS) == {
+        "resnet18", "resnet50", "mobilenet_v2", "inception_v3", "shufflenet_v2_x1_0", "squeezenet1_1"
+    }
+
+
+def test_pytorchcv_download_failure_points_to_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TeacherError) as info:
+        load_teacher("pytorchcv", name="resnet20_cifar10", cache_dir=tmp_path)
+    message = str(info.value)
+    assert "pytorchcv" in message and "resnet20_cifar10" in message
+    assert "download failed" in message and "checkpoint" in message
+    assert "pytorchcv.models.resnet_cifar:resnet20_cifar10" in message
+    assert info.value.__cause__ is not None
+
+
+def test_torchvision_download_failure_points_to_checkpoint(tmp_path: Path) -> None:
+    before = torch.hub.get_dir()
+    with pytest.raises(TeacherError) as info:
+        load_teacher("torchvision", name="resnet18", cache_dir=tmp_path)
+    message = str(info.value)
+    assert "torchvision" in message and "resnet18" in message
+    assert "download failed" in message and "checkpoint" in message
+    assert info.value.__cause__ is not None
+    assert torch.hub.get_dir() == before  # cache_dir override is restored
+
+
+def test_torchvision_resnet18_without_pretrained_builds() -> None:
+    teacher = load_teacher("torchvision", name="resnet18", pretrained=False)
+    assert teacher.num_classes == 1000 and teacher.fc_weight.shape == (1000, 512)
+    assert teacher.input_size == (3, 224, 224)
+    assert teacher.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert teacher.weights_path is None and teacher.sha256 is None
+
+
+def test_torchvision_inception_input_size_from_enum() -> None:
+    weights = TORCHVISION_TEACHERS["inception_v3"]
+    assert weights.transforms().crop_size == [299]
+
+
+def test_torchvision_squeezenet_rejected_for_missing_batchnorm() -> None:
+    with pytest.raises(TeacherError, match="BatchNorm2d"):
+        load_teacher("torchvision", name="squeezenet1_1", pretrained=False)
+
+
+def test_pytorchcv_without_pretrained_builds() -> None:
+    teacher = load_teacher("pytorchcv", name="resnet20_cifar100", pretrained=False)
+    assert teacher.num_classes == 100 and teacher.feature_dim == 64
+    assert teacher.mean == (0.5071, 0.4867, 0.4408) and teacher.input_size == (3, 32, 32)
+
+
+def test_pretrained_num_classes_mismatch() -> None:
+    with pytest.raises(TeacherError, match="teacher.num_classes"):
+        load_teacher("pytorchcv", name="resnet20_cifar10", num_classes=100)
+
+
+def test_mean_std_channel_validation(tmp_path: Path, resnet20_state) -> None:
+    path = _save(resnet20_state, tmp_path / "w.pt")
+    with pytest.raises(TeacherError, match="teacher.mean"):
+        load_teacher("checkpoint", arch=ARCH20, weights=path, mean=(0.5,), std=(0.2, 0.2, 0.2))
+    with pytest.raises(TeacherError, match="teacher.std"):
+        load_teacher("checkpoint", arch=ARCH20, weights=path, std=(0.2, 0.0, 0.2))
+
+
+def test_find_classifier_falls_back_to_final_1x1_conv() -> None:
+    head = nn.Conv2d(16, 10, 1, bias=False)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(1), head)
+    assert find_classifier(model, 10) is head
+    with pytest.raises(TeacherError, match="classifier"):
+        find_classifier(model, 5)
+    with pytest.raises(TeacherError, match="classifier"):
+        find_classifier(nn.Sequential(nn.Conv2d(3, 10, 3)), 10)
+
+
+def test_pytorchcv_mobilenetv2_conv_head_builds() -> None:
+    teacher = load_teacher("pytorchcv", name="mobilenetv2_w1", pretrained=False)
+    assert teacher.num_classes == 1000 and teacher.fc_weight.shape == (1000, 1280)
+    assert teacher.input_size == (3, 224, 224)
