@@ -1,0 +1,287 @@
+"""Typed, validated run configuration (pydantic), read from YAML with ``--set`` overrides.
+
+Every key is documented in ``configs/README.md``. Unknown keys, wrong types and values
+out of range fail early with one :class:`ConfigError` that names the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Bits = Field(ge=2, le=8)
+
+
+class TeacherConfig(_Section):
+    source: Literal["pytorchcv", "torchvision", "checkpoint", "demo"] = "demo"
+    name: Optional[str] = None
+    arch: Optional[str] = None
+    weights: Optional[str] = None
+    num_classes: Optional[int] = Field(default=None, ge=2)
+    pretrained: bool = True
+    cache_dir: Optional[str] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    input_size: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.source in ("pytorchcv", "torchvision") and not self.name:
+            raise ValueError(f"teacher.name is required when teacher.source={self.source!r}")
+        if self.source == "checkpoint":
+            missing = [k for k in ("arch", "weights") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    "teacher.source='checkpoint' needs " + " and ".join(f"teacher.{k}" for k in missing)
+                    + " (arch as 'package.module:callable', weights as a file path)"
+                )
+        return self
+
+
+class DataConfig(_Section):
+    name: Literal["cifar10", "cifar100", "imagenet", "npz", "digits"] = "digits"
+    path: Optional[str] = None
+    root: Optional[str] = None
+    download: bool = False
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    batch_size: int = Field(default=500, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    limit: Optional[int] = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.name in ("npz", "imagenet") and not self.path:
+            raise ValueError(f"data.path is required when data.name={self.name!r}")
+        return self
+
+
+class QuantConfig(_Section):
+    w_bits: int = Bits
+    a_bits: int = Bits
+    first_last_8bit: bool = False
+    exclude: list[str] = Field(default_factory=list)
+    ema_momentum: float = Field(default=0.9, gt=0.0, lt=1.0)
+
+    # w_bits/a_bits have no default: a run must say which bit width it wants.
+
+
+class GeneratorConfig(_Section):
+    variant: Literal["cifar", "imagenet"] = "cifar"
+    p: float = Field(default=0.4, ge=0.0, le=1.0)
+    k: int = Field(default=2, ge=1)
+    dm_layers: int = Field(default=1, ge=0)
+    embedding_init: Literal["random", "teacher_fc"] = "random"
+    freeze_embeddings: bool = False
+    noise_scale: float = Field(default=1.0, gt=0.0)
+    combine: Literal["add", "multiply"] = "add"
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=400, ge=1)
+    iters_per_epoch: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=200, ge=2)
+    lr_student: float = Field(default=1e-4, gt=0.0)
+    lr_generator: float = Field(default=1e-3, gt=0.0)
+    lr_milestones: list[int] = Field(default_factory=lambda: [100, 200, 300])
+    lr_gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    generator_betas: list[float] = Field(default_factory=lambda: [0.5, 0.999])
+    warmup_epochs: int = Field(default=4, ge=0)
+    calibration_epochs: int = Field(default=4, ge=1)
+    bns_weight: float = Field(default=0.1, ge=0.0)
+    kd_temperature: float = Field(default=20.0, gt=0.0)
+    kd_reduction: Literal["mean", "batchmean"] = "mean"
+    seed: int = 1
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    out_dir: str = "runs/default"
+    resume: bool = True
+    eval_every: int = Field(default=1, ge=1)
+    log_every: int = Field(default=20, ge=1)
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "auto" or v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps":
+            return v
+        raise ValueError(f"allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+    @field_validator("generator_betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("must be two numbers in [0, 1)")
+        return v
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _milestones(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v) or sorted(v) != v:
+            raise ValueError("must be increasing positive epoch numbers")
+        return v
+
+
+class NaiveConfig(_Section):
+    """The naive baseline: activation ranges calibrated on Gaussian noise."""
+
+    enabled: bool = True
+    batches: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=200, ge=1)
+
+
+class ZeroQConfig(_Section):
+    """ZeroQ: images optimised so their BN statistics match the teacher's."""
+
+    batch_size: int = Field(default=64, ge=2)
+    steps: int = Field(default=500, ge=1)
+    lr: float = Field(default=0.5, gt=0.0)
+
+
+class Config(_Section):
+    method: Literal["qimera", "gdfq", "zeroq", "naive"] = "qimera"
+    preset: Optional[str] = None
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    quant: QuantConfig
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    naive: NaiveConfig = Field(default_factory=NaiveConfig)
+    zeroq: ZeroQConfig = Field(default_factory=ZeroQConfig)
+
+    def effective_generator(self) -> GeneratorConfig:
+        """The generator the method really uses: GDFQ fixes p=0, no DM, random
+        embeddings and the multiplicative noise (SPEC §4)."""
+        if self.method == "gdfq":
+            return self.generator.model_copy(
+                update=dict(p=0.0, k=1, dm_layers=0, embedding_init="random", combine="multiply",
+                            freeze_embeddings=False)
+            )
+        return self.generator
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as it runs (GDFQ's fixed generator settings applied)."""
+        d = self.model_dump(mode="json")
+        d["generator"] = self.effective_generator().model_dump(mode="json")
+        return d
+
+    def fingerprint(self, ignore: tuple[str, ...] = ()) -> str:
+        """sha256 of the resolved config without the ``section.key`` names in ``ignore``."""
+        d = self.resolved()
+        for dotted in ignore:
+            sec, _, key = dotted.partition(".")
+            if key:
+                d.get(sec, {}).pop(key, None)
+            else:
+                d.pop(sec, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _format_errors(err: ValidationError, data: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p is not None)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][0] if len(e["loc"]) > 1 else None
+            model = Config.model_fields[section].annotation if section in Config.model_fields else Config
+            allowed = sorted(getattr(model, "model_fields", Config.model_fields))
+            lines.append(f"{loc}: unknown key; allowed keys{' in ' + str(section) if section else ''}: {', '.join(allowed)}")
+            continue
+        if e["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        value = e.get("input")
+        if isinstance(value, dict):
+            lines.append(f"{loc or 'config'}: {msg}" if loc else msg)
+        else:
+            lines.append(f"{loc}={value!r}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], parsed YAML value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, _, raw = item.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(source: str | os.PathLike | dict | Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from a YAML path, a dict or a Config."""
+    if isinstance(source, Config):
+        data = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, data)) from None
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``train.out_dir`` and prove it is writable, or raise ConfigError."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"train.out_dir={str(out_dir)!r}: cannot create or write there ({exc.strerror or exc}); "
+            "choose a writable directory"
+        ) from None
+    return path

@@ -1,0 +1,203 @@
+"""Conditional generators (SPEC §2) and the class-mixture sampler behind superposition.
+
+A batch of generator inputs is described by a :class:`ClassMix`: for every sample ``K``
+class indices and ``K`` mixing coefficients ``λ`` (``K = 1``, ``λ = 1`` for a plain
+batch). The generator embeds each slot, maps it through the disentanglement mapping (DM)
+and sums the slots with ``λ`` **after** the DM layers; the ImageNet variant mixes its
+class-conditional BatchNorm ``γ``/``β`` with the same ``λ``. The soft label of a sample
+is ``Σ_k λ_k · onehot(c_k)`` (scatter-add: a class drawn twice adds up).
+
+Choices where the paper is silent (documented in README):
+
+* ``standardize`` is ``F.layer_norm`` over the D features without affine (eps 1e-5),
+  i.e. per vector, per superposition slot - not the authors' BatchNorm1d over the batch
+  (SPEC §5.5).
+* Between stacked DM layers stands LeakyReLU(0.2); there is none after the last one.
+* GDFQ's variant multiplies embedding and noise (``E[c] ⊙ σ_z·ε``) and does not
+  standardize; it has no DM layers and is never superposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: eps of the two hidden BatchNorm2d layers. Inherited from the DCGAN/ACGAN code that
+#: GDFQ and Qimera descend from, where 0.8 was meant as the momentum argument. Kept for
+#: fidelity with the published numbers.
+GEN_BN_EPS = 0.8
+DM_WIDTH = 100
+LEAKY_SLOPE = 0.2
+
+
+@dataclass
+class ClassMix:
+    """Per-sample class slots: ``labels`` (B, K) int64 and ``lam`` (B, K) float32."""
+
+    labels: torch.Tensor
+    lam: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def soft_labels(self, num_classes: int) -> torch.Tensor:
+        """``y = Σ_k λ_k onehot(c_k)``, scatter-added so duplicate classes add up."""
+        y = torch.zeros(self.labels.shape[0], num_classes, device=self.lam.device, dtype=self.lam.dtype)
+        return y.scatter_add_(1, self.labels, self.lam)
+
+
+def sample_plain(batch_size: int, num_classes: int, *, generator: torch.Generator | None, device) -> ClassMix:
+    labels = torch.randint(num_classes, (batch_size, 1), generator=generator, device=device)
+    return ClassMix(labels, torch.ones(batch_size, 1, device=device))
+
+
+def sample_superposed(
+    batch_size: int, num_classes: int, k: int, *, generator: torch.Generator | None, device
+) -> ClassMix:
+    """K labels uniformly with replacement, ``λ = softmax(g)``, ``g ~ N(0, I_K)``."""
+    labels = torch.randint(num_classes, (batch_size, k), generator=generator, device=device)
+    g = torch.randn(batch_size, k, generator=generator, device=device)
+    return ClassMix(labels, torch.softmax(g, dim=1))
+
+
+def pair_mix(c1: int, c2: int, lam: torch.Tensor) -> ClassMix:
+    """Two-class mixtures ``(1-λ)·c1 + λ·c2`` for a vector of λ (figures 3/5/6)."""
+    lam = lam.float().reshape(-1)
+    n = lam.numel()
+    labels = torch.tensor([c1, c2], device=lam.device).expand(n, 2).clone()
+    return ClassMix(labels, torch.stack([1.0 - lam, lam], dim=1))
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Non-affine BatchNorm2d followed by per-class ``γ``/``β`` mixed with ``λ``."""
+
+    def __init__(self, num_features: int, num_classes: int, eps: float = 1e-5):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, affine=False)
+        self.gamma = nn.Embedding(num_classes, num_features)
+        self.beta = nn.Embedding(num_classes, num_features)
+        nn.init.ones_(self.gamma.weight)
+        nn.init.zeros_(self.beta.weight)
+
+    def forward(self, x: torch.Tensor, mix: ClassMix) -> torch.Tensor:
+        lam = mix.lam.unsqueeze(-1)
+        gamma = (self.gamma(mix.labels) * lam).sum(1)
+        beta = (self.beta(mix.labels) * lam).sum(1)
+        return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class _Affine(nn.Module):
+    """Plain BatchNorm2d with the (unused) class-mix argument of the conditional one."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=eps)
+
+    def forward(self, x: torch.Tensor, mix: ClassMix) -> torch.Tensor:
+        return self.bn(x)
+
+
+class Generator(nn.Module):
+    """The CIFAR (``conditional_bn=False``) and ImageNet (``True``) generators of SPEC §2.
+
+    Args:
+        num_classes: C.
+        embed_dim: D, the width of the class embeddings (the teacher's FC input width).
+        img_size: output side ``s`` (divisible by 4).
+        channels: output channels (3 for RGB, 1 for the digits demo).
+        dm_layers: L, number of disentanglement-mapping layers (width 100); 0 = none.
+        noise_scale: σ_z.
+        combine: ``"add"`` (Qimera: ``standardize(E[c] + σ_z ε)``) or ``"multiply"``
+            (GDFQ: ``E[c] ⊙ σ_z ε``).
+        conditional_bn: class-conditional BatchNorm (ImageNet variant).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        img_size: int = 32,
+        channels: int = 3,
+        dm_layers: int = 1,
+        noise_scale: float = 1.0,
+        combine: Literal["add", "multiply"] = "add",
+        conditional_bn: bool = False,
+    ):
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"generator img_size={img_size}: must be divisible by 4")
+        if combine not in ("add", "multiply"):
+            raise ValueError(f"generator.combine={combine!r}: allowed 'add', 'multiply'")
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.img_size = img_size
+        self.channels = channels
+        self.noise_scale = float(noise_scale)
+        self.combine = combine
+        self.conditional_bn = conditional_bn
+        self.init_size = img_size // 4
+
+        self.embedding = nn.Embedding(num_classes, embed_dim)
+        nn.init.normal_(self.embedding.weight)  # N(0, 1), the "random" initialisation
+        dm: list[nn.Module] = []
+        width = embed_dim
+        for i in range(dm_layers):
+            if i:
+                dm.append(nn.LeakyReLU(LEAKY_SLOPE))
+            dm.append(nn.Linear(width, DM_WIDTH))
+            width = DM_WIDTH
+        self.dm = nn.Sequential(*dm)
+        self.fc = nn.Linear(width, 128 * self.init_size**2)
+
+        def norm(c: int, eps: float) -> nn.Module:
+            return ConditionalBatchNorm2d(c, num_classes, eps) if conditional_bn else _Affine(c, eps)
+
+        self.bn0 = norm(128, 1e-5)
+        self.conv1 = nn.Conv2d(128, 128, 3, stride=1, padding=1)
+        self.bn1 = norm(128, GEN_BN_EPS)
+        self.conv2 = nn.Conv2d(128, 64, 3, stride=1, padding=1)
+        self.bn2 = norm(64, GEN_BN_EPS)
+        self.conv3 = nn.Conv2d(64, channels, 3, stride=1, padding=1)
+        self.out_bn = nn.BatchNorm2d(channels, affine=False)
+
+    # -- embedding path -------------------------------------------------------------
+    def latent(self, mix: ClassMix, noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mixed DM output ``Σ_k λ_k DM(u_k)`` of shape (B, width)."""
+        e = self.embedding(mix.labels)  # (B, K, D)
+        if noise is None:
+            noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+        noise = noise * self.noise_scale
+        if self.combine == "add":
+            u = F.layer_norm(e + noise, (self.embed_dim,))
+        else:
+            u = e * noise
+        h = self.dm(u)  # (B, K, W)
+        if h.shape[1] == 1:
+            return h[:, 0]
+        return torch.einsum("bk,bkw->bw", mix.lam.to(h.dtype), h)
+
+    def forward(self, mix: ClassMix, noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        h = self.fc(self.latent(mix, noise, generator=generator))
+        x = h.view(h.shape[0], 128, self.init_size, self.init_size)
+        x = self.bn0(x, mix)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.leaky_relu(self.bn1(self.conv1(x), mix), LEAKY_SLOPE)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.leaky_relu(self.bn2(self.conv2(x), mix), LEAKY_SLOPE)
+        x = torch.tanh(self.conv3(x))
+        return self.out_bn(x)
+
+    @torch.no_grad()
+    def init_embeddings_from(self, fc_weight: torch.Tensor) -> None:
+        """Extracted initialisation: the teacher's classifier weight rows (C × D)."""
+        if tuple(fc_weight.shape) != tuple(self.embedding.weight.shape):
+            raise ValueError(
+                f"generator.embedding_init=teacher_fc: teacher classifier weight has shape "
+                f"{tuple(fc_weight.shape)}, embeddings need {tuple(self.embedding.weight.shape)}"
+            )
+        self.embedding.weight.copy_(fc_weight)

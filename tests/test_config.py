@@ -1,0 +1,116 @@
+"""Config validation: every bad input names its key, its value and what is allowed."""
+
+import pytest
+
+from qimera.config import Config, ConfigError, apply_overrides, check_out_dir, load_config
+
+BASE = {"quant": {"w_bits": 4, "a_bits": 4}}
+
+
+def cfg(**sections):
+    d = {"quant": {"w_bits": 4, "a_bits": 4}}
+    for k, v in sections.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    return load_config(d)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, needle",
+    [
+        ("quant", "w_bits", 9, "quant.w_bits=9"),
+        ("quant", "a_bits", 1, "quant.a_bits=1"),
+        ("quant", "w_bits", "four", "quant.w_bits='four'"),
+        ("generator", "p", 1.5, "generator.p=1.5"),
+        ("generator", "p", -0.1, "generator.p=-0.1"),
+        ("generator", "k", 0, "generator.k=0"),
+        ("generator", "dm_layers", -1, "generator.dm_layers=-1"),
+        ("generator", "embedding_init", "fc", "generator.embedding_init='fc'"),
+        ("train", "epochs", 0, "train.epochs=0"),
+        ("train", "device", "tpu", "train.device='tpu'"),
+        ("train", "amp", "int8", "train.amp='int8'"),
+        ("data", "name", "mnist", "data.name='mnist'"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(section, key, value, needle):
+    with pytest.raises(ConfigError) as e:
+        cfg(**{section: {key: value}})
+    msg = str(e.value)
+    assert needle in msg
+    assert "should be" in msg or "allowed" in msg or "must" in msg
+
+
+def test_bits_message_says_range():
+    with pytest.raises(ConfigError, match=r"quant.w_bits=9: Input should be less than or equal to 8"):
+        cfg(quant={"w_bits": 9})
+
+
+def test_unknown_keys_list_allowed():
+    with pytest.raises(ConfigError, match=r"train.epoch: unknown key; allowed keys in train: .*epochs"):
+        cfg(train={"epoch": 3})
+    with pytest.raises(ConfigError, match=r"trian: unknown key; allowed keys: .*train"):
+        load_config({**BASE, "trian": {}})
+
+
+def test_method_allowed_values():
+    with pytest.raises(ConfigError, match=r"method='qimeraa'.*'qimera', 'gdfq', 'zeroq' or 'naive'"):
+        load_config({**BASE, "method": "qimeraa"})
+
+
+def test_quant_bits_required():
+    with pytest.raises(ConfigError, match="quant.w_bits"):
+        load_config({"quant": {"a_bits": 4}})
+
+
+def test_checkpoint_source_needs_arch_and_weights():
+    with pytest.raises(ConfigError, match="teacher.arch and teacher.weights"):
+        cfg(teacher={"source": "checkpoint"})
+    with pytest.raises(ConfigError, match="teacher.name is required"):
+        cfg(teacher={"source": "pytorchcv"})
+
+
+def test_overrides_parse_yaml_values():
+    c = load_config(BASE, ["generator.p=0.25", "train.lr_milestones=[2, 3]", "teacher.weights=/x.th",
+                           "teacher.source=checkpoint", "teacher.arch=a.b:c"])
+    assert c.generator.p == 0.25 and c.train.lr_milestones == [2, 3]
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_overrides({}, ["generator.p"])
+
+
+def test_gdfq_resolves_its_fixed_generator():
+    c = load_config({**BASE, "method": "gdfq", "generator": {"p": 0.4, "k": 2, "dm_layers": 1,
+                                                           "noise_scale": 0.5}})
+    g = c.effective_generator()
+    assert (g.p, g.dm_layers, g.combine, g.embedding_init, g.noise_scale) == (0.0, 0, "multiply", "random", 0.5)
+    assert c.resolved()["generator"]["combine"] == "multiply"
+
+
+def test_yaml_file_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("quant: {w_bits: 5, a_bits: 5}\ngenerator: {p: 0.1}\n")
+    assert load_config(p).generator.p == 0.1
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_fingerprint_ignores_given_keys():
+    a = load_config(BASE, ["train.epochs=3"])
+    b = load_config(BASE, ["train.epochs=5"])
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint(ignore=("train.epochs",)) == b.fingerprint(ignore=("train.epochs",))
+
+
+def test_out_dir_on_read_only_filesystem():
+    # /proc refuses new directories even to root
+    with pytest.raises(ConfigError, match="train.out_dir='/proc/qimera-run'"):
+        check_out_dir("/proc/qimera-run")
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"train.out_dir='.*file/run': cannot create or write"):
+        check_out_dir(blocker / "run")
+    assert check_out_dir(tmp_path / "ok").is_dir()

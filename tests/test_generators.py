@@ -1,0 +1,118 @@
+"""Generators, superposition sampling and soft labels."""
+
+import pytest
+import torch
+
+from qimera.generators import (
+    GEN_BN_EPS,
+    ClassMix,
+    ConditionalBatchNorm2d,
+    Generator,
+    pair_mix,
+    sample_plain,
+    sample_superposed,
+)
+
+
+def test_soft_labels_sum_to_one_and_duplicates_add_up():
+    mix = ClassMix(torch.tensor([[3, 3], [1, 2]]), torch.tensor([[0.25, 0.75], [0.4, 0.6]]))
+    y = mix.soft_labels(5)
+    torch.testing.assert_close(y.sum(1), torch.ones(2))
+    assert y[0, 3].item() == pytest.approx(1.0)  # class 3 drawn twice: 0.25 + 0.75
+    assert y[1, 1].item() == pytest.approx(0.4) and y[1, 2].item() == pytest.approx(0.6)
+
+
+def test_superposed_sampling_shapes_and_simplex():
+    g = torch.Generator().manual_seed(0)
+    mix = sample_superposed(64, 10, 3, generator=g, device="cpu")
+    assert mix.labels.shape == (64, 3) and mix.lam.shape == (64, 3)
+    torch.testing.assert_close(mix.lam.sum(1), torch.ones(64))
+    assert (mix.lam > 0).all()
+    torch.testing.assert_close(mix.soft_labels(10).sum(1), torch.ones(64))
+    plain = sample_plain(8, 10, generator=g, device="cpu")
+    assert plain.labels.shape == (8, 1) and torch.equal(plain.lam, torch.ones(8, 1))
+
+
+@pytest.mark.parametrize("dm", [0, 1, 2, 4, 8])
+def test_dm_layers(dm):
+    gen = Generator(10, 64, img_size=32, dm_layers=dm)
+    linears = [m for m in gen.dm if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == dm
+    assert gen.fc.in_features == (100 if dm else 64)
+    x = gen(sample_plain(4, 10, generator=None, device="cpu"))
+    assert x.shape == (4, 3, 32, 32)
+
+
+def test_superposition_happens_after_dm():
+    torch.manual_seed(0)
+    gen = Generator(5, 16, img_size=8, channels=1, dm_layers=2)
+    mix = ClassMix(torch.tensor([[0, 3]]), torch.tensor([[0.3, 0.7]]))
+    noise = torch.randn(1, 2, 16)
+    h = gen.latent(mix, noise)
+    u = torch.nn.functional.layer_norm(gen.embedding.weight[[0, 3]] + noise[0], (16,))
+    expected = 0.3 * gen.dm(u[0]) + 0.7 * gen.dm(u[1])
+    torch.testing.assert_close(h[0], expected)
+
+
+def test_standardize_per_vector_and_noise_scale():
+    gen = Generator(3, 32, img_size=8, dm_layers=0, noise_scale=0.5)
+    mix = ClassMix(torch.tensor([[1]]), torch.ones(1, 1))
+    noise = torch.randn(1, 1, 32)
+    u = gen.latent(mix, noise)
+    ref = gen.embedding.weight[1] + 0.5 * noise[0, 0]
+    torch.testing.assert_close(u[0], (ref - ref.mean()) / ref.var(unbiased=False).add(1e-5).sqrt())
+
+
+def test_gdfq_multiplies_noise():
+    gen = Generator(3, 8, img_size=8, dm_layers=0, combine="multiply", noise_scale=2.0)
+    mix = ClassMix(torch.tensor([[2]]), torch.ones(1, 1))
+    noise = torch.randn(1, 1, 8)
+    torch.testing.assert_close(gen.latent(mix, noise)[0], gen.embedding.weight[2] * 2.0 * noise[0, 0])
+
+
+def test_architecture_constants():
+    gen = Generator(10, 64, img_size=32)
+    assert gen.bn1.bn.eps == GEN_BN_EPS == 0.8 and gen.bn2.bn.eps == 0.8
+    assert gen.out_bn.affine is False
+    assert gen.fc.out_features == 128 * 8 * 8
+
+
+def test_teacher_fc_init_copies_weight():
+    w = torch.randn(10, 64)
+    gen = Generator(10, 64)
+    gen.init_embeddings_from(w)
+    assert torch.equal(gen.embedding.weight.detach(), w)
+    with pytest.raises(ValueError, match="shape"):
+        gen.init_embeddings_from(torch.randn(10, 32))
+
+
+def test_conditional_bn_mixes_gamma_beta_with_lambda():
+    cbn = ConditionalBatchNorm2d(4, 3)
+    with torch.no_grad():
+        cbn.gamma.weight.copy_(torch.arange(12.0).reshape(3, 4))
+        cbn.beta.weight.copy_(-torch.arange(12.0).reshape(3, 4))
+    x = torch.randn(2, 4, 5, 5)
+    mix = ClassMix(torch.tensor([[0, 2], [1, 1]]), torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    out = cbn(x, mix)
+    normed = cbn.bn(x)
+    g0 = 0.25 * cbn.gamma.weight[0] + 0.75 * cbn.gamma.weight[2]  # Σ λ γ, not averaged over K
+    b0 = 0.25 * cbn.beta.weight[0] + 0.75 * cbn.beta.weight[2]
+    torch.testing.assert_close(out[0], normed[0] * g0[:, None, None] + b0[:, None, None])
+    torch.testing.assert_close(out[1], normed[1] * cbn.gamma.weight[1][:, None, None] + cbn.beta.weight[1][:, None, None])
+
+
+def test_imagenet_variant_runs_and_backprops_to_embeddings():
+    gen = Generator(7, 16, img_size=16, conditional_bn=True)
+    g = torch.Generator().manual_seed(0)
+    x = gen(sample_superposed(4, 7, 2, generator=g, device="cpu"), generator=g)
+    assert x.shape == (4, 3, 16, 16)
+    x.pow(2).mean().backward()
+    assert gen.embedding.weight.grad is not None
+    assert gen.bn1.gamma.weight.grad is not None
+
+
+def test_pair_mix():
+    mix = pair_mix(1, 4, torch.tensor([0.0, 0.5, 1.0]))
+    y = mix.soft_labels(5)
+    torch.testing.assert_close(y[:, 1], torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(y[:, 4], torch.tensor([0.0, 0.5, 1.0]))
