@@ -35,6 +35,25 @@ def kd_loss(
     return kl * temperature**2
 
 
+def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of an NCHW tensor, in float32.
+
+    Two passes (mean, then mean of squared deviations): as accurate as Welford's
+    ``torch.var_mean`` here and several times faster on CPU. A channels_last tensor is
+    reduced as the (N·H·W, C) matrix it already is in memory.
+    """
+    c = x.shape[1]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        flat = x.permute(0, 2, 3, 1).reshape(-1, c).float()
+        mean = flat.mean(0)
+        var = (flat - mean).square_().mean(0)
+    else:
+        xf = x.float()
+        mean = xf.mean((0, 2, 3))
+        var = (xf - mean[:, None, None]).square_().mean((0, 2, 3))
+    return mean, var
+
+
 class BNStatsHook:
     """Forward hooks on every BatchNorm2d of a model recording its **input**'s batch
     mean and biased variance, for the BNS loss."""
@@ -50,9 +69,7 @@ class BNStatsHook:
     def _make_hook(self, i: int):
         def hook(module, inputs, output):
             if self.enabled:
-                x = inputs[0].float()
-                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-                self.stats[i] = (mean, var)
+                self.stats[i] = channel_mean_var(inputs[0])
         return hook
 
     def loss(self) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""The one obvious call: :func:`run` (teacher → naive baseline → method → evaluation).
+
+Everything that can be checked is checked before any training starts: the config, the
+output directory, the teacher (loadable, has BatchNorm2d, K ≤ classes), the evaluation
+data (shape, classes, input size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .baselines import naive_calibrate, zeroq_calibrate
+from .config import Config, ConfigError, check_out_dir, load_config
+from .data import EvalData, load_eval_data
+from .evaluate import EvalResult, evaluate
+from .teachers import LoadedTeacher, load_teacher
+from .trainer import EpochCallback, Trainer, build_student, resolve_device
+
+SUMMARY_NAME = "summary.json"
+
+
+@dataclass
+class Prepared:
+    """What a run needs before training: validated config, teacher, data, device."""
+
+    cfg: Config
+    teacher: LoadedTeacher
+    eval_data: Optional[EvalData]
+    device: torch.device
+    out_dir: Path
+
+
+@dataclass
+class RunResult:
+    cfg: Config
+    teacher: EvalResult | None
+    naive: EvalResult | None
+    student: EvalResult | None
+    student_model: nn.Module
+    generator: Optional[nn.Module]
+    history: list[dict] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line JSON summary the CLI prints last."""
+        def top1(r):
+            return None if r is None else round(r.top1, 4)
+
+        return {
+            "method": self.cfg.method,
+            "w_bits": self.cfg.quant.w_bits,
+            "a_bits": self.cfg.quant.a_bits,
+            "teacher_top1": top1(self.teacher),
+            "naive_top1": top1(self.naive),
+            "student_top1": top1(self.student),
+            "student_top5": None if self.student is None else round(self.student.top5, 4),
+            "iterations": self.iterations,
+            "seconds": round(self.seconds, 2),
+            "seed": self.cfg.train.seed,
+            "out_dir": self.cfg.train.out_dir,
+        }
+
+
+def teacher_kwargs(cfg: Config) -> dict:
+    t = cfg.teacher
+    return dict(
+        name=t.name, arch=t.arch, weights=t.weights, num_classes=t.num_classes, pretrained=t.pretrained,
+        cache_dir=t.cache_dir, mean=tuple(t.mean) if t.mean else None, std=tuple(t.std) if t.std else None,
+        input_size=tuple(t.input_size) if t.input_size else None,
+    )
+
+
+def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_data: bool = True) -> Prepared:
+    """Validate everything a run needs, load the teacher and the evaluation data."""
+    cfg = load_config(config, overrides)
+    out_dir = check_out_dir(cfg.train.out_dir)
+    try:
+        device = resolve_device(cfg.train.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    teacher = load_teacher(cfg.teacher.source, **teacher_kwargs(cfg))
+    gen = cfg.effective_generator()
+    if cfg.method in ("qimera", "gdfq"):
+        if gen.p > 0 and gen.k > teacher.num_classes:
+            raise ConfigError(
+                f"generator.k={gen.k}: must be between 1 and the teacher's number of classes "
+                f"({teacher.num_classes})"
+            )
+        if teacher.input_size[1] % 4 or teacher.input_size[2] % 4 or teacher.input_size[1] != teacher.input_size[2]:
+            raise ConfigError(
+                f"teacher input size {teacher.input_size}: the generator makes square images whose side "
+                "is divisible by 4"
+            )
+    eval_data = None
+    if with_data:
+        d = cfg.data
+        eval_data = load_eval_data(
+            d.name, path=d.path, root=d.root, download=d.download,
+            mean=d.mean or list(teacher.mean), std=d.std or list(teacher.std),
+            batch_size=d.batch_size, num_workers=d.num_workers, limit=d.limit,
+        )
+        if tuple(eval_data.input_size) != tuple(teacher.input_size):
+            raise ConfigError(
+                f"data.name={d.name!r}: images are {tuple(eval_data.input_size)} but the teacher expects "
+                f"{tuple(teacher.input_size)} (set teacher.input_size or use matching data)"
+            )
+        if eval_data.num_classes > teacher.num_classes:
+            raise ConfigError(
+                f"data.name={d.name!r}: labels go up to {eval_data.num_classes - 1} but the teacher has "
+                f"{teacher.num_classes} classes"
+            )
+    return Prepared(cfg, teacher, eval_data, device, out_dir)
+
+
+def _evaluate(model: nn.Module, prep: Prepared) -> EvalResult | None:
+    if prep.eval_data is None:
+        return None
+    return evaluate(model, prep.eval_data.loader, device=prep.device, num_classes=prep.teacher.num_classes)
+
+
+def run(
+    config: str | os.PathLike | dict | Config,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    callbacks: tuple[EpochCallback, ...] = (),
+    prepared: Prepared | None = None,
+) -> RunResult:
+    """Quantize a teacher without data, as the config says, and evaluate it.
+
+    ``config`` is a YAML path, a dict or a :class:`Config`; ``overrides`` are
+    ``section.key=value`` strings. Returns the accuracies (teacher, naive baseline,
+    student at the **final** epoch), the student model and the training history, and
+    writes ``summary.json`` into ``train.out_dir``.
+    """
+    prep = prepared or prepare(config, overrides)
+    cfg = prep.cfg
+    start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    prep.teacher.model.to(prep.device)
+    teacher_res = _evaluate(prep.teacher.model, prep)
+
+    naive_res = None
+    naive_model = None
+    if cfg.naive.enabled or cfg.method == "naive":
+        naive_model = build_student(cfg, prep.teacher).to(prep.device)
+        naive_calibrate(naive_model, prep.teacher.input_size, batches=cfg.naive.batches,
+                        batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=prep.device)
+        naive_res = _evaluate(naive_model, prep)
+
+    history: list[dict] = []
+    iterations = 0
+    generator = None
+    if cfg.method in ("qimera", "gdfq"):
+        trainer = Trainer(cfg, prep.teacher, prep.eval_data, callbacks=callbacks)
+        result = trainer.fit()
+        student, generator, history = trainer.student, trainer.generator, result.history
+        iterations = cfg.train.epochs * cfg.train.iters_per_epoch
+    elif cfg.method == "zeroq":
+        student = build_student(cfg, prep.teacher).to(prep.device)
+        z = cfg.zeroq
+        zeroq_calibrate(student, prep.teacher.model, prep.teacher.input_size, batch_size=z.batch_size,
+                        steps=z.steps, lr=z.lr, seed=cfg.train.seed, device=prep.device)
+        iterations = z.steps
+    else:  # naive
+        student = naive_model
+    student_res = _evaluate(student, prep)
+    seconds = time.perf_counter() - start
+
+    res = RunResult(cfg, teacher_res, naive_res, student_res, student, generator, history, iterations, seconds)
+    summary = res.summary()
+    if student_res is not None:
+        summary["student_per_class"] = [round(v, 4) for v in student_res.per_class]
+    tmp = prep.out_dir / (SUMMARY_NAME + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, prep.out_dir / SUMMARY_NAME)
+    return res

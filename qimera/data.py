@@ -1,0 +1,434 @@
+"""Evaluation data: the labelled test sets a teacher and its quantized students are scored on.
+
+Data-free quantization never trains on real data; real images are only used to *measure*
+accuracy. :func:`load_eval_data` turns a ``data`` config section into an :class:`EvalData`
+whose ``loader`` yields ``(images, labels)`` batches in a fixed order: normalised float32
+images in NCHW layout and int64 labels.
+
+Supported datasets (``data.name``):
+
+``cifar10`` / ``cifar100``
+    The torchvision test split under ``data.root`` (downloaded there when
+    ``data.download`` is true). Held in memory as one normalised tensor.
+``imagenet``
+    An ImageNet-style validation split at ``data.path`` laid out as one folder per class,
+    read with :class:`torchvision.datasets.ImageFolder`, Resize(256) -> CenterCrop(224).
+``npz``
+    A ``.npz`` archive at ``data.path`` with ``images`` (uint8 ``(N, H, W, 3)`` RGB,
+    ``(N, H, W, 1)`` or ``(N, H, W)`` grayscale, or float in ``[0, 1]``) and ``labels``
+    (non-negative integers, shape ``(N,)``). Held in memory.
+``digits``
+    The offline demo data: the held-out split of scikit-learn's ``load_digits`` used by
+    :mod:`qimera.models.digits_cnn`.
+
+Every problem with the inputs raises :class:`DataError`, whose message names the config key
+(``data.path``, ``data.root``, ``data.mean``, ...), the offending value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from qimera.models.digits_cnn import DIGITS_MEAN, DIGITS_STD
+
+__all__ = [
+    "DataError",
+    "EvalData",
+    "DATASETS",
+    "DEFAULT_NORMALISATION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_eval_data",
+]
+
+Stats = tuple[float, ...]
+
+
+class DataError(ValueError):
+    """Evaluation data is missing, malformed, or inconsistent with the configuration."""
+
+
+@dataclass
+class EvalData:
+    """A ready-to-iterate evaluation set.
+
+    Attributes:
+        loader: yields ``(images, labels)``: normalised float32 NCHW images and int64
+            labels, in a fixed order (no shuffling).
+        num_classes: number of classes the labels index into.
+        num_samples: number of samples the loader yields (after ``limit``).
+        input_size: ``(C, H, W)`` of one image.
+        mean: per-channel mean used for normalisation (of pixels scaled to ``[0, 1]``).
+        std: per-channel standard deviation used for normalisation.
+        name: the dataset name (one of :data:`DATASETS`).
+    """
+
+    loader: DataLoader
+    num_classes: int
+    num_samples: int
+    input_size: tuple[int, int, int]
+    mean: Stats
+    std: Stats
+    name: str
+
+
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagenet", "npz", "digits")
+
+IMAGENET_MEAN: Stats = (0.485, 0.456, 0.406)
+IMAGENET_STD: Stats = (0.229, 0.224, 0.225)
+
+#: Default ``(mean, std)`` per dataset, for pixels scaled to ``[0, 1]``. ``npz`` has no
+#: entry: it defaults to ImageNet's statistics for 3-channel images and otherwise needs
+#: ``data.mean`` / ``data.std``.
+DEFAULT_NORMALISATION: dict[str, tuple[Stats, Stats]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2557, 0.2761)),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "digits": (tuple(DIGITS_MEAN), tuple(DIGITS_STD)),
+}
+
+_NPZ_ALLOWED_IMAGES = (
+    "uint8 (or float in [0, 1]) of shape (N, H, W, 3) RGB, (N, H, W, 1) or (N, H, W) grayscale"
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resolve_stats(
+    name: str, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Stats, Stats]:
+    """Pick the normalisation statistics and check them against the channel count."""
+    default = DEFAULT_NORMALISATION.get(name)
+    if default is None and channels == 3:
+        default = (IMAGENET_MEAN, IMAGENET_STD)
+    resolved: list[Stats] = []
+    for key, given, fallback in (
+        ("data.mean", mean, None if default is None else default[0]),
+        ("data.std", std, None if default is None else default[1]),
+    ):
+        if given is None:
+            if fallback is None:
+                raise DataError(
+                    f"{key} is required for {channels}-channel {name!r} data: give "
+                    f"{channels} value(s), one per channel, for pixels scaled to [0, 1]"
+                )
+            values: Stats = tuple(float(v) for v in fallback)
+        else:
+            try:
+                values = tuple(float(v) for v in given)
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"{key}={given!r} is not a list of numbers; give {channels} value(s), "
+                    "one per channel"
+                ) from None
+        if len(values) != channels:
+            raise DataError(
+                f"{key}={list(values)} has {len(values)} value(s) but the {name!r} images have "
+                f"{channels} channel(s); give exactly {channels}"
+            )
+        if not all(math.isfinite(v) for v in values):
+            raise DataError(f"{key}={list(values)} must contain finite numbers only")
+        if key == "data.std" and any(v <= 0 for v in values):
+            raise DataError(f"data.std={list(values)} must be strictly positive")
+        resolved.append(values)
+    return resolved[0], resolved[1]
+
+
+def _normalise_(images: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
+    """Normalise float NCHW ``images`` in place, per channel."""
+    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return images.sub_(m).div_(s)
+
+
+def _uint8_nhwc_to_float_nchw(images: torch.Tensor) -> torch.Tensor:
+    """``(N, H, W, C)`` uint8 -> contiguous ``(N, C, H, W)`` float32 in ``[0, 1]``."""
+    nchw = images.permute(0, 3, 1, 2)
+    return nchw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_limit(limit: int | None) -> int | None:
+    if limit is None:
+        return None
+    if not _is_int(limit) or limit < 1:
+        raise DataError(f"data.limit={limit!r} must be a positive integer or null (no limit)")
+    return int(limit)
+
+
+def _make_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        drop_last=False,
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _load_cifar(
+    name: str, root: str | os.PathLike[str] | None, download: bool, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Return ``(images uint8 NHWC, labels int64, num_classes)`` of a CIFAR test split."""
+    from torchvision import datasets
+
+    if root is None or str(root).strip() == "":
+        raise DataError(
+            f"data.root is required for data.name={name!r}: the directory that holds (or "
+            f"will receive) the extracted torchvision {name.upper()} dataset"
+        )
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    try:
+        dataset = cls(root=str(root), train=False, download=bool(download))
+    except Exception as exc:  # torchvision raises RuntimeError; offline downloads raise OSError
+        hint = (
+            "the download failed (is this machine offline?)"
+            if download
+            else "the dataset files are missing or corrupted"
+        )
+        raise DataError(
+            f"cannot load {name} from data.root={str(root)!r}: {hint} ({type(exc).__name__}: "
+            f"{exc}). Put the extracted dataset there (the '{folder}' folder as torchvision "
+            "expects it) or set data.download: true and run on a machine that is online"
+        ) from exc
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data))
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels, len(dataset.classes)
+
+
+def _load_npz(
+    path: str | os.PathLike[str] | None, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validate and read an npz archive; return ``(images float NCHW in [0,1], labels, K)``."""
+    if path is None or str(path).strip() == "":
+        raise DataError("data.path is required for data.name='npz': the .npz file to evaluate on")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(
+            f"data.path={str(path)!r} does not exist or is not a file (expected a .npz archive)"
+        )
+    try:
+        archive = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(
+            f"data.path={str(path)!r} cannot be read as a .npz archive "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"data.path={str(path)!r} is a single .npy array, not a .npz archive with "
+            "'images' and 'labels'"
+        )
+    with archive:
+        missing = [k for k in ("images", "labels") if k not in archive.files]
+        if missing:
+            raise DataError(
+                f"data.path={str(path)!r} lacks the key(s) {missing}: it has "
+                f"{sorted(archive.files)}; a .npz archive needs 'images' and 'labels'"
+            )
+        try:
+            images = archive["images"]
+            labels = archive["labels"]
+        except ValueError as exc:  # object arrays need pickle, which we refuse
+            raise DataError(
+                f"data.path={str(path)!r}: cannot read 'images'/'labels' without pickle ({exc}); "
+                "store plain numeric arrays"
+            ) from exc
+
+    # images: shape and dtype
+    stored_shape = tuple(images.shape)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(
+            f"data.path={str(path)!r}: 'images' has shape {stored_shape} and dtype "
+            f"{images.dtype}; allowed: {_NPZ_ALLOWED_IMAGES}"
+        )
+    is_float = np.issubdtype(images.dtype, np.floating)
+    if images.dtype != np.uint8 and not is_float:
+        raise DataError(
+            f"data.path={str(path)!r}: 'images' has dtype {images.dtype} (shape "
+            f"{stored_shape}); allowed: {_NPZ_ALLOWED_IMAGES}"
+        )
+    n = images.shape[0]
+    if n == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataError(f"data.path={str(path)!r}: 'images' is empty (shape {stored_shape})")
+
+    # labels: 1-D, same N, non-negative integers
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise DataError(
+            f"data.path={str(path)!r}: 'labels' has shape {tuple(labels.shape)} but must be 1-D "
+            f"with one label per image, i.e. shape ({n},)"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"data.path={str(path)!r}: 'labels' has dtype {labels.dtype}; allowed: integer "
+            "class indices (e.g. int64)"
+        )
+    if int(labels.min()) < 0:
+        raise DataError(
+            f"data.path={str(path)!r}: 'labels' contains {int(labels.min())}; class indices "
+            "must be non-negative"
+        )
+    num_classes = int(labels.max()) + 1
+
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    if is_float:
+        if not np.isfinite(images).all() or images.min() < 0.0 or images.max() > 1.0:
+            raise DataError(
+                f"data.path={str(path)!r}: float 'images' (dtype {images.dtype}) must lie in "
+                f"[0, 1]; found range [{float(np.nanmin(images))}, {float(np.nanmax(images))}] "
+                "or non-finite values"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        x = x.permute(0, 3, 1, 2).contiguous()
+    else:
+        x = _uint8_nhwc_to_float_nchw(torch.from_numpy(np.ascontiguousarray(images)))
+    y = torch.from_numpy(labels.astype(np.int64, copy=True))
+    return x, y, num_classes
+
+
+def _load_imagenet(
+    path: str | os.PathLike[str] | None,
+    mean: Stats,
+    std: Stats,
+    limit: int | None,
+) -> tuple[Dataset, int, int]:
+    """Return ``(dataset, num_samples, num_classes)`` of an ImageFolder validation split."""
+    from torchvision import datasets, transforms
+
+    if path is None or str(path).strip() == "":
+        raise DataError(
+            "data.path is required for data.name='imagenet': the validation split laid out as "
+            "one sub-folder per class"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"data.path={str(path)!r} is not a directory; for data.name='imagenet' it must be "
+            "the validation split laid out as one sub-folder per class (ImageFolder layout)"
+        )
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    try:
+        dataset: Dataset = datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(
+            f"data.path={str(path)!r} is not a usable ImageFolder ({exc}); expected one "
+            "sub-folder per class containing images (.jpg, .jpeg, .png, ...)"
+        ) from exc
+    num_classes = len(dataset.classes)  # type: ignore[attr-defined]
+    num_samples = len(dataset)  # type: ignore[arg-type]
+    if limit is not None and limit < num_samples:
+        dataset = Subset(dataset, range(limit))
+        num_samples = limit
+    return dataset, num_samples, num_classes
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def load_eval_data(
+    name: str,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 500,
+    num_workers: int = 0,
+    limit: int | None = None,
+) -> EvalData:
+    """Load an evaluation set (see the module docstring for the supported datasets).
+
+    Args:
+        name: one of :data:`DATASETS` (``data.name``).
+        path: the ``.npz`` file (``npz``) or the class-folder directory (``imagenet``).
+        root: torchvision dataset root for ``cifar10`` / ``cifar100``.
+        download: let torchvision download CIFAR into ``root`` (needs network access).
+        mean, std: per-channel statistics for pixels in ``[0, 1]``; default to
+            :data:`DEFAULT_NORMALISATION` (ImageNet's for 3-channel ``npz`` data).
+        batch_size: loader batch size (``data.batch_size``).
+        num_workers: loader worker processes (``data.num_workers``).
+        limit: keep only the first ``limit`` samples (quick runs and tests).
+
+    Raises:
+        DataError: on any missing file, malformed array or inconsistent setting.
+    """
+    key = str(name).strip().lower()
+    if key not in DATASETS:
+        raise DataError(f"data.name={name!r} is not supported; choose one of {list(DATASETS)}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise DataError(f"data.batch_size={batch_size!r} must be a positive integer")
+    if not _is_int(num_workers) or num_workers < 0:
+        raise DataError(f"data.num_workers={num_workers!r} must be a non-negative integer")
+    limit = _check_limit(limit)
+    batch_size, num_workers = int(batch_size), int(num_workers)
+
+    if key == "imagenet":
+        m, s = _resolve_stats(key, 3, mean, std)
+        dataset, num_samples, num_classes = _load_imagenet(path, m, s, limit)
+        return EvalData(
+            loader=_make_loader(dataset, batch_size, num_workers),
+            num_classes=num_classes,
+            num_samples=num_samples,
+            input_size=(3, 224, 224),
+            mean=m,
+            std=s,
+            name=key,
+        )
+
+    if key in ("cifar10", "cifar100"):
+        raw, labels, num_classes = _load_cifar(key, root, download, limit)
+        images = _uint8_nhwc_to_float_nchw(raw)
+    elif key == "npz":
+        images, labels, num_classes = _load_npz(path, limit)
+    else:  # digits
+        from qimera.models.digits_cnn import DIGITS_NUM_CLASSES, digits_split
+
+        _, _, images, labels = digits_split()
+        num_classes = DIGITS_NUM_CLASSES
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        images = images.clone()  # normalised in place below
+
+    channels = int(images.shape[1])
+    m, s = _resolve_stats(key, channels, mean, std)
+    _normalise_(images, m, s)
+    dataset = TensorDataset(images, labels)
+    return EvalData(
+        loader=_make_loader(dataset, batch_size, num_workers),
+        num_classes=num_classes,
+        num_samples=int(labels.shape[0]),
+        input_size=(channels, int(images.shape[2]), int(images.shape[3])),
+        mean=m,
+        std=s,
+        name=key,
+    )

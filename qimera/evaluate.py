@@ -1,0 +1,136 @@
+"""Top-1 / top-5 / per-class accuracy of a classifier over an evaluation loader."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+__all__ = ["EvalResult", "evaluate"]
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in percent (0..100).
+
+    Attributes:
+        top1: top-1 accuracy.
+        top5: top-k accuracy with ``k = min(5, num_classes)``.
+        per_class: top-1 accuracy of each class, indexed by label; ``nan`` for a class with
+            no samples in the evaluated data.
+        num_samples: number of samples evaluated.
+    """
+
+    top1: float
+    top5: float
+    per_class: list[float]
+    num_samples: int
+
+
+def _logits_of(output: object) -> torch.Tensor:
+    """Accept a tensor, or a tuple/list whose first element is the logits."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"evaluate: the model returned {type(output).__name__}; expected a logits tensor of "
+        "shape (batch, num_classes)"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` on every ``(images, labels)`` batch of ``loader``.
+
+    The model must already live on ``device``; batches are moved there. The model is put in
+    eval mode for the call and every submodule's training flag is restored afterwards.
+    Correct counts accumulate as tensors on ``device``, so the only host synchronisation is
+    the final read-out.
+
+    Args:
+        model: classifier returning logits of shape ``(batch, C)``.
+        loader: iterable of ``(images, labels)`` with int64 labels in ``[0, num_classes)``.
+        device: where the batches are sent.
+        num_classes: number of classes (length of ``per_class``); defaults to the logits'
+            width ``C``. Top-5 uses ``k = min(5, num_classes, C)``.
+        autocast_dtype: when given, run the forward under ``torch.autocast(device.type,
+            dtype=autocast_dtype)`` (e.g. ``torch.bfloat16``).
+        channels_last: send 4-D batches in ``torch.channels_last`` memory format (convert the
+            model yourself with ``model.to(memory_format=torch.channels_last)``).
+
+    Raises:
+        ValueError: the loader is empty, or a label lies outside ``[0, num_classes)``.
+    """
+    dev = torch.device(device)
+    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+        raise ValueError(f"evaluate: num_classes={num_classes!r} must be a positive integer")
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    amp = (
+        torch.autocast(device_type=dev.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    total = 0
+    top1 = top5 = per_class_correct = per_class_count = classes = None
+    try:
+        for images, labels in loader:
+            images = images.to(dev, non_blocking=True)
+            if channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(dev, non_blocking=True).long().view(-1)
+            with amp:
+                logits = _logits_of(model(images))
+            if classes is None:
+                classes = int(num_classes) if num_classes is not None else int(logits.shape[1])
+                zeros = torch.zeros((), dtype=torch.int64, device=dev)
+                top1, top5 = zeros.clone(), zeros.clone()
+                per_class_correct = torch.zeros(classes, dtype=torch.int64, device=dev)
+                per_class_count = torch.zeros(classes, dtype=torch.int64, device=dev)
+                class_ids = torch.arange(classes, device=dev)
+                k = max(1, min(5, classes, int(logits.shape[1])))
+            hit1 = logits.argmax(dim=1) == labels
+            hit5 = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
+            top1 += hit1.sum()
+            top5 += hit5.sum()
+            # one-hot comparison instead of bincount: static shapes, no host sync, deterministic
+            onehot = labels.unsqueeze(1) == class_ids.unsqueeze(0)
+            per_class_count += onehot.sum(dim=0)
+            per_class_correct += (onehot & hit1.unsqueeze(1)).sum(dim=0)
+            total += int(labels.shape[0])
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+    if total == 0 or classes is None:
+        raise ValueError("evaluate: the loader yielded no samples")
+    # the single host synchronisation
+    packed = torch.cat([top1.view(1), top5.view(1), per_class_count, per_class_correct])
+    stats = packed.cpu().tolist()
+    correct1, correct5 = stats[0], stats[1]
+    counts = stats[2 : 2 + classes]
+    correct = stats[2 + classes :]
+    if sum(counts) != total:
+        raise ValueError(
+            f"evaluate: {total - sum(counts)} of {total} labels lie outside [0, {classes}) "
+            "(num_classes too small for the labels?)"
+        )
+    return EvalResult(
+        top1=100.0 * correct1 / total,
+        top5=100.0 * correct5 / total,
+        per_class=[100.0 * c / n if n else math.nan for c, n in zip(correct, counts)],
+        num_samples=total,
+    )

@@ -1,0 +1,349 @@
+"""The training loop of SPEC §2: generator + quantized student, seeded and resumable.
+
+Per iteration, in this order:
+
+1. sample a batch of class mixtures (superposed with probability ``p``, decided once
+   per batch), generate ``x = G(mix)``, run the teacher (logits ``t``, BN statistics);
+2. ``L_G = CE_soft(t, y) + bns_weight · L_BNS``; step the generator (Adam);
+3. the student on ``x.detach()``: ``L_S = τ²·KL(t ‖ a) + CE_soft(a, y)``; step it
+   (SGD) once the warm-up epochs are over. During warm-up the student only runs
+   forward while its activation ranges calibrate (and not at all afterwards).
+
+A checkpoint (student, generator, optimisers, schedulers, RNG states, activation
+ranges, history) is written atomically at the end of every epoch; constructing a
+:class:`Trainer` on an ``out_dir`` that holds one resumes exactly where it stopped.
+The hot loop never synchronises with the device except to refresh the progress bar
+every ``log_every`` iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .data import EvalData
+from .evaluate import evaluate
+from .generators import ClassMix, Generator, sample_plain, sample_superposed
+from .losses import BNStatsHook, kd_loss, soft_cross_entropy
+from .quant import quantize_model, set_calibrating
+from .teachers import LoadedTeacher
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.jsonl"
+#: config keys that may change between a run and its resume
+RESUME_MAY_CHANGE = ("train.epochs", "train.progress", "train.log_every", "train.resume",
+                     "train.eval_every", "train.out_dir", "data", "naive", "preset")
+
+EpochCallback = Callable[[dict], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    return dev
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_student(cfg: Config, teacher: LoadedTeacher) -> nn.Module:
+    student, _ = quantize_model(
+        teacher.model, cfg.quant.w_bits, cfg.quant.a_bits,
+        first_last_bits=8 if cfg.quant.first_last_8bit else None,
+        exclude=cfg.quant.exclude, act_momentum=cfg.quant.ema_momentum,
+    )
+    return student
+
+
+def build_generator(cfg: Config, teacher: LoadedTeacher) -> Generator:
+    g = cfg.effective_generator()
+    c, h, w = teacher.input_size
+    gen = Generator(
+        num_classes=teacher.num_classes,
+        embed_dim=teacher.feature_dim,
+        img_size=h,
+        channels=c,
+        dm_layers=g.dm_layers,
+        noise_scale=g.noise_scale,
+        combine=g.combine,
+        conditional_bn=g.variant == "imagenet",
+    )
+    if g.embedding_init == "teacher_fc":
+        gen.init_embeddings_from(teacher.fc_weight)
+    if g.freeze_embeddings:
+        gen.embedding.weight.requires_grad_(False)
+    return gen
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+class Trainer:
+    """Qimera / GDFQ training of a generator and a quantized student."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        teacher: LoadedTeacher,
+        eval_data: Optional[EvalData] = None,
+        *,
+        callbacks: tuple[EpochCallback, ...] = (),
+    ):
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.gc = cfg.effective_generator()
+        self.device = resolve_device(self.tc.device)
+        self.teacher_info = teacher
+        self.eval_data = eval_data
+        self.callbacks = list(callbacks)
+        self.out_dir = Path(self.tc.out_dir)
+        self.num_classes = teacher.num_classes
+
+        torch.manual_seed(self.tc.seed)
+        self.channels_last = self._use_channels_last()
+        mf = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.teacher = teacher.model.to(self.device, memory_format=mf).eval()
+        self.student = build_student(cfg, teacher).to(self.device, memory_format=mf).eval()
+        self.generator = build_generator(cfg, teacher).to(self.device).set_memory_format(mf)
+        self.bn_hook = BNStatsHook(self.teacher)
+
+        self.opt_g = torch.optim.Adam(
+            [p for p in self.generator.parameters() if p.requires_grad],
+            lr=self.tc.lr_generator, betas=tuple(self.tc.generator_betas),
+        )
+        self.opt_s = torch.optim.SGD(
+            self.student.parameters(), lr=self.tc.lr_student, momentum=self.tc.momentum,
+            nesterov=self.tc.nesterov and self.tc.momentum > 0, weight_decay=self.tc.weight_decay,
+        )
+        self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, self.tc.lr_milestones, self.tc.lr_gamma)
+        self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, self.tc.lr_milestones, self.tc.lr_gamma)
+        # Per-batch decisions (superpose or not) come from a CPU generator: a host-side
+        # branch that never waits for the device. Tensors come from a device generator.
+        self.rng_host = torch.Generator().manual_seed(self.tc.seed)
+        self.rng_dev = torch.Generator(device=self.device).manual_seed(self.tc.seed + 1)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.resumed_from_epoch = 0
+        self._fingerprint = cfg.fingerprint(ignore=RESUME_MAY_CHANGE)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _use_channels_last(self) -> bool:
+        if self.tc.channels_last == "on":
+            return True
+        if self.tc.channels_last == "off":
+            return False
+        # channels_last pays off with oneDNN bf16 kernels on CPU and tensor cores on CUDA
+        return self.tc.amp != "none"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def sample_mix(self) -> ClassMix:
+        b, c = self.tc.batch_size, self.num_classes
+        p = self.gc.p
+        superpose = p > 0 and float(torch.rand((), generator=self.rng_host)) < p
+        if superpose:
+            return sample_superposed(b, c, self.gc.k, generator=self.rng_dev, device=self.device)
+        return sample_plain(b, c, generator=self.rng_dev, device=self.device)
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "host": self.rng_host.get_state(), "dev": self.rng_dev.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "fingerprint": self._fingerprint,
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "opt_s": self.opt_s.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "rng": rng,
+            "history": self.history,
+            "config": self.cfg.resolved(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                f"train.out_dir={str(self.out_dir)!r} holds a checkpoint of a different configuration; "
+                "use another out_dir, or train.resume=false to start over"
+            )
+        self.student.load_state_dict(state["student"])
+        self.generator.load_state_dict(state["generator"])
+        self.opt_s.load_state_dict(state["opt_s"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.sched_s.load_state_dict(state["sched_s"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.rng_host.set_state(rng["host"])
+        self.rng_dev.set_state(rng["dev"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.resumed_from_epoch = self.epoch
+
+    def save_checkpoint(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def maybe_resume(self) -> bool:
+        if not (self.tc.resume and self.checkpoint_path.is_file()):
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+        return True
+
+    # -- one iteration --------------------------------------------------------------------
+    def train_step(self, *, calibrate: bool, train_student: bool) -> dict[str, torch.Tensor]:
+        """One iteration; returns detached loss tensors (no host sync)."""
+        mix = self.sample_mix()
+        y = mix.soft_labels(self.num_classes)
+        amp = autocast_context(self.device, self.tc.amp)
+
+        self.bn_hook.enabled = True
+        with amp:
+            x = self.generator(mix, generator=self.rng_dev)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t = self.teacher(x)
+        self.bn_hook.enabled = False
+        ce = soft_cross_entropy(t, y)
+        bns = self.bn_hook.loss()
+        loss_g = ce + self.tc.bns_weight * bns
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+
+        out = {"loss_g": loss_g.detach(), "loss_g_ce": ce.detach(), "loss_g_bns": bns.detach()}
+        if not (calibrate or train_student):
+            return out
+        x_s = x.detach()
+        t_s = t.detach()
+        if train_student:
+            with amp:
+                a = self.student(x_s)
+            loss_s = kd_loss(a, t_s, self.tc.kd_temperature, self.tc.kd_reduction) + soft_cross_entropy(a, y)
+            self.opt_s.zero_grad(set_to_none=True)
+            loss_s.backward()
+            self.opt_s.step()
+        else:
+            with torch.no_grad(), amp:
+                a = self.student(x_s)
+                loss_s = kd_loss(a, t_s, self.tc.kd_temperature, self.tc.kd_reduction) + soft_cross_entropy(a, y)
+        out["loss_s"] = loss_s.detach()
+        return out
+
+    # -- epochs ---------------------------------------------------------------------------
+    def _progress(self, epoch: int):
+        if not self.tc.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.tc.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.tc.epochs}",
+                    unit="it", leave=False, dynamic_ncols=True)
+
+    def run_epoch(self) -> dict:
+        epoch = self.epoch
+        calibrate = epoch < self.tc.calibration_epochs
+        train_student = epoch >= self.tc.warmup_epochs
+        set_calibrating(self.student, calibrate)
+        self.generator.train()
+        sums: dict[str, torch.Tensor] = {}
+        bar = self._progress(epoch)
+        start = time.perf_counter()
+        for it in range(self.tc.iters_per_epoch):
+            losses = self.train_step(calibrate=calibrate, train_student=train_student)
+            for k, v in losses.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            if bar is not None and ((it + 1) % self.tc.log_every == 0 or it + 1 == self.tc.iters_per_epoch):
+                n = it + 1
+                bar.set_postfix({k: f"{float(v) / n:.3f}" for k, v in sums.items()}, refresh=False)
+                bar.update(n - bar.n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        self.sched_g.step()
+        self.sched_s.step()
+        self.epoch = epoch + 1
+
+        n = self.tc.iters_per_epoch
+        record: dict = {"epoch": self.epoch}
+        record.update({k: float(v) / n for k, v in sums.items()})
+        record.update({"iters_per_second": n / seconds, "seconds": seconds,
+                       "calibrating": calibrate, "student_trained": train_student})
+        if self.eval_data is not None and (self.epoch % self.tc.eval_every == 0 or self.epoch == self.tc.epochs):
+            # never let test images move the activation ranges
+            set_calibrating(self.student, False)
+            res = evaluate(self.student, self.eval_data.loader, device=self.device,
+                           num_classes=self.num_classes, channels_last=self.channels_last)
+            record.update({"top1": res.top1, "top5": res.top5})
+        self.history.append(record)
+        return record
+
+    def fit(self) -> TrainResult:
+        """Train until ``train.epochs``, resuming from ``out_dir`` when a checkpoint is there."""
+        self.maybe_resume()
+        start = time.perf_counter()
+        iters = 0
+        hist_path = self.out_dir / HISTORY_NAME
+        while self.epoch < self.tc.epochs:
+            record = self.run_epoch()
+            iters += self.tc.iters_per_epoch
+            self.save_checkpoint()
+            tmp = hist_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, hist_path)
+            self._log_epoch(record)
+            for cb in self.callbacks:
+                cb(record)
+        # the student is left frozen (ranges fixed) for evaluation and export
+        set_calibrating(self.student, False)
+        return TrainResult(self.history, iters, time.perf_counter() - start, self.resumed_from_epoch)
+
+    def _log_epoch(self, record: dict) -> None:
+        if not self.tc.progress:
+            return
+        parts = [f"epoch {record['epoch']}/{self.tc.epochs}"]
+        for key in ("loss_g", "loss_s", "top1", "top5", "iters_per_second"):
+            if key in record and not (isinstance(record[key], float) and math.isnan(record[key])):
+                parts.append(f"{key}={record[key]:.3f}" if key != "iters_per_second" else f"it/s={record[key]:.2f}")
+        from tqdm.auto import tqdm
+
+        tqdm.write("  ".join(parts))
