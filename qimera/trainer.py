@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -274,8 +275,9 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
+        # disable=None: no bar when stderr is not a terminal (logs keep the epoch lines)
         return tqdm(total=self.tc.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.tc.epochs}",
-                    unit="it", leave=False, dynamic_ncols=True)
+                    unit="it", leave=False, dynamic_ncols=True, disable=None)
 
     def run_epoch(self) -> dict:
         epoch = self.epoch
@@ -300,7 +302,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.sched_g.step()
-        self.sched_s.step()
+        with warnings.catch_warnings():
+            # during warm-up the student optimiser has not stepped yet; its schedule
+            # still counts epochs from 0, as the generator's does
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.sched_s.step()
         self.epoch = epoch + 1
 
         n = self.tc.iters_per_epoch
@@ -317,8 +323,18 @@ class Trainer:
         self.history.append(record)
         return record
 
+    def close(self) -> None:
+        """Remove the BN-statistics hooks from the teacher."""
+        self.bn_hook.remove()
+
     def fit(self) -> TrainResult:
         """Train until ``train.epochs``, resuming from ``out_dir`` when a checkpoint is there."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         self.maybe_resume()
         start = time.perf_counter()
         iters = 0

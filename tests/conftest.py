@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random-weight teacher and locations of the shared data."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qimera.models.digits_cnn import DigitsCNN
+from qimera.teachers import load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_TEACHER = SHARED / "teachers" / "resnet20-cifar10-optionA.th"
+SHARED_NPZ = SHARED / "data" / "cifar10-test-jpeg-q75.npz"
+R20_ARCH = "qimera.models.cifar_resnet:resnet20"
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A DigitsCNN with random weights and non-trivial BN statistics, saved as a checkpoint."""
+    torch.manual_seed(0)
+    model = DigitsCNN(10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_weights, tmp_path) -> dict:
+    """A few-second Qimera run on the digits data with the tiny teacher."""
+    return {
+        "method": "qimera",
+        "teacher": {"source": "checkpoint", "arch": "qimera.models.digits_cnn:DigitsCNN",
+                    "weights": str(tiny_weights), "num_classes": 10, "input_size": [1, 8, 8],
+                    "mean": [0.3], "std": [0.4]},
+        "data": {"name": "digits", "batch_size": 256},
+        "quant": {"w_bits": 4, "a_bits": 4},
+        "generator": {"p": 0.5, "k": 2, "dm_layers": 1, "embedding_init": "teacher_fc"},
+        "train": {"epochs": 3, "iters_per_epoch": 3, "batch_size": 16, "warmup_epochs": 1,
+                  "calibration_epochs": 1, "lr_milestones": [2], "seed": 3, "progress": False,
+                  "out_dir": str(tmp_path / "run")},
+        "naive": {"batches": 2, "batch_size": 16},
+    }
+
+
+@pytest.fixture
+def tiny_teacher(tiny_config):
+    t = tiny_config["teacher"]
+    return load_teacher("checkpoint", arch=t["arch"], weights=t["weights"], num_classes=10,
+                        input_size=(1, 8, 8), mean=(0.3,), std=(0.4,))

@@ -1,0 +1,128 @@
+"""Training loop: phases, frozen embeddings, checkpoints and exact resume on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from qimera.config import load_config
+from qimera.quant import act_quantizers
+from qimera.trainer import CHECKPOINT_NAME, HISTORY_NAME, Trainer
+
+
+class Kill(Exception):
+    pass
+
+
+def _strip_timing(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "iters_per_second")} for r in history]
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tiny_config, tiny_teacher, tmp_path):
+    cfg_a = load_config(tiny_config, [f"train.out_dir={tmp_path / 'a'}"])
+    full = Trainer(cfg_a, tiny_teacher)
+    res_a = full.fit()
+
+    cfg_b = load_config(tiny_config, [f"train.out_dir={tmp_path / 'b'}"])
+
+    def kill_after_two(record):
+        if record["epoch"] == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        Trainer(cfg_b, tiny_teacher, callbacks=(kill_after_two,)).fit()
+    state = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 2
+    resumed = Trainer(cfg_b, tiny_teacher)
+    res_b = resumed.fit()
+    assert res_b.resumed_from_epoch == 2 and res_b.iterations == 3  # one epoch left
+
+    for name in ("student", "generator"):
+        sa = getattr(full, name).state_dict()
+        sb = getattr(resumed, name).state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs after resume"
+    assert _strip_timing(res_a.history) == _strip_timing(res_b.history)
+    lines = (tmp_path / "b" / HISTORY_NAME).read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_same_seed_same_numbers_different_seed_differs(tiny_config, tiny_teacher, tmp_path):
+    runs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        cfg = load_config(tiny_config, [f"train.out_dir={tmp_path / name}", f"train.seed={seed}",
+                                        "train.epochs=2"])
+        runs.append(Trainer(cfg, tiny_teacher).fit().history)
+    assert _strip_timing(runs[0]) == _strip_timing(runs[1])
+    assert _strip_timing(runs[0]) != _strip_timing(runs[2])
+
+
+def test_phases_calibration_warmup_and_frozen_embeddings(tiny_config, tiny_teacher):
+    cfg = load_config(tiny_config, ["generator.freeze_embeddings=true", "train.epochs=3",
+                                    "train.calibration_epochs=1", "train.warmup_epochs=2"])
+    tr = Trainer(cfg, tiny_teacher)
+    emb0 = tr.generator.embedding.weight.detach().clone()
+    torch.testing.assert_close(emb0, tiny_teacher.fc_weight)  # teacher_fc initialisation
+    student0 = {k: v.clone() for k, v in tr.student.state_dict().items()}
+
+    tr.run_epoch()  # epoch 0: calibrating, student not trained
+    steps = [q.steps.item() for q in act_quantizers(tr.student)]
+    assert all(s == 3 for s in steps)  # one observation per iteration
+    weights_same = all(torch.equal(student0[k], v) for k, v in tr.student.state_dict().items()
+                       if "act_quant" not in k)
+    assert weights_same
+    ranges = [tuple(t.clone() for t in q.range) for q in act_quantizers(tr.student)]
+
+    tr.run_epoch()  # epoch 1: ranges frozen, still warm-up
+    tr.run_epoch()  # epoch 2: student trained
+    for q, (lo, hi) in zip(act_quantizers(tr.student), ranges):
+        assert torch.equal(q.range[0], lo) and torch.equal(q.range[1], hi)
+        assert q.steps.item() == 3
+    assert torch.equal(tr.generator.embedding.weight, emb0)  # frozen embeddings do not move
+    assert any(not torch.equal(student0[k], v) for k, v in tr.student.state_dict().items())
+    assert [r["student_trained"] for r in tr.history] == [False, False, True]
+    tr.close()
+
+
+def test_embeddings_train_when_not_frozen(tiny_config, tiny_teacher):
+    cfg = load_config(tiny_config, ["train.epochs=1"])
+    tr = Trainer(cfg, tiny_teacher)
+    emb0 = tr.generator.embedding.weight.detach().clone()
+    tr.fit()
+    assert not torch.equal(tr.generator.embedding.weight, emb0)
+
+
+def test_evaluation_does_not_move_activation_ranges(tiny_config, tiny_teacher):
+    from qimera.data import load_eval_data
+
+    data = load_eval_data("digits", batch_size=256)
+    cfg = load_config(tiny_config, ["train.epochs=1", "train.calibration_epochs=1"])
+    tr = Trainer(cfg, tiny_teacher, data)
+    tr.run_epoch()
+    steps = [q.steps.item() for q in act_quantizers(tr.student)]
+    assert all(s == 3 for s in steps)  # the 540 test images were not observed
+    assert "top1" in tr.history[-1] and "top5" in tr.history[-1]
+    tr.close()
+
+
+def test_checkpoint_of_other_config_refused(tiny_config, tiny_teacher, tmp_path):
+    cfg = load_config(tiny_config, ["train.epochs=1"])
+    Trainer(cfg, tiny_teacher).fit()
+    other = load_config(tiny_config, ["train.epochs=2", "quant.a_bits=5"])
+    with pytest.raises(ValueError, match="different configuration"):
+        Trainer(other, tiny_teacher).fit()
+    # more epochs with the same settings resumes
+    longer = load_config(tiny_config, ["train.epochs=2"])
+    res = Trainer(longer, tiny_teacher).fit()
+    assert res.resumed_from_epoch == 1 and len(res.history) == 2
+
+
+def test_teacher_not_in_checkpoint_and_loads_weights_only(tiny_config, tiny_teacher):
+    cfg = load_config(tiny_config, ["train.epochs=1"])
+    tr = Trainer(cfg, tiny_teacher)
+    tr.fit()
+    state = torch.load(tr.checkpoint_path, weights_only=True)
+    assert set(state) >= {"student", "generator", "opt_s", "opt_g", "sched_s", "sched_g", "rng", "history"}
+    assert "teacher" not in state
+    assert any("act_quant" in k and k.endswith("max_avg") for k in state["student"])
