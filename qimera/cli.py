@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     from .api import prepare, run
     from .config import ConfigError
     from .data import DataError

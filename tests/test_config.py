@@ -114,3 +114,35 @@ def test_unwritable_out_dir(tmp_path):
     with pytest.raises(ConfigError, match=r"train.out_dir='.*file/run': cannot create or write"):
         check_out_dir(blocker / "run")
     assert check_out_dir(tmp_path / "ok").is_dir()
+
+
+def test_every_preset_validates():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 12
+    for path in configs:
+        c = load_config(path)
+        assert c.preset, path
+        if "-w4a4" in path.name:
+            assert (c.quant.w_bits, c.quant.a_bits) == (4, 4)
+        if "-w5a5" in path.name:
+            assert (c.quant.w_bits, c.quant.a_bits) == (5, 5)
+    spec = {  # SPEC §3: preset -> (p, K at 4 bits, K at 5 bits, embedding init)
+        "cifar10": (0.4, 2, 2, "random"),
+        "cifar100": (0.4, 10, 50, "teacher_fc"),
+        "imagenet-resnet18": (0.4, 500, 100, "random"),
+        "imagenet-resnet50": (0.7, 500, 100, "teacher_fc"),
+        "imagenet-mobilenetv2": (0.4, 100, 100, "random"),
+    }
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name, (p, k4, k5, init) in spec.items():
+        for bits, k in ((4, k4), (5, k5)):
+            c = load_config(root / f"{name}-w{bits}a{bits}.yaml")
+            assert (c.generator.p, c.generator.k, c.generator.embedding_init) == (p, k, init)
+            assert c.train.epochs == 400 and c.train.iters_per_epoch == 200
+            imagenet = name.startswith("imagenet")
+            assert c.train.batch_size == (16 if imagenet else 200)
+            assert c.train.lr_student == (1e-6 if imagenet else 1e-4)
+            assert c.train.warmup_epochs == (50 if imagenet else 4)
+            assert c.generator.variant == ("imagenet" if imagenet else "cifar")

@@ -1,0 +1,119 @@
+"""Time one Qimera training iteration (generator + teacher + student, both optimiser steps).
+
+Default workload: CIFAR ResNet-20 teacher (random weights: speed does not depend on
+them), 4w4a student, batch 200, superposition p=0.4/K=2, one DM layer, the student
+being trained (past warm-up). Prints the median milliseconds per iteration over
+``--iters`` timed iterations after ``--warmup`` untimed ones, and the FLOPs of one
+iteration (counted by ``torch.utils.flop_counter``). Each ``--amp`` mode given is timed
+in the same process, so the printed ratios compare like with like.
+
+    python benchmarks/train_step.py                      # fp32 and bf16 on this device
+    python benchmarks/train_step.py --amp none --iters 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def build(amp: str, batch_size: int, device: str, arch: str):
+    from qimera.config import load_config
+    from qimera.teachers import load_teacher
+    from qimera.trainer import Trainer
+
+    tmp = tempfile.mkdtemp(prefix="qimera-bench-")
+    module, _, fn = arch.partition(":")
+    import importlib
+
+    model = getattr(importlib.import_module(module), fn)(num_classes=10)
+    weights = f"{tmp}/teacher.pt"
+    torch.save(model.state_dict(), weights)
+    cfg = load_config({
+        "teacher": {"source": "checkpoint", "arch": arch, "weights": weights, "num_classes": 10},
+        "quant": {"w_bits": 4, "a_bits": 4},
+        "generator": {"p": 0.4, "k": 2, "dm_layers": 1},
+        "train": {"batch_size": batch_size, "amp": amp, "device": device, "out_dir": tmp,
+                  "progress": False, "warmup_epochs": 0},
+    })
+    teacher = load_teacher("checkpoint", arch=arch, weights=weights, num_classes=10)
+    return Trainer(cfg, teacher)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_mode(amp: str, args) -> dict:
+    tr = build(amp, args.batch_size, args.device, args.arch)
+    # calibrate the activation ranges once, as the first epochs do, then time the
+    # steady state: ranges frozen, generator and student both trained
+    for _ in range(args.warmup):
+        tr.train_step(calibrate=True, train_student=True)
+    times = []
+    for _ in range(args.iters):
+        sync(tr.device)
+        t0 = time.perf_counter()
+        tr.train_step(calibrate=False, train_student=True)
+        sync(tr.device)
+        times.append(time.perf_counter() - t0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        tr.train_step(calibrate=False, train_student=True)
+    tr.close()
+    return {
+        "amp": amp,
+        "device": str(tr.device),
+        "channels_last": tr.channels_last,
+        "median_ms": 1000 * statistics.median(times),
+        "min_ms": 1000 * min(times),
+        "max_ms": 1000 * max(times),
+        "iters": len(times),
+        "gflop_per_iter": counter.get_total_flops() / 1e9,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", default="qimera.models.cifar_resnet:resnet20")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--default-malloc", action="store_true", help="skip qimera.runtime.tune_cpu_allocator()")
+    args = p.parse_args()
+    if not args.default_malloc:
+        from qimera.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    if args.iters < 10:
+        p.error("--iters must be at least 10 (the median of >= 10 timed iterations)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"batch {args.batch_size}, {args.arch}")
+    results = []
+    for amp in args.amp:
+        r = time_mode(amp, args)
+        results.append(r)
+        print(f"amp={amp:5s} device={r['device']:5s} median {r['median_ms']:8.1f} ms/iter "
+              f"(min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['iters']})  "
+              f"{r['gflop_per_iter']:.1f} GFLOP/iter  {r['gflop_per_iter'] / r['median_ms'] * 1000:.0f} GFLOP/s")
+    base = results[0]["median_ms"]
+    for r in results[1:]:
+        print(f"speed-up of amp={r['amp']} over amp={results[0]['amp']}: {base / r['median_ms']:.2f}x")
+    print(json.dumps({"batch_size": args.batch_size, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
