@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops import upsample2x_conv3x3
+
 #: eps of the two hidden BatchNorm2d layers. Inherited from the DCGAN/ACGAN code that
 #: GDFQ and Qimera descend from, where 0.8 was meant as the momentum argument. Kept for
 #: fidelity with the published numbers.
@@ -167,6 +169,8 @@ class Generator(nn.Module):
         #: memory format of the feature maps (channels_last pays off with oneDNN bf16
         #: kernels and tensor cores); set by :meth:`set_memory_format`
         self.memory_format = torch.contiguous_format
+        #: compute upsample + conv as one phase-decomposed convolution (same maths)
+        self.fused_upsample = True
 
     def set_memory_format(self, memory_format: torch.memory_format) -> "Generator":
         self.memory_format = memory_format
@@ -192,12 +196,17 @@ class Generator(nn.Module):
         h = self.fc(self.latent(mix, noise, generator=generator))
         x = h.view(h.shape[0], 128, self.init_size, self.init_size).contiguous(memory_format=self.memory_format)
         x = self.bn0(x, mix)
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = F.leaky_relu(self.bn1(self.conv1(x), mix), LEAKY_SLOPE)
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = F.leaky_relu(self.bn2(self.conv2(x), mix), LEAKY_SLOPE)
+        x = F.leaky_relu(self.bn1(self._up_conv(self.conv1, x), mix), LEAKY_SLOPE)
+        x = F.leaky_relu(self.bn2(self._up_conv(self.conv2, x), mix), LEAKY_SLOPE)
         x = torch.tanh(self.conv3(x))
         return self.out_bn(x)
+
+    def _up_conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """Nearest ×2 upsampling then ``conv``; by default as one exact, 2.25× cheaper
+        phase-decomposed convolution (:func:`qimera.ops.upsample2x_conv3x3`)."""
+        if self.fused_upsample:
+            return upsample2x_conv3x3(x, conv.weight, conv.bias)
+        return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
     @torch.no_grad()
     def init_embeddings_from(self, fc_weight: torch.Tensor) -> None:
