@@ -126,3 +126,16 @@ def test_teacher_not_in_checkpoint_and_loads_weights_only(tiny_config, tiny_teac
     assert set(state) >= {"student", "generator", "opt_s", "opt_g", "sched_s", "sched_g", "rng", "history"}
     assert "teacher" not in state
     assert any("act_quant" in k and k.endswith("max_avg") for k in state["student"])
+
+
+@pytest.mark.parametrize("p, k", [(1.0, 10), (1.0, 1), (0.0, 2)])
+def test_superposed_or_plain_batches_anywhere(tiny_config, tiny_teacher, p, k):
+    # p=1: every batch, the last of each epoch included, is superposed (the authors'
+    # code crashes there on NumPy >= 1.25); K may equal the number of classes
+    cfg = load_config(tiny_config, [f"generator.p={p}", f"generator.k={k}", "train.epochs=2"])
+    tr = Trainer(cfg, tiny_teacher)
+    mix = tr.sample_mix()
+    assert mix.labels.shape == (16, k if p == 1.0 else 1)
+    res = tr.fit()
+    assert len(res.history) == 2
+    assert all(torch.isfinite(torch.tensor(r["loss_g"])) for r in res.history)
