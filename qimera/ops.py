@@ -41,15 +41,15 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     n, _, h, w = x.shape
     c = weight.shape[0]
     kernels = upsample2x_phase_kernels(weight)
-    out = F.conv2d(x, kernels, None, padding=1)  # (n, 4c, h+1, w+1)
+    # the bias is the same for every phase: add it inside the convolution (also keeps
+    # the output in the convolution's dtype under autocast)
+    out = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)  # (n, 4c, h+1, w+1)
     # view as (n, h+1, w+1, 4, c): free for channels_last outputs, one copy otherwise
     o = out.permute(0, 2, 3, 1).reshape(n, h + 1, w + 1, 4, c)
     row0 = torch.stack([o[:, :h, :w, 0], o[:, :h, 1:, 1]], dim=3)  # (n, h, w, 2, c)
     row1 = torch.stack([o[:, 1:, :w, 2], o[:, 1:, 1:, 3]], dim=3)
     y = torch.stack([row0, row1], dim=2)  # (n, h, 2, w, 2, c)
     y = y.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # channels_last memory layout
-    if bias is not None:
-        y = y + bias.view(1, c, 1, 1)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return y
     return y.contiguous()
