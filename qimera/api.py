@@ -133,6 +133,7 @@ def run(
     *,
     callbacks: tuple[EpochCallback, ...] = (),
     prepared: Prepared | None = None,
+    initial_embeddings: torch.Tensor | None = None,
 ) -> RunResult:
     """Quantize a teacher without data, as the config says, and evaluate it.
 
@@ -160,7 +161,8 @@ def run(
     iterations = 0
     generator = None
     if cfg.method in ("qimera", "gdfq"):
-        trainer = Trainer(cfg, prep.teacher, prep.eval_data, callbacks=callbacks)
+        trainer = Trainer(cfg, prep.teacher, prep.eval_data, callbacks=callbacks,
+                          initial_embeddings=initial_embeddings)
         result = trainer.fit()
         student, generator, history = trainer.student, trainer.generator, result.history
         iterations = cfg.train.epochs * cfg.train.iters_per_epoch

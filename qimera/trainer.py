@@ -115,6 +115,7 @@ class Trainer:
         eval_data: Optional[EvalData] = None,
         *,
         callbacks: tuple[EpochCallback, ...] = (),
+        initial_embeddings: Optional[torch.Tensor] = None,
     ):
         self.cfg = cfg
         self.tc = cfg.train
@@ -131,7 +132,17 @@ class Trainer:
         mf = torch.channels_last if self.channels_last else torch.contiguous_format
         self.teacher = teacher.model.to(self.device, memory_format=mf).eval()
         self.student = build_student(cfg, teacher).to(self.device, memory_format=mf).eval()
-        self.generator = build_generator(cfg, teacher).to(self.device).set_memory_format(mf)
+        self.generator = build_generator(cfg, teacher)
+        if initial_embeddings is not None:
+            # an embedding table prepared elsewhere (the pipeline's init_embeddings stage)
+            if tuple(initial_embeddings.shape) != tuple(self.generator.embedding.weight.shape):
+                raise ValueError(
+                    f"initial embeddings have shape {tuple(initial_embeddings.shape)}, the generator needs "
+                    f"{tuple(self.generator.embedding.weight.shape)} (classes x teacher feature width)"
+                )
+            with torch.no_grad():
+                self.generator.embedding.weight.copy_(initial_embeddings)
+        self.generator = self.generator.to(self.device).set_memory_format(mf)
         self.bn_hook = BNStatsHook(self.teacher)
 
         self.opt_g = torch.optim.Adam(

@@ -139,3 +139,13 @@ def test_superposed_or_plain_batches_anywhere(tiny_config, tiny_teacher, p, k):
     res = tr.fit()
     assert len(res.history) == 2
     assert all(torch.isfinite(torch.tensor(r["loss_g"])) for r in res.history)
+
+
+def test_initial_embeddings_from_elsewhere(tiny_config, tiny_teacher):
+    cfg = load_config(tiny_config, ["generator.embedding_init=random", "generator.freeze_embeddings=true"])
+    table = torch.arange(10 * 64, dtype=torch.float32).reshape(10, 64)
+    tr = Trainer(cfg, tiny_teacher, initial_embeddings=table)
+    assert torch.equal(tr.generator.embedding.weight.detach(), table)
+    with pytest.raises(ValueError, match="shape"):
+        Trainer(cfg, tiny_teacher, initial_embeddings=torch.zeros(10, 3))
+    tr.close()
