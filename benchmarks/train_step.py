@@ -83,7 +83,7 @@ def time_mode(amp: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16", "fp16"])
+    p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,8 +61,8 @@ def resolve_device(name: str) -> torch.device:
 def autocast_context(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    # bf16 only: it needs no loss scaling (fp16 would, and is not offered)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def build_student(cfg: Config, teacher: LoadedTeacher) -> nn.Module:
@@ -373,4 +374,5 @@ class Trainer:
                 parts.append(f"{key}={record[key]:.3f}" if key != "iters_per_second" else f"it/s={record[key]:.2f}")
         from tqdm.auto import tqdm
 
-        tqdm.write("  ".join(parts))
+        # logs go to stderr: stdout carries only the CLI's final JSON summary
+        tqdm.write("  ".join(parts), file=sys.stderr)
