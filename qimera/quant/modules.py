@@ -67,10 +67,26 @@ class ActQuantizer(nn.Module):
         self._frozen_checked = False
 
 
-class QuantConv2d(nn.Conv2d):
-    """Conv2d whose weight is fake-quantized per output channel at every forward."""
+class _WeightQuantMixin:
+    """Shared by the weight-quantized layers: bit width, repr and the quantized weight."""
 
     w_bits: int
+    weight: torch.Tensor
+
+    def _copy_from(self, float_module: nn.Module, w_bits: int):
+        self.load_state_dict(float_module.state_dict())
+        self.w_bits = int(w_bits)
+        return self
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", w_bits={self.w_bits}"
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quant_weight(self.weight, self.w_bits)
+
+
+class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+    """Conv2d whose weight is fake-quantized per output channel at every forward."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int) -> "QuantConv2d":
@@ -79,38 +95,20 @@ class QuantConv2d(nn.Conv2d):
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )
-        new.load_state_dict(conv.state_dict())
-        new.w_bits = int(w_bits)
-        return new
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}"
-
-    def quantized_weight(self) -> torch.Tensor:
-        return fake_quant_weight(self.weight, self.w_bits)
+        return new._copy_from(conv, w_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_WeightQuantMixin, nn.Linear):
     """Linear whose weight is fake-quantized per output row at every forward."""
-
-    w_bits: int
 
     @classmethod
     def from_float(cls, lin: nn.Linear, w_bits: int) -> "QuantLinear":
         new = cls(lin.in_features, lin.out_features, lin.bias is not None,
                   device=lin.weight.device, dtype=lin.weight.dtype)
-        new.load_state_dict(lin.state_dict())
-        new.w_bits = int(w_bits)
-        return new
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}"
-
-    def quantized_weight(self) -> torch.Tensor:
-        return fake_quant_weight(self.weight, self.w_bits)
+        return new._copy_from(lin, w_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
