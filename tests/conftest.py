@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight teacher and locations of the shared data."""
+"""Shared fixtures: a tiny random-weight teacher and a few-second run config."""
 
 from pathlib import Path
 
@@ -8,13 +8,6 @@ import torch
 from qimera.models.digits_cnn import DigitsCNN
 from qimera.teachers import load_teacher
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_TEACHER = SHARED / "teachers" / "resnet20-cifar10-optionA.th"
-SHARED_NPZ = SHARED / "data" / "cifar10-test-jpeg-q75.npz"
-R20_ARCH = "qimera.models.cifar_resnet:resnet20"
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @pytest.fixture(scope="session")

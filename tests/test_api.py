@@ -12,7 +12,7 @@ from qimera.config import ConfigError
 from qimera.data import DataError
 from qimera.teachers import TeacherError
 
-from conftest import IMAGENET_MEAN, IMAGENET_STD, R20_ARCH, SHARED_NPZ, SHARED_TEACHER
+from qtest_paths import IMAGENET_MEAN, IMAGENET_STD, R20_ARCH, SHARED_NPZ, SHARED_TEACHER
 
 
 def test_run_returns_summary_and_writes_outputs(tiny_config, tmp_path):

@@ -1,0 +1,376 @@
+"""Prefect flow ``qimera``: run the DVC pipeline for one preset as a DVC experiment.
+
+The flow is a thin orchestration layer over ``dvc exp run``. DVC does the work (stages,
+caching, recording the experiment), the stages log to MLflow, and Prefect adds scheduling,
+retries for transient failures, one-at-a-time execution per worker, logs and a result:
+
+    {"preset": "imagenet-resnet18", "w_bits": 4, "a_bits": 4, "overrides": {…},
+     "mlflow_run_id": "…", "metrics": {…metrics.json…},
+     "dvc_experiment": "…", "flow_run_id": "…"}
+
+Deployments (``demo``, ``cifar10``, ``cifar100``, ``imagenet``) are declared in the
+repository's ``prefect.yaml``; see ``pipelines/README.md`` for the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+# Presets that ``params.yaml`` accepts (``dvc exp run -S preset=…``), as in the project's
+# configs/ (``<name>.yaml`` or ``<name>-w4a4.yaml``; see ``available_presets``). ``imagenet``
+# is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher.
+PRESETS = (
+    "demo",
+    "cifar10",
+    "cifar10-shared",
+    "cifar100",
+    "imagenet-resnet18",
+    "imagenet-resnet50",
+    "imagenet-mobilenetv2",
+)
+IMAGENET_MODELS = {
+    "resnet18": "imagenet-resnet18",
+    "resnet50": "imagenet-resnet50",
+    "mobilenetv2": "imagenet-mobilenetv2",
+}
+Model = Literal["resnet18", "resnet50", "mobilenetv2"]
+Bits = Annotated[int, Field(ge=2, le=8)]
+
+# Where the pipeline leaves its results, relative to the project directory (the contract
+# in stages/__init__.py): metrics.json carries "mlflow_run_id"; the train stage also records
+# the run in outputs/train/mlflow_run.json.
+METRICS_FILE = "metrics.json"
+MLFLOW_RUN_FILE = "outputs/train/mlflow_run.json"
+
+# Retry policy of the pipeline task: two retries, 30 s then 120 s later. The environment
+# variable exists so that tests (and impatient users) can shorten the delays.
+RETRIES = 2
+RETRY_DELAYS = [int(s) for s in os.environ.get("QIMERA_RETRY_DELAYS", "30,120").split(",")]
+
+# Tag of the pipeline task. A tag concurrency limit on it serialises training across
+# workers that share one checkout: ``prefect concurrency-limit create qimera-train 1``.
+TRAIN_TAG = "qimera-train"
+
+
+class PipelineError(RuntimeError):
+    """``dvc exp run`` failed in a way that may succeed when tried again."""
+
+    transient = True
+
+
+class PipelineConfigError(PipelineError):
+    """``dvc exp run`` failed because of its input: retrying cannot help."""
+
+    transient = False
+
+
+# --------------------------------------------------------------------------------------
+# Pure helpers (unit-tested without a Prefect server)
+# --------------------------------------------------------------------------------------
+
+
+def available_presets(project: Path | None = None) -> tuple[str, ...]:
+    """Presets of the project: ``configs/<name>.yaml`` and ``configs/<name>-w4a4.yaml``."""
+    configs = Path(project) / "configs" if project is not None else None
+    if configs is None or not configs.is_dir():
+        return PRESETS
+    names = set()
+    for path in configs.glob("*.yaml"):
+        stem = path.stem
+        if stem.endswith("-w4a4"):
+            names.add(stem[: -len("-w4a4")])
+        elif not re.search(r"-w\da\d$", stem):
+            names.add(stem)
+    return tuple(sorted(names)) or PRESETS
+
+
+def resolve_preset(preset: str, model: str = "resnet18", project: Path | None = None) -> str:
+    """The ``params.yaml`` preset for the flow's ``preset``/``model`` parameters."""
+    if preset == "imagenet":
+        if model not in IMAGENET_MODELS:
+            raise PipelineConfigError(
+                f"model={model!r} is not an ImageNet teacher; allowed: {', '.join(IMAGENET_MODELS)}"
+            )
+        return IMAGENET_MODELS[model]
+    allowed = available_presets(project)
+    if preset not in allowed:
+        raise PipelineConfigError(
+            f"preset={preset!r} is unknown; allowed: imagenet, {', '.join(allowed)}"
+        )
+    return preset
+
+
+def format_value(value: Any) -> str:
+    """A Python value as the right-hand side of ``dvc exp run -S key=value``.
+
+    DVC parses it with Hydra's override grammar: numbers, booleans, null and lists are
+    written as JSON; plain words stay bare; any other string is single-quoted so that a
+    comma or a bracket in it is not read as a sweep or a list.
+    """
+    if isinstance(value, str):
+        if re.fullmatch(r"[\w.\-/+@]+", value):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def dvc_command(
+    dvc: str, preset: str, w_bits: int, a_bits: int, overrides: dict[str, Any] | None = None
+) -> list[str]:
+    """``dvc exp run`` with the preset, the bit widths and the extra ``-S`` overrides.
+
+    Overrides are written ``++key=value`` (Hydra's "add or override"), so that keys that
+    params.yaml does not list (``train.warmup_epochs``, ``naive.batches``) can be set too.
+    """
+    params: dict[str, Any] = {"preset": preset, "quant.w_bits": w_bits, "quant.a_bits": a_bits}
+    extra: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
+            raise PipelineConfigError(f"override key {key!r} is not a dotted params.yaml key")
+        if key in ("preset", "quant.w_bits", "quant.a_bits"):
+            raise PipelineConfigError(
+                f"override {key!r} is a flow parameter; set it as a parameter instead"
+            )
+        extra[key] = value
+    cmd = [dvc, "exp", "run"]
+    for key, value in params.items():
+        cmd += ["-S", f"{key}={format_value(value)}"]
+    for key, value in extra.items():
+        cmd += ["-S", f"++{key}={format_value(value)}"]
+    return cmd
+
+
+# Failures that another attempt can fix: the network, a lock held by another DVC
+# process, the machine running out of memory or the process being killed.
+_TRANSIENT = re.compile(
+    r"Unable to acquire lock|lock .*held|is busy|"
+    r"Temporary failure in name resolution|Name or service not known|Connection (?:refused|reset|aborted)|"
+    r"ConnectionError|ConnectTimeout|ReadTimeout|timed out|Network is unreachable|"
+    r"HTTP Error 5\d\d|HTTP Error 429|\b5\d\d Server Error|Too Many Requests|"
+    r"Remote end closed connection|IncompleteRead|download failed|"
+    r"CUDA out of memory|OutOfMemoryError|Cannot allocate memory|Killed",
+    re.IGNORECASE,
+)
+# Failures caused by the input: unknown preset or key, invalid value, missing file.
+_CONFIG = re.compile(
+    r"qimera(?: stage \S+)?: error:|ConfigError|TeacherError|DataError|ValidationError|"
+    r"Could not override|Key '.*' is not in struct|"
+    r"is not a valid|invalid (?:value|choice|literal)|not allowed|unknown (?:preset|key)|"
+    r"not a git repository|not a DVC repository|No such file or directory|"
+    r"dvc\.yaml.*(?:error|invalid)|failed to parse",
+    re.IGNORECASE,
+)
+_STAGE_EXIT = re.compile(r"exited with (-?\d+)")
+
+
+def classify_failure(returncode: int, output: str) -> type[PipelineError]:
+    """:class:`PipelineError` (retry) or :class:`PipelineConfigError` (fail fast).
+
+    Signals (a negative return code, 137/143) and the patterns in ``_TRANSIENT`` are
+    transient. A stage that exits with status 2 (the project's "bad input" status, as
+    ``qimera`` and ``argparse`` use it) or an error message matching ``_CONFIG`` is a
+    configuration error. Anything else is retried.
+    """
+    if returncode < 0 or returncode in (137, 143):
+        return PipelineError
+    tail = output[-20000:]
+    if _TRANSIENT.search(tail):
+        return PipelineError
+    stage_codes = [int(c) for c in _STAGE_EXIT.findall(tail)]
+    if stage_codes:
+        code = stage_codes[-1]
+        if code < 0 or code in (137, 143):
+            return PipelineError
+        if code == 2:
+            return PipelineConfigError
+    if returncode == 2 or _CONFIG.search(tail):
+        return PipelineConfigError
+    return PipelineError
+
+
+def collect_results(project: Path) -> tuple[str | None, dict[str, Any]]:
+    """The MLflow run id and the metrics that the pipeline left in ``project``."""
+    metrics_path = project / METRICS_FILE
+    if not metrics_path.is_file():
+        raise PipelineError(f"the pipeline finished but wrote no {METRICS_FILE} in {project}")
+    metrics = json.loads(metrics_path.read_text())
+    run_id = metrics.get("mlflow_run_id") if isinstance(metrics, dict) else None
+    run_file = project / MLFLOW_RUN_FILE
+    if not run_id and run_file.is_file():
+        run_id = json.loads(run_file.read_text()).get("run_id")
+    return run_id, metrics
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown table of top-1/top-5 for teacher, naive and student (metrics.json)."""
+    rows = []
+    for name in ("teacher", "naive", "student"):
+        entry = metrics.get(name)
+        if isinstance(entry, dict):
+            rows.append(f"| {name} | {entry.get('top1', '')} | {entry.get('top5', '')} |")
+        elif isinstance(entry, (int, float)):
+            rows.append(f"| {name} | {entry} | |")
+    return "| model | top-1 (%) | top-5 (%) |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def _dvc_executable() -> str:
+    """The ``dvc`` next to the running interpreter (the project's venv), else PATH's."""
+    local = Path(sys.executable).with_name("dvc")
+    return str(local) if local.exists() else "dvc"
+
+
+def _retry_unless_config_error(task_, task_run, state) -> bool:
+    """``retry_condition_fn``: no retry for :class:`PipelineConfigError`."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result could not be loaded: keep the default (retry)
+        return True
+    return not (isinstance(exc, PipelineError) and not exc.transient)
+
+
+# --------------------------------------------------------------------------------------
+# Task and flow
+# --------------------------------------------------------------------------------------
+
+
+@task(
+    name="dvc-exp-run",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=_retry_unless_config_error,
+    tags=[TRAIN_TAG],
+    cache_policy=None,
+    persist_result=False,
+)
+def run_pipeline(cmd: list[str], project: str) -> dict[str, Any]:
+    """Run ``cmd`` (``dvc exp run …``) in ``project`` and stream its output to the log."""
+    logger = get_run_logger()
+    project_dir = Path(project)
+    env = dict(os.environ)
+    # The stages run ``python …``: make it the interpreter this flow runs in (the venv).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    if flow_run.id:
+        env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
+    logger.info("$ %s  (in %s)", " ".join(cmd), project_dir)
+    tail: deque[str] = deque(maxlen=400)
+    experiment = None
+    # `dvc exp run -S` writes the values into the workspace's params.yaml and leaves them
+    # there; put the file back afterwards so that the next flow run starts from the same
+    # params.yaml (a retry then applies the same values again and resumes training). The
+    # experiment's own params stay recorded by DVC (`dvc exp show`).
+    params_file = project_dir / "params.yaml"
+    params_before = params_file.read_bytes() if params_file.is_file() else None
+    try:
+        returncode = _stream(cmd, project_dir, env, logger, tail)
+    finally:
+        if params_before is not None and (
+            not params_file.is_file() or params_file.read_bytes() != params_before
+        ):
+            params_file.write_bytes(params_before)
+    for line in tail:
+        m = re.search(r"Ran experiment\(s\):\s*(\S+)", line)
+        if m:
+            experiment = m.group(1)
+    if returncode != 0:
+        output = "\n".join(tail)
+        kind = classify_failure(returncode, output)
+        what = "configuration error, not retried" if kind is PipelineConfigError else "may be retried"
+        last = "\n".join(list(tail)[-15:])
+        raise kind(f"`dvc exp run` exited with status {returncode} ({what}). Last lines:\n{last}")
+    run_id, metrics = collect_results(project_dir)
+    return {"mlflow_run_id": run_id, "metrics": metrics, "dvc_experiment": experiment}
+
+
+def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger, tail: deque) -> int:
+    """Run ``cmd``, log each output line (stdout and stderr) and keep the last ones."""
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").rsplit("\r", 1)[-1].rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            logger.info("%s", line[:2000])
+        return proc.wait()
+
+
+@flow(name="qimera", persist_result=True)
+def qimera_flow(
+    preset: str = "demo",
+    w_bits: Bits = 4,
+    a_bits: Bits = 4,
+    model: Model = "resnet18",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize a preset's teacher with Qimera through the DVC pipeline.
+
+    Args:
+        preset: ``demo``, ``cifar10``, ``cifar10-shared``, ``cifar100``, ``imagenet`` (with
+            ``model``) or a full ImageNet preset such as ``imagenet-resnet50``.
+        w_bits: weight bit width (2..8).
+        a_bits: activation bit width (2..8).
+        model: ImageNet teacher when ``preset`` is ``imagenet``: resnet18, resnet50 or
+            mobilenetv2. Ignored for the other presets.
+        overrides: extra ``params.yaml`` values, ``{"train.epochs": 2, "generator.p": 0.25}``,
+            passed as ``dvc exp run -S ++key=value`` (keys params.yaml lacks are added).
+    """
+    logger = get_run_logger()
+    project = Path.cwd()
+    if not (project / "dvc.yaml").is_file():
+        raise PipelineConfigError(
+            f"{project} has no dvc.yaml: the deployment's working directory is not the qimera "
+            "project (run `prefect deploy` from the repository root)"
+        )
+    resolved = resolve_preset(preset, model, project)
+    cmd = dvc_command(_dvc_executable(), resolved, w_bits, a_bits, overrides)
+    logger.info("preset %s at %dw%da in %s", resolved, w_bits, a_bits, project)
+    out = run_pipeline(cmd, str(project))
+    result = {
+        "preset": resolved,
+        "w_bits": w_bits,
+        "a_bits": a_bits,
+        "overrides": dict(overrides or {}),
+        "mlflow_run_id": out["mlflow_run_id"],
+        "metrics": out["metrics"],
+        "dvc_experiment": out["dvc_experiment"],
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+    }
+    create_markdown_artifact(
+        key=re.sub(r"[^a-z0-9-]", "-", f"qimera-{resolved}-w{w_bits}a{a_bits}"),
+        markdown=(
+            f"### qimera {resolved} {w_bits}w{a_bits}a\n\n"
+            f"MLflow run: `{out['mlflow_run_id']}`  \nDVC experiment: `{out['dvc_experiment']}`\n\n"
+            f"{metrics_table(out['metrics'])}\n"
+        ),
+        description="Accuracies from metrics.json and the MLflow run of this flow run",
+    )
+    logger.info("result: %s", json.dumps(result, default=str))
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover - local, serverless run: python pipelines/flow.py
+    print(json.dumps(qimera_flow(), indent=2, default=str))

@@ -1,0 +1,78 @@
+"""The DVC pipeline's stages: thin scripts over the ``qimera`` library, plus MLflow tracking.
+
+Run from the repository root, with the project's virtualenv on ``PATH`` (the stage
+commands call ``python``)::
+
+    dvc repro                                             # the offline digits demo
+    dvc exp run -S preset=cifar10                         # a paper preset, 4w4a
+    dvc exp run -S preset=cifar100 -S quant.w_bits=5 -S quant.a_bits=5
+    dvc exp run --queue -S generator.p=0.1,0.25,0.4 && dvc queue start
+
+Stage graph (``dvc.yaml``; each stage is ``python -m stages.<name>``; ``dvc dag`` draws it)::
+
+    resolve          -> fetch_teacher   (outputs/config/teacher.yaml)
+                     -> init_embeddings (outputs/config/embeddings.yaml)
+                     -> train, evaluate, export (outputs/config/run.yaml)
+    fetch_teacher    -> init_embeddings, train, evaluate, export (outputs/teacher/)
+    init_embeddings  -> train (outputs/embeddings.pt)
+    train            -> evaluate, export (outputs/train/)
+
+``resolve`` reads all of params.yaml and writes one config fragment per consumer:
+``teacher.yaml`` (fetch_teacher), ``embeddings.yaml`` (init_embeddings) and ``run.yaml``
+(train, evaluate, export). A stage reruns exactly when what it reads changes: changing
+``quant.a_bits`` reruns resolve, train, evaluate and export, never fetch_teacher or
+init_embeddings. Every stage also depends on its scripts and on the ``qimera`` package.
+
+Contract (kept stable for the Prefect flow and other callers)
+------------------------------------------------------------
+
+Inputs: ``params.yaml`` (see its comments). ``preset`` picks ``configs/<preset>.yaml`` or
+``configs/<preset>-w<b>a<b>.yaml``; every other key except ``mlflow`` overrides the preset's
+value of the same config key when it is not ``null`` (``dvc exp run -S generator.p=0.25``).
+Relative paths in presets and params (teacher weights, caches, datasets) are relative to
+the repository root, also inside queued experiments. Environment:
+``MLFLOW_TRACKING_URI`` (overrides ``mlflow.tracking_uri`` and the default
+``sqlite:///<repo root>/mlflow.db``), ``PREFECT__FLOW_RUN_ID`` (recorded as the run's tag
+``prefect.flow_run_id``), ``DVC_EXP_NAME``/``DVC_EXP_BASELINE_REV``/``DVC_ROOT`` (set by DVC).
+
+Outputs, relative to the project directory (the workspace, or the experiment's copy):
+
+``metrics.json``
+    ``{"mlflow_run_id": str, "w_bits": int, "a_bits": int, "epochs": int, "iterations": int,
+    "teacher": {...}, "naive": {...} | null, "student": {...}}``; each of teacher/naive/student
+    is ``{"top1", "top5", "per_class": [...]}`` in percent (``per_class[c]`` is null for a
+    class absent from the evaluation data; naive is null when ``naive.enabled`` is false).
+    The accuracies are the **final** epoch's (SPEC §5.4).
+``outputs/config/run.yaml``
+    the resolved run configuration (what ``qimera.config.Config`` validated).
+``outputs/teacher/weights.pt``, ``outputs/teacher/teacher.json``
+    the teacher's state dict and its record (source, arch, sha256, top-1/top-5).
+``outputs/embeddings.pt``
+    ``{"embeddings": (classes, D) tensor, "init": "teacher_fc" | "random", "seed": int}``.
+``outputs/train/``
+    ``checkpoint.pt``, ``history.jsonl`` (the library's), ``inputs.json`` (what the
+    checkpoint was trained from), ``train.json`` (epochs, iterations, resumed_from_epoch,
+    seconds) and ``mlflow_run.json`` (``{"run_id", "experiment_id", "experiment_name",
+    "tracking_uri"}``); a persistent output, so that a killed ``train`` resumes from its
+    last epoch (and reopens its MLflow run) when rerun.
+``outputs/history.csv``
+    one row per epoch: ``epoch, loss_g, loss_g_ce, loss_g_bns, loss_s, top1, top5,
+    iters_per_second`` (``dvc plots show``).
+``outputs/figures/``
+    ``samples.png`` (class × class grid of generated samples) and ``curves.png``.
+``outputs/export/``
+    ``student.pt`` (state dict of the fake-quantized student), ``config.yaml`` (resolved
+    config) and ``model.json`` (MLflow model URI, registered name and version).
+
+MLflow: one run per pipeline execution in the experiment named after the preset
+(``mlflow.experiment`` overrides), created by ``train`` and closed by ``export``; see
+:mod:`stages.tracking`.
+
+Exit status: 0 on success; 2 for bad input (unknown preset, invalid value, missing file,
+unreachable MLflow server), one line on stderr before any training and before any output
+is written; 1 with a traceback for anything else.
+
+Speed: on a machine whose cores are busy with other work, torch's default of one thread
+per core makes small models crawl (threads wait on each other); ``OMP_NUM_THREADS=1``
+runs the demo about 30× faster there.
+"""

@@ -1,0 +1,305 @@
+"""What every stage shares: the repository root, presets, the resolved config, atomic writes.
+
+:func:`resolve_config` turns ``params.yaml`` into a validated :class:`qimera.config.Config`:
+it loads the preset file and applies every non-null override. :func:`run_stage` is the
+``main`` wrapper that turns input errors into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+PARAMS_FILE = "params.yaml"
+CONFIGS_DIR = "configs"
+
+# Pipeline paths, relative to the project directory (the stage's working directory).
+OUTPUTS = Path("outputs")
+CONFIG_DIR = OUTPUTS / "config"
+RUN_CONFIG = CONFIG_DIR / "run.yaml"
+TEACHER_CONFIG = CONFIG_DIR / "teacher.yaml"
+EMBEDDINGS_CONFIG = CONFIG_DIR / "embeddings.yaml"
+TEACHER_DIR = OUTPUTS / "teacher"
+TEACHER_WEIGHTS = TEACHER_DIR / "weights.pt"
+TEACHER_RECORD = TEACHER_DIR / "teacher.json"
+EMBEDDINGS = OUTPUTS / "embeddings.pt"
+TRAIN_DIR = OUTPUTS / "train"
+MLFLOW_RUN = TRAIN_DIR / "mlflow_run.json"
+TRAIN_RECORD = TRAIN_DIR / "train.json"
+HISTORY_CSV = OUTPUTS / "history.csv"
+FIGURES_DIR = OUTPUTS / "figures"
+EXPORT_DIR = OUTPUTS / "export"
+METRICS = Path("metrics.json")
+
+#: params.yaml keys that are not config overrides
+NON_CONFIG_KEYS = ("preset", "mlflow")
+#: paths in the config that are read relative to the repository root
+ROOT_RELATIVE_PATHS = (("teacher", "weights"), ("teacher", "cache_dir"), ("data", "path"), ("data", "root"))
+#: columns of outputs/history.csv, in order
+HISTORY_COLUMNS = ("epoch", "loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second")
+
+
+class PipelineError(ValueError):
+    """Bad pipeline input (params, files, MLflow store); the message says what to change."""
+
+
+# --------------------------------------------------------------------------- repository root
+
+
+def repo_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The original repository root, also from inside a DVC experiment's temporary copy.
+
+    Queued experiments run in ``<root>/.dvc/tmp/exps/<tmp>/``; DVC also sets ``DVC_ROOT``
+    to the parent repository for every experiment. Outside DVC it is the project directory.
+    """
+    here = Path(cwd or os.getcwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    env = os.environ.get("DVC_ROOT")
+    if env and (Path(env) / "dvc.yaml").is_file():
+        return Path(env).resolve()
+    return here if (here / "dvc.yaml").is_file() else PROJECT_DIR
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def all_or_nothing(*paths: str | os.PathLike):
+    """Remove ``paths`` (files or directories) when the block fails: a stage leaves all of
+    its outputs or none of them."""
+    try:
+        yield
+    except BaseException:
+        for p in map(Path, paths):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(Path(path), lambda h: h.write(text), "w")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, yaml.safe_dump(obj, sort_keys=False, default_flow_style=None, width=100))
+
+
+def torch_save(path: str | os.PathLike, obj: Any) -> None:
+    import torch
+
+    atomic_write(Path(path), lambda h: torch.save(obj, h), "wb")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    return yaml.safe_load(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def available_presets(root: Path) -> list[str]:
+    """``configs/<name>.yaml`` and ``configs/<name>-w4a4.yaml`` give the preset ``<name>``."""
+    names = set()
+    for f in (root / CONFIGS_DIR).glob("*.yaml"):
+        stem = f.stem
+        if stem.endswith("-w4a4"):
+            names.add(stem[: -len("-w4a4")])
+        elif not any(stem.endswith(f"-w{b}a{b}") for b in range(2, 9)):
+            names.add(stem)
+    return sorted(names)
+
+
+def preset_file(root: Path, preset: Any, w_bits: Any = None, a_bits: Any = None) -> Path:
+    """The config file of ``preset`` at these bit widths.
+
+    ``configs/<preset>.yaml`` when it exists (demo, cifar10-shared); otherwise the paper
+    preset ``configs/<preset>-w<b>a<b>.yaml`` with ``b = w_bits = a_bits`` when that file
+    exists (4 or 5), else ``configs/<preset>-w4a4.yaml`` (the bits are then overridden).
+    """
+    allowed = available_presets(root)
+    if not isinstance(preset, str) or preset not in allowed:
+        raise PipelineError(f"preset={preset!r} is not a preset; allowed: {', '.join(allowed)}")
+    configs = root / CONFIGS_DIR
+    single = configs / f"{preset}.yaml"
+    if single.is_file():
+        return single
+    if w_bits is not None and w_bits == a_bits:
+        matching = configs / f"{preset}-w{w_bits}a{w_bits}.yaml"
+        if matching.is_file():
+            return matching
+    return configs / f"{preset}-w4a4.yaml"
+
+
+def _merge_non_null(base: dict, overrides: dict, where: str = "") -> None:
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        dotted = f"{where}{key}"
+        if isinstance(value, dict):
+            node = base.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise PipelineError(f"params.yaml: {dotted} is a section but the config's {dotted} is a value")
+            _merge_non_null(node, value, dotted + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def resolve_config(params: dict, root: Path | None = None):
+    """``params.yaml`` -> a validated :class:`qimera.config.Config`.
+
+    Loads the preset file, applies every non-null value of the other params (except the
+    ``mlflow`` section), names the run after the preset and points ``train.out_dir`` at
+    the pipeline's ``outputs/train``. Raises :class:`PipelineError` for an unknown preset
+    and :class:`qimera.config.ConfigError` (key, value, what is allowed) for invalid values.
+    """
+    from qimera.config import load_config
+
+    root = Path(root) if root is not None else repo_root()
+    if not isinstance(params, dict):
+        raise PipelineError("params.yaml: top level must be a mapping")
+    quant = params.get("quant") or {}
+    path = preset_file(root, params.get("preset"), quant.get("w_bits"), quant.get("a_bits"))
+    data = yaml.safe_load(path.read_text()) or {}
+    overrides = {k: v for k, v in params.items() if k not in NON_CONFIG_KEYS}
+    _merge_non_null(data, overrides)
+    data["preset"] = params["preset"]
+    data.setdefault("train", {})["out_dir"] = str(TRAIN_DIR)
+    return load_config(data)
+
+
+def root_relative(cfg, root: Path):
+    """A copy of ``cfg`` whose relative input paths (teacher weights and cache, dataset
+    path and root) are made absolute against the repository root."""
+    data = cfg.model_dump(mode="json")
+    for section, key in ROOT_RELATIVE_PATHS:
+        value = data[section].get(key)
+        if value and "://" not in value:
+            path = Path(value).expanduser()
+            data[section][key] = str(path if path.is_absolute() else root / path)
+    return type(cfg).model_validate(data)
+
+
+def check_input_files(cfg, root: Path) -> None:
+    """Files the config names must exist (checked before anything runs)."""
+    abs_cfg = root_relative(cfg, root)
+    t, d = abs_cfg.teacher, abs_cfg.data
+    if t.source == "checkpoint" and t.weights and "://" not in t.weights and not Path(t.weights).is_file():
+        raise PipelineError(
+            f"teacher.weights={cfg.teacher.weights!r}: file not found ({t.weights}; relative paths are "
+            f"relative to the repository root {root})"
+        )
+    if d.name == "npz" and not Path(d.path).is_file():
+        raise PipelineError(f"data.path={cfg.data.path!r}: file not found ({d.path})")
+    if d.name == "imagenet" and not Path(d.path).is_dir():
+        raise PipelineError(
+            f"data.path={cfg.data.path!r}: not a directory ({d.path}); put the ImageNet validation split "
+            "there as class folders or set data.path"
+        )
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"{p} not found: run the stages from the project directory")
+    try:
+        params = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(params, dict):
+        raise PipelineError(f"{p}: top level must be a mapping")
+    return params
+
+
+def load_run_config():
+    """The resolved config written by the ``resolve`` stage."""
+    from qimera.config import Config
+
+    return Config.model_validate(read_yaml(RUN_CONFIG))
+
+
+def bits_tag(cfg) -> str:
+    return f"w{cfg.quant.w_bits}a{cfg.quant.a_bits}"
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def workspace_teacher_config(cfg):
+    """``cfg`` with its teacher replaced by the workspace copy (``outputs/teacher``) as a
+    ``checkpoint`` teacher, and its relative dataset paths made absolute."""
+    record = read_json(TEACHER_RECORD)
+    data = root_relative(cfg, repo_root()).model_dump(mode="json")
+    data["teacher"] = {
+        "source": "checkpoint", "name": record["name"], "arch": record["arch"],
+        "weights": str(TEACHER_WEIGHTS), "num_classes": record["num_classes"],
+        "input_size": record["input_size"], "mean": record["mean"], "std": record["std"],
+    }
+    return type(cfg).model_validate(data)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input: ours and qimera's (config, teacher, data).
+    Only modules already imported are consulted: an exception of a class whose module was
+    never imported cannot have been raised, and the stage need not pay for the import."""
+    errors: list[type[BaseException]] = [PipelineError]
+    for module, name in (("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"),
+                         ("qimera.data", "DataError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's ``main``; bad input exits with status 2 and one message on stderr."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"qimera stage {name}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - bad input: one line; anything else: the traceback
+        if isinstance(exc, input_errors()):
+            print(f"qimera stage {name}: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        traceback.print_exc()
+        sys.exit(1)

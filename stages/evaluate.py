@@ -1,0 +1,121 @@
+"""Stage ``evaluate``: teacher, naive baseline and student accuracies into ``metrics.json``.
+
+The teacher's numbers come from ``outputs/teacher/teacher.json`` (fetch_teacher measured
+them on the same evaluation data). The naive baseline is the same quantization with
+activation ranges calibrated on Gaussian noise; the student is the final epoch's
+checkpoint. Also draws the class × class grid of generated samples and the training
+curves (``outputs/figures``) and logs metrics, figures and metrics.json into the
+pipeline's MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .common import (
+    FIGURES_DIR,
+    METRICS,
+    TEACHER_RECORD,
+    TRAIN_DIR,
+    all_or_nothing,
+    load_params,
+    load_run_config,
+    read_json,
+    repo_root,
+    root_relative,
+    run_stage,
+    workspace_teacher_config,
+    write_json,
+)
+from . import figures, tracking
+
+
+def _clean(values):
+    return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else round(v, 4) for v in values]
+
+
+def _scores(res) -> dict | None:
+    if res is None:
+        return None
+    return {"top1": round(res.top1, 4), "top5": round(res.top5, 4), "per_class": _clean(res.per_class)}
+
+
+def main() -> None:
+    import torch
+
+    from qimera.api import prepare
+    from qimera.baselines import naive_calibrate
+    from qimera.evaluate import evaluate
+    from qimera.quant import set_calibrating
+    from qimera.trainer import build_generator, build_student
+
+    root = repo_root()
+    params = load_params()
+    cfg = load_run_config()
+    uri = tracking.tracking_uri(params, root)
+    client = tracking.connect(uri)
+    prep = prepare(workspace_teacher_config(cfg))
+    tcfg = root_relative(cfg, root)
+    teacher, device = prep.teacher, prep.device
+    state = torch.load(TRAIN_DIR / "checkpoint.pt", map_location="cpu", weights_only=True)
+    run_id = tracking.current_run(client, uri, tracking.experiment_name(params, cfg), cfg,
+                                  tracking.run_tags(cfg, device))
+
+    def score(model):
+        return evaluate(model, prep.eval_data.loader, device=device, num_classes=teacher.num_classes)
+
+    teacher.model.to(device)
+    naive = None
+    if cfg.naive.enabled:
+        torch.manual_seed(cfg.train.seed)
+        naive_model = build_student(tcfg, teacher).to(device)
+        naive_calibrate(naive_model, teacher.input_size, batches=cfg.naive.batches,
+                        batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=device)
+        naive = score(naive_model)
+    student = build_student(tcfg, teacher)
+    student.load_state_dict(state["student"])
+    set_calibrating(student, False)
+    student = student.to(device).eval()
+    student_res = score(student)
+
+    record = read_json(TEACHER_RECORD)
+    metrics = {
+        "mlflow_run_id": run_id,
+        "w_bits": cfg.quant.w_bits,
+        "a_bits": cfg.quant.a_bits,
+        "epochs": int(state["epoch"]),
+        "iterations": int(state["epoch"]) * cfg.train.iters_per_epoch,
+        "teacher": {"top1": round(record["top1"], 4), "top5": round(record["top5"], 4),
+                    "per_class": _clean(record["per_class"])},
+        "naive": _scores(naive),
+        "student": _scores(student_res),
+    }
+
+    generator = build_generator(tcfg, teacher)
+    generator.load_state_dict(state["generator"])
+    generator.to(device)
+    classes = figures.grid_classes(teacher.num_classes)
+    grid = figures.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
+
+    final = {"teacher_top1": record["top1"], "teacher_top5": record["top5"],
+             "student_top1": student_res.top1, "student_top5": student_res.top5}
+    if naive is not None:
+        final.update(naive_top1=naive.top1, naive_top5=naive.top5)
+    try:
+        with all_or_nothing(METRICS, FIGURES_DIR):
+            figures.save_sample_grid(FIGURES_DIR / "samples.png", grid, classes)
+            figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
+            write_json(METRICS, metrics)
+            tracking.log_metrics(client, run_id, final, step=int(state["epoch"]))
+            client.log_artifact(run_id, str(METRICS), "evaluation")
+            client.log_artifacts(run_id, str(FIGURES_DIR), "figures")
+    except BaseException:
+        tracking.terminate(client, run_id, "FAILED")
+        raise
+    naive_text = f"{naive.top1:.2f}%" if naive is not None else "off"
+    print(f"evaluate: teacher {record['top1']:.2f}%  naive {naive_text}  "
+          f"student {student_res.top1:.2f}% (top-5 {student_res.top5:.2f}%)")
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

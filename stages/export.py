@@ -1,0 +1,95 @@
+"""Stage ``export``: the quantized student, as files and as an MLflow registered model.
+
+Writes ``outputs/export/``:
+
+* ``student.pt``: the fake-quantized student's state dict (weights, activation ranges).
+  Rebuild it with ``qimera.trainer.build_student(cfg, teacher)`` and ``load_state_dict``;
+* ``config.yaml``: the resolved configuration it was trained with;
+* ``model.json``: the MLflow run, model URI, registered model name and version, and the
+  sha256 of ``student.pt``.
+
+Logs the student with ``mlflow.pytorch.log_model`` (pickle serialization, the ``qimera``
+package bundled as code) registered as ``qimera-<preset>-w<bits>a<bits>``, and closes the
+pipeline's MLflow run as FINISHED. Integer and ONNX export are a later issue.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .common import (
+    EXPORT_DIR,
+    RUN_CONFIG,
+    TRAIN_DIR,
+    all_or_nothing,
+    bits_tag,
+    load_params,
+    load_run_config,
+    repo_root,
+    root_relative,
+    run_stage,
+    torch_save,
+    workspace_teacher_config,
+    write_json,
+)
+from . import tracking
+
+
+def registered_name(cfg) -> str:
+    return f"qimera-{cfg.preset}-{bits_tag(cfg)}"
+
+
+def main() -> None:
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    import qimera
+    from qimera.api import prepare
+    from qimera.quant import set_calibrating
+    from qimera.teachers import sha256_file
+    from qimera.trainer import build_student
+
+    root = repo_root()
+    params = load_params()
+    cfg = load_run_config()
+    uri = tracking.tracking_uri(params, root)
+    client = tracking.connect(uri)
+    prep = prepare(workspace_teacher_config(cfg), with_data=False)
+    state = torch.load(TRAIN_DIR / "checkpoint.pt", map_location="cpu", weights_only=True)
+    run_id = tracking.current_run(client, uri, tracking.experiment_name(params, cfg), cfg,
+                                  tracking.run_tags(cfg, prep.device))
+
+    student = build_student(root_relative(cfg, root), prep.teacher).cpu()
+    student.load_state_dict(state["student"])
+    set_calibrating(student, False)
+    student.eval()
+    name = registered_name(cfg)
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with all_or_nothing(EXPORT_DIR):
+            torch_save(EXPORT_DIR / "student.pt", {k: v.detach().cpu() for k, v in student.state_dict().items()})
+            shutil.copyfile(RUN_CONFIG, EXPORT_DIR / "config.yaml")
+            with mlflow.start_run(run_id=run_id):
+                mlflow.log_artifact(str(EXPORT_DIR / "config.yaml"), "export")
+                info = mlflow.pytorch.log_model(
+                    student, name="student", serialization_format="pickle", registered_model_name=name,
+                    code_paths=[str(Path(qimera.__file__).parent)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
+                )
+            write_json(EXPORT_DIR / "model.json", {
+                "mlflow_run_id": run_id, "model_uri": info.model_uri, "registered_model": name,
+                "registered_version": info.registered_model_version,
+                "student_sha256": sha256_file(EXPORT_DIR / "student.pt"),
+            })
+    except BaseException:
+        tracking.terminate(client, run_id, "FAILED")
+        raise
+    print(f"export: outputs/export/student.pt; MLflow model {name} version {info.registered_model_version}")
+
+
+if __name__ == "__main__":
+    run_stage("export", main)

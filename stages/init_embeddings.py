@@ -1,0 +1,35 @@
+"""Stage ``init_embeddings``: the generator's initial class-embedding table.
+
+``teacher_fc``: the rows of the teacher's classifier weight (C × D), Qimera's extracted
+initialisation; ``random``: N(0, 1) drawn from ``train.seed``. Writes
+``outputs/embeddings.pt`` = ``{"embeddings": tensor, "init": str, "seed": int}``; ``train``
+passes the tensor to the trainer (``Trainer(..., initial_embeddings=...)``).
+"""
+
+from __future__ import annotations
+
+from .common import EMBEDDINGS, EMBEDDINGS_CONFIG, TEACHER_RECORD, TEACHER_WEIGHTS, read_json, read_yaml, run_stage, torch_save
+
+
+def main() -> None:
+    import torch
+
+    from qimera.teachers import load_teacher
+
+    spec = read_yaml(EMBEDDINGS_CONFIG)
+    record = read_json(TEACHER_RECORD)
+    teacher = load_teacher("checkpoint", name=record["name"], arch=record["arch"], weights=str(TEACHER_WEIGHTS),
+                           num_classes=record["num_classes"], input_size=record["input_size"],
+                           mean=record["mean"], std=record["std"])
+    shape = tuple(teacher.fc_weight.shape)
+    if spec["embedding_init"] == "teacher_fc":
+        table = teacher.fc_weight.detach().float().clone()
+    else:
+        table = torch.randn(shape, generator=torch.Generator().manual_seed(int(spec["seed"])))
+    torch_save(EMBEDDINGS, {"embeddings": table.contiguous(), "init": spec["embedding_init"],
+                            "seed": int(spec["seed"])})
+    print(f"init_embeddings: {spec['embedding_init']} table {list(shape)}")
+
+
+if __name__ == "__main__":
+    run_stage("init_embeddings", main)

@@ -1,0 +1,303 @@
+"""MLflow tracking for the pipeline: one run per pipeline execution.
+
+``train`` creates the run (or, after a kill, reopens the run it had started) and stores
+its id in ``outputs/train/mlflow_run.json``; ``evaluate`` and ``export`` log into the same
+run by id, and ``export`` closes it. The store is ``MLFLOW_TRACKING_URI`` when set, else
+``mlflow.tracking_uri`` from params.yaml, else one SQLite file at the repository root,
+``sqlite:////<abs root>/mlflow.db``, addressed by an absolute path so that queued DVC
+experiments (which run in a temporary copy) log to the same file. Experiments created in
+a SQLite store keep their artifacts next to it, in ``mlartifacts/``.
+
+All MLflow imports stay in this module (the ``qimera`` library has none).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import time
+import urllib.parse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable
+
+from .common import MLFLOW_RUN, PipelineError, bits_tag, read_json, repo_root, write_json
+
+#: per-epoch record keys logged as MLflow metrics (step = epoch)
+EPOCH_METRICS = ("loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second")
+_SECRET = re.compile(r"(?i)(secret|passw|token|credential|api[_-]?key|access[_-]?key|auth)")
+_ACTIVE = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
+
+
+def tracking_uri(params: dict | None = None, root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` > params ``mlflow.tracking_uri`` > ``sqlite:///<root>/mlflow.db``.
+
+    A relative SQLite path is taken relative to the repository root, so that it means the
+    same file inside a queued experiment's temporary copy.
+    """
+    root = Path(root) if root is not None else repo_root()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or ((params or {}).get("mlflow") or {}).get("tracking_uri")
+    if not uri:
+        return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri or uri.startswith("file:"):
+        raise PipelineError(
+            f"MLflow tracking URI {uri!r}: MLflow 3 has no plain file store; use a database URI such as "
+            f"sqlite:///{root / 'mlflow.db'} or a server URL (http://host:5000)"
+        )
+    return uri
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password or parts.username:
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifact root of a new experiment: ``mlartifacts/<experiment>`` beside a SQLite file
+    (absolute, so runs from queued experiments' temporary copies land there too); the
+    server's choice otherwise."""
+    if uri.startswith("sqlite:////"):
+        db = Path(uri[len("sqlite:///"):])
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+        return (db.parent / "mlartifacts" / safe).as_uri()
+    return None
+
+
+@contextmanager
+def _fail_fast():
+    """One HTTP attempt with a 10 s timeout (unless the user configured otherwise)."""
+    saved = {}
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+        if key not in os.environ:
+            saved[key] = None
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key in saved:
+            os.environ.pop(key, None)
+
+
+def connect(uri: str):
+    """An ``MlflowClient`` for ``uri`` after proving the store answers; PipelineError if not."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:////"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+            raise PipelineError(f"MLflow store {uri}: directory {db.parent} does not exist or is not writable")
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _fail_fast():
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
+        text = str(exc)
+        errno = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+        reason = errno.group(0).strip() if errno else (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PipelineError(
+            f"MLflow tracking store {redact(uri)!r} is not usable: {reason}. Start the server, fix "
+            "MLFLOW_TRACKING_URI (or mlflow.tracking_uri in params.yaml), or unset it to use the local "
+            "sqlite:///<repository root>/mlflow.db"
+        ) from None
+    return client
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except Exception:  # noqa: BLE001 - created concurrently by a parallel queue worker
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def experiment_name(params: dict, cfg) -> str:
+    return ((params.get("mlflow") or {}).get("experiment")) or cfg.preset
+
+
+# --------------------------------------------------------------------------- params and tags
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """``{"train": {"epochs": 2}}`` -> ``{"train.epochs": "2"}``; secret-looking keys dropped."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if _SECRET.search(str(key)):
+            continue
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def git_commit(cwd: str | os.PathLike = ".") -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    return os.environ.get("DVC_EXP_BASELINE_REV") or None
+
+
+def prefect_flow_run_id() -> str | None:
+    """The Prefect flow run that started this pipeline, if any (env, or Prefect's runtime
+    when Prefect is already imported in this process; never imported here)."""
+    value = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if value:
+        return value
+    import sys
+
+    if "prefect.runtime" in sys.modules:  # pragma: no cover - stages run as subprocesses
+        try:
+            return sys.modules["prefect.runtime"].flow_run.id
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+def device_tag(device) -> str:
+    import torch
+
+    text = str(device)
+    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+        text += f" ({torch.cuda.get_device_name(device)})"
+    return text
+
+
+def run_tags(cfg, device, extra: dict | None = None) -> dict[str, str]:
+    tags = {
+        "preset": cfg.preset or "",
+        "method": cfg.method,
+        "bits": bits_tag(cfg),
+        "device": device_tag(device),
+        "mlflow.source.name": "dvc.yaml",
+        "mlflow.source.type": "JOB",
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    flow_run = prefect_flow_run_id()
+    if flow_run:
+        tags["prefect.flow_run_id"] = flow_run
+    tags.update(extra or {})
+    return tags
+
+
+def run_name(cfg) -> str:
+    name = f"{cfg.preset}-{bits_tag(cfg)}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{name}-{exp}" if exp else name
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(client, run_id: str, values: dict[str, Any], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(k, float(v), now, step) for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def log_epoch(client, run_id: str, record: dict) -> None:
+    log_metrics(client, run_id, {k: record.get(k) for k in EPOCH_METRICS if k in record}, step=int(record["epoch"]))
+
+
+def log_missing_epochs(client, run_id: str, history: Iterable[dict]) -> None:
+    """Log the epochs of ``history`` that the run does not have yet (after a resume)."""
+    logged = {m.step for m in client.get_metric_history(run_id, "loss_g")}
+    for record in history:
+        if int(record["epoch"]) not in logged:
+            log_epoch(client, run_id, record)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def open_run(client, uri: str, exp_name: str, cfg, *, resume: bool, tags: dict, name: str) -> str:
+    """The run of this pipeline execution.
+
+    With ``resume`` (train continues from its checkpoint) the run recorded in
+    ``outputs/train/mlflow_run.json`` is reopened when it exists in this store and was not
+    finished; otherwise a new run is created in ``exp_name``.
+    """
+    exp_id = experiment_id(client, exp_name, uri)
+    if resume and MLFLOW_RUN.is_file():
+        try:
+            info = read_json(MLFLOW_RUN)
+            run = client.get_run(info["run_id"])
+            if (info.get("tracking_uri") == redact(uri) and run.info.experiment_id == exp_id
+                    and run.info.status in _ACTIVE and run.info.lifecycle_stage == "active"):
+                client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id
+        except Exception:  # noqa: BLE001 - unknown or deleted run: start a new one
+            pass
+    run = client.create_run(exp_id, tags=tags, run_name=name)
+    write_json(MLFLOW_RUN, {"run_id": run.info.run_id, "experiment_id": exp_id,
+                            "experiment_name": exp_name, "tracking_uri": redact(uri)})
+    return run.info.run_id
+
+
+def current_run(client, uri: str, exp_name: str, cfg, tags: dict) -> str:
+    """The run ``train`` started (evaluate/export). If this store does not know it (e.g.
+    the train outputs came from another store), a new run is created and tagged so."""
+    info = read_json(MLFLOW_RUN) if MLFLOW_RUN.is_file() else {}
+    try:
+        run = client.get_run(info["run_id"])
+        if run.info.lifecycle_stage == "active":
+            return run.info.run_id
+    except Exception:  # noqa: BLE001
+        pass
+    exp_id = experiment_id(client, exp_name, uri)
+    run = client.create_run(exp_id, tags={**tags, "qimera.note": "train ran against another MLflow store"},
+                            run_name=run_name(cfg))
+    return run.info.run_id
+
+
+def terminate(client, run_id: str, status: str) -> None:
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception:  # noqa: BLE001 - best effort while failing
+        pass

@@ -1,0 +1,242 @@
+"""The DVC pipeline end to end in a temporary git repository: `dvc repro` of a tiny demo,
+what MLflow recorded, a rerun that does nothing, exact reruns after a param change, a
+killed `train` that resumes, and bad input that stops before training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from pipeline_project import DvcProject, make_dvc_project
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("resolve", "fetch_teacher", "init_embeddings", "train", "evaluate", "export")
+
+
+def ran(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", out))
+
+
+def skipped(out: str) -> set[str]:
+    return set(re.findall(r"Stage '(\w+)' didn't change, skipping", out))
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cache_files(project: DvcProject) -> list:
+    cache = project.path / ".dvc" / "cache"
+    return [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, teacher_cache):
+    """The tiny demo after one `dvc repro` (read-only for the tests that use it)."""
+    project = make_dvc_project(tmp_path_factory.mktemp("built") / "project", teacher_cache=teacher_cache)
+    start = time.perf_counter()
+    res = project.dvc("repro", timeout=600)
+    project.seconds = time.perf_counter() - start
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert ran(res.stdout) == set(STAGES), res.stdout
+    project.commit("repro")
+    return project
+
+
+@pytest.fixture
+def copy_of_built(built, tmp_path) -> DvcProject:
+    """A private copy of the built project (git, DVC cache, outputs and MLflow store)."""
+    dest = tmp_path / "project"
+    shutil.copytree(built.path, dest, symlinks=True)
+    db = tmp_path / "mlflow.db"
+    shutil.copy2(built.tracking_uri[len("sqlite:///"):], db)
+    uri = f"sqlite:///{db}"
+    return DvcProject(dest, {**built.env, "MLFLOW_TRACKING_URI": uri}, uri)
+
+
+def test_repro_runs_the_demo_and_records_everything(built):
+    print(f"first dvc repro of the tiny demo: {built.seconds:.1f} s")
+    m = built.read_json("metrics.json")
+    assert m["w_bits"] == 4 and m["a_bits"] == 4
+    assert m["epochs"] == 2 and m["iterations"] == 6
+    for model in ("teacher", "naive", "student"):
+        assert 0.0 <= m[model]["top1"] <= m[model]["top5"] <= 100.0
+        assert len(m[model]["per_class"]) == 10
+    assert m["teacher"]["top1"] >= 90.0  # the demo teacher, ~99% on held-out digits
+
+    teacher = built.read_json("outputs/teacher/teacher.json")
+    assert teacher["source"] == "demo" and teacher["arch"] == "qimera.models.digits_cnn:DigitsCNN"
+    assert teacher["sha256"] == sha256(built.path / "outputs/teacher/weights.pt")
+    assert teacher["top1"] == pytest.approx(m["teacher"]["top1"], abs=1e-3)
+    rows = (built.path / "outputs/history.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["epoch", "loss_g"] and len(rows) == 3
+    assert built.read_json("outputs/train/train.json")["resumed_from_epoch"] == 0
+    model_info = built.read_json("outputs/export/model.json")
+    assert model_info["student_sha256"] == sha256(built.path / "outputs/export/student.pt")
+    run_cfg = yaml.safe_load((built.path / "outputs/export/config.yaml").read_text())
+    assert run_cfg["preset"] == "demo" and run_cfg["train"]["out_dir"] == "outputs/train"
+    for png in ("samples.png", "curves.png"):
+        assert (built.path / "outputs/figures" / png).read_bytes()[:4] == b"\x89PNG"
+
+    client = built.client()
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "demo"
+    p = run.data.params
+    assert p["preset"] == "demo" and p["method"] == "qimera" and p["preset_file"] == "demo.yaml"
+    assert p["quant.w_bits"] == "4" and p["quant.a_bits"] == "4"
+    assert p["train.epochs"] == "2" and p["train.iters_per_epoch"] == "3"
+    assert p["generator.p"] == "0.4" and p["generator.embedding_init"] == "teacher_fc"
+    assert p["train.lr_milestones"] == "[15]"  # from configs/demo.yaml (null in params.yaml)
+    head = built.git("rev-parse", "HEAD~1", check=True).stdout.strip()
+    t = run.data.tags
+    assert t["mlflow.source.git.commit"] == head and t["git_commit"] == head
+    assert t["device"] == "cpu" and t["preset"] == "demo" and t["bits"] == "w4a4"
+    assert "dvc.exp_name" not in t and "prefect.flow_run_id" not in t  # plain `dvc repro`
+    for key in ("loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second"):
+        assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    final = run.data.metrics
+    for model in ("teacher", "naive", "student"):
+        assert final[f"{model}_top1"] == pytest.approx(m[model]["top1"], abs=1e-3)
+
+    def listing(path=None):
+        out = []
+        for a in client.list_artifacts(run.info.run_id, path):
+            out += listing(a.path) if a.is_dir else [a.path]
+        return out
+
+    arts = set(listing())
+    assert {"config/run.yaml", "figures/samples.png", "figures/curves.png", "evaluation/metrics.json",
+            "training/history.csv", "export/config.yaml"} <= arts, arts
+
+    versions = client.search_model_versions("name='qimera-demo-w4a4'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert model_info["registered_model"] == "qimera-demo-w4a4"
+    assert str(model_info["registered_version"]) == str(versions[0].version)
+    # the registered model loads and classifies digits (pickle format)
+    check = subprocess.run(
+        ["python", "-c",
+         "import mlflow.pytorch, torch; m = mlflow.pytorch.load_model('models:/qimera-demo-w4a4/1'); "
+         "print(tuple(m(torch.randn(3, 1, 8, 8)).shape))"],
+        cwd=built.path, env=built.env, capture_output=True, text=True, timeout=300)
+    assert check.stdout.strip().endswith("(3, 10)"), check.stdout + check.stderr
+
+
+def test_second_repro_runs_nothing_and_reports_work(built, tmp_path):
+    assert list((built.path / "qimera").rglob("*.pyc"))  # bytecode is there and must not count
+    res = built.dvc("repro", check=True)
+    assert ran(res.stdout) == set() and skipped(res.stdout) == set(STAGES), res.stdout
+    assert "Data and pipelines are up to date" in res.stdout
+    assert "up to date" in built.dvc("status", check=True).stdout
+
+    shown = built.dvc("metrics", "show", "--json", check=True).stdout
+    assert "student" in shown and "mlflow_run_id" in shown
+    exps = built.dvc("exp", "show", "--csv", check=True).stdout
+    header = exps.splitlines()[0].split(",")
+    assert {"student.top1", "teacher.top1", "preset", "quant.a_bits", "generator.p"} <= set(header), header
+    res = built.dvc("plots", "show", "-o", str(tmp_path / "plots"), check=True)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "loss_g" in html and "top1" in html and "samples.png" in html
+    assert built.git("status", "--porcelain", check=True).stdout.strip() == ""
+
+
+def test_a_bits_reruns_train_evaluate_export_but_not_the_teacher(copy_of_built):
+    project = copy_of_built
+    before = project.read_json("metrics.json")["mlflow_run_id"]
+    res = project.dvc("exp", "run", "-S", "quant.a_bits=5", timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert ran(res.stdout) == {"resolve", "train", "evaluate", "export"}, res.stdout
+    assert skipped(res.stdout) == {"fetch_teacher", "init_embeddings"}, res.stdout
+
+    m = project.read_json("metrics.json")
+    assert m["a_bits"] == 5 and m["mlflow_run_id"] != before
+    run = project.client().get_run(m["mlflow_run_id"])
+    exp_name = re.search(r"Ran experiment\(s\): (\S+)", res.stdout).group(1)
+    assert run.data.tags["dvc.exp_name"] == exp_name and run.data.tags["bits"] == "w4a5"
+    assert run.data.params["quant.a_bits"] == "5"
+    assert run.info.run_name == f"demo-w4a5-{exp_name}"
+    assert project.client().search_model_versions("name='qimera-demo-w4a5'")
+    assert exp_name in project.dvc("exp", "show", "--csv", check=True).stdout
+
+
+def test_killed_train_resumes_on_rerun(copy_of_built):
+    project = copy_of_built
+    project.set_params({"train.seed": 7, "train.epochs": 3})  # another config: training starts over
+    res = project.dvc("repro", env={"QIMERA_TEST_KILL_AFTER_EPOCH": "1"}, timeout=600)
+    assert res.returncode != 0 and "killing this process" in res.stdout, res.stdout[-4000:]
+    history = (project.path / "outputs/train/history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["epoch"] for h in history] == [1]
+    run_id = project.read_json("outputs/train/mlflow_run.json")["run_id"]
+    client = project.client()
+    assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL: nobody closed it
+
+    res = project.dvc("repro", timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert "resuming after epoch 1/3" in res.stdout, res.stdout
+    assert project.read_json("outputs/train/train.json")["resumed_from_epoch"] == 1
+    history = (project.path / "outputs/train/history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["epoch"] for h in history] == [1, 2, 3]
+    m = project.read_json("metrics.json")
+    assert m["epochs"] == 3 and m["mlflow_run_id"] == run_id  # the same MLflow run, reopened
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "1"
+    assert [h.step for h in client.get_metric_history(run_id, "loss_g")] == [1, 2, 3]
+    assert "up to date" in project.dvc("status", check=True).stdout
+
+
+def test_k_above_the_teachers_classes_stops_before_training(copy_of_built):
+    project = copy_of_built
+    ckpt = project.path / "outputs/train/checkpoint.pt"
+    client = project.client()
+
+    def runs() -> int:
+        return len(client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000))
+
+    digest, before = sha256(ckpt), runs()
+    lock = (project.path / "dvc.lock").read_text()
+    project.set_params({"generator.k": 50})
+    res = project.dvc("repro", timeout=600)
+    assert res.returncode != 0
+    assert "generator.k=50" in res.stdout and "number of classes (10)" in res.stdout, res.stdout[-3000:]
+    assert "Traceback" not in res.stdout
+    assert ran(res.stdout) == {"resolve", "train"}
+    assert sha256(ckpt) == digest  # the previous checkpoint is untouched
+    assert runs() == before  # no MLflow run was opened
+    new_lock = yaml.safe_load((project.path / "dvc.lock").read_text())["stages"]
+    assert new_lock["train"] == yaml.safe_load(lock)["stages"]["train"]
+
+
+@pytest.mark.parametrize(
+    "updates, env, message",
+    [
+        ({"preset": "nope"}, {},
+         "preset='nope' is not a preset; allowed: cifar10, cifar10-shared, cifar100, demo, "
+         "imagenet-mobilenetv2, imagenet-resnet18, imagenet-resnet50"),
+        ({"generator.p": 1.5}, {}, "generator.p=1.5: Input should be less than or equal to 1"),
+        ({"teacher.source": "checkpoint", "teacher.arch": "qimera.models.digits_cnn:DigitsCNN",
+          "teacher.weights": "teachers/missing.pt"}, {},
+         "teacher.weights='teachers/missing.pt': file not found"),
+        ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+         "MLflow tracking store 'http://127.0.0.1:9' is not usable: [Errno 111] Connection refused"),
+    ],
+    ids=["unknown-preset", "invalid-value", "missing-teacher-file", "unreachable-mlflow"],
+)
+def test_bad_input_fails_early_and_writes_nothing(dvc_project, updates, env, message):
+    project = dvc_project
+    project.set_params(updates)
+    res = project.dvc("repro", env=env, timeout=300)
+    assert res.returncode != 0
+    assert message in res.stdout, res.stdout[-3000:]
+    assert "Traceback" not in res.stdout
+    assert ran(res.stdout) == {"resolve"}
+    assert not (project.path / "outputs").exists()
+    assert not (project.path / "metrics.json").exists() and not (project.path / "dvc.lock").exists()
+    assert cache_files(project) == []

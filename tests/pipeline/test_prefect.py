@@ -1,0 +1,282 @@
+"""End to end through Prefect: a real server on 127.0.0.1, the process work pool, the
+deployments of prefect.yaml, a worker with ``--limit 1``, and ``qimera/demo`` run by name.
+
+Everything runs in the ``dvc_project`` fixture's temporary git + DVC copy of the project
+(tiny demo params, MLflow in a temporary SQLite file), to which ``pipelines/`` and
+``prefect.yaml`` are added, with a temporary Prefect home and database. Every process is
+started in its own session and killed by process group at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+POOL = "qimera-pool"
+
+# The run's `overrides` parameter (passed to DVC as -S ++key=value), on top of the
+# fixture's already tiny params.yaml.
+TINY = {"train.epochs": 1, "train.iters_per_epoch": 2, "data.limit": 200}
+
+SERVER_START_S = 90
+RUN_WAIT_S = 240
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGINT, then SIGTERM, then SIGKILL to the process group that ``proc`` leads."""
+    if proc.poll() is not None:
+        try:  # the leader is gone; children may be left in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (flow-run processes)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path, n: int = 80) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """A Prefect server on 127.0.0.1:<free port> with its home and database in a tmp dir."""
+    root = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    settings = {
+        "PREFECT_HOME": str(root / "home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "DO_NOT_TRACK": "1",
+        "QIMERA_RETRY_DELAYS": "2",  # the flow's retry delays, shortened
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
+    env.update(settings, PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"prefect server exited with {server.returncode}:\n{_tail(log)}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server not healthy after {SERVER_START_S} s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield {"env": env, "settings": settings, "api": settings["PREFECT_API_URL"], "server_log": log}
+    finally:
+        _kill_group(server)
+
+
+def _cli(env: dict, *args: str, cwd: Path, timeout: float = 120) -> str:
+    proc = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"prefect {' '.join(args)} exited with {proc.returncode}:\n{out}"
+    return out
+
+
+def _flow_run_id(out: str) -> str:
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert m, out
+    return m.group(1)
+
+
+def _flow_run(api: str, flow_run_id: str) -> dict:
+    r = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+RESULT_SCRIPT = """
+import json, sys
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    state = c.read_flow_run(sys.argv[1]).state
+print("RESULT=" + json.dumps(state.result(), default=str))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_demo_deployment_runs_by_name(prefect_env, dvc_project, tmp_path):
+    api = prefect_env["api"]
+    project = dvc_project.path
+    shutil.copytree(REPO / "pipelines", project / "pipelines",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
+    dvc_project.commit("prefect deployments")
+    # the project's environment (tiny threads, its MLflow store) plus the Prefect server's
+    env = {**dvc_project.env, **prefect_env["settings"]}
+    penv = {**env, "PWD": str(project)}  # `prefect deploy` bakes $PWD into the deployments
+
+    _cli(penv, "work-pool", "create", POOL, "--type", "process", cwd=project)
+    out = _cli(penv, "--no-prompt", "deploy", "--all", cwd=project, timeout=180)
+    for name in ("demo", "cifar10", "cifar100", "imagenet"):
+        assert f"qimera/{name}" in out, out
+
+    # The imagenet deployment: ResNet-18 and 4w4a by default, parameters change them. The
+    # run is created while no worker is up, inspected, and deleted.
+    dep = httpx.get(f"{api}/deployments/name/qimera/imagenet", timeout=10).json()
+    assert dep["parameters"] == {"preset": "imagenet", "model": "resnet18", "w_bits": 4, "a_bits": 4}
+    assert dep["job_variables"]["env"]["QIMERA_PROJECT_DIR"] == str(project)
+    out = _cli(penv, "deployment", "run", "qimera/imagenet", "--param", "model=resnet50",
+               "--param", "w_bits=5", "--param", "a_bits=5", cwd=project)
+    run = _flow_run(api, _flow_run_id(out))
+    assert run["parameters"] == {"preset": "imagenet", "model": "resnet50", "w_bits": 5, "a_bits": 5}
+    httpx.delete(f"{api}/flow_runs/{run['id']}", timeout=10).raise_for_status()
+    bad = subprocess.run([PREFECT, "deployment", "run", "qimera/imagenet", "--param", "model=vgg16"],
+                         env=penv, cwd=project, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0, bad.stdout  # the parameter schema only allows the three teachers
+
+    # A worker started elsewhere (its cwd is not the project) with one run at a time.
+    worker_log = tmp_path / "worker.log"
+    with open(worker_log, "wb") as wout:
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
+                                  env=env, cwd=tmp_path, stdout=wout, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out = _cli(penv, "deployment", "run", "qimera/demo", "--params",
+                   json.dumps({"overrides": TINY}), cwd=tmp_path)
+        flow_run_id = _flow_run_id(out)
+        deadline = time.monotonic() + RUN_WAIT_S
+        while True:
+            state = _flow_run(api, flow_run_id)["state"]
+            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            if worker.poll() is not None:
+                pytest.fail(f"worker exited with {worker.returncode}:\n{_tail(worker_log)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"flow run still {state['type']} after {RUN_WAIT_S} s:\n{_tail(worker_log)}")
+            time.sleep(2)
+        assert state["type"] == "COMPLETED", f"{state}\n{_tail(worker_log, 150)}"
+    finally:
+        _kill_group(worker)
+
+    res = subprocess.run([sys.executable, "-c", RESULT_SCRIPT, flow_run_id], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT=")]
+    assert line, res.stdout + res.stderr
+    result = json.loads(line[0][len("RESULT="):])
+    assert result["preset"] == "demo" and result["w_bits"] == 4 and result["a_bits"] == 4
+    assert result["flow_run_id"] == flow_run_id
+    assert result["overrides"] == TINY
+    assert result["dvc_experiment"]
+    metrics = result["metrics"]
+    assert metrics == json.loads((project / "metrics.json").read_text())
+    assert metrics["mlflow_run_id"] == result["mlflow_run_id"]
+    assert metrics["epochs"] == TINY["train.epochs"]
+    for model in ("teacher", "naive", "student"):
+        assert 0 <= metrics[model]["top1"] <= 100
+    # the flow put params.yaml back as it was: the next run starts from the same params
+    git = subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=project,
+                         capture_output=True, text=True, timeout=60)
+    assert git.stdout.strip() == "", git.stdout
+    # the flow run's artifact: the accuracies and the MLflow run id
+    arts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
+        "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+    ours = [a for a in arts if a["key"] == "qimera-demo-w4a4"]
+    assert len(ours) == 1 and result["mlflow_run_id"] in ours[0]["data"], arts
+    # dvc's output went through Prefect's logger into the flow run's logs
+    logs = httpx.post(f"{api}/logs/filter", timeout=10, json={
+        "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
+    messages = "\n".join(entry["message"] for entry in logs)
+    assert "dvc" in messages and "exp run" in messages and "preset=demo" in messages, messages
+
+    client = dvc_project.client()
+    mrun = client.get_run(result["mlflow_run_id"])
+    assert mrun.info.status == "FINISHED"
+    assert mrun.data.tags.get("prefect.flow_run_id") == flow_run_id, mrun.data.tags
+    assert client.get_experiment(mrun.info.experiment_id).name == "demo"
+
+
+RETRY_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from prefect import flow
+from pipelines import flow as q
+
+counter = Path(sys.argv[2])
+
+def attempt(code):
+    return [sys.executable, "-c",
+            f"import sys; open({str(counter)!r}, 'a').write('x'); print('attempt'); sys.exit({code})"]
+
+@flow(name="retry-probe")
+def probe():
+    out = {}
+    for code in (2, 1):
+        counter.write_text("")
+        try:
+            q.run_pipeline(attempt(code), sys.argv[1])
+        except q.PipelineError as exc:
+            out[code] = [type(exc).__name__, len(counter.read_text())]
+    return out
+
+print("OUT=" + __import__("json").dumps(probe()))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_task_retries_transient_failures_only(prefect_env, tmp_path):
+    """Through the real server: a configuration error (a stage exiting with 2) is tried
+    once; another failure is tried 1 + 2 times (retry delays shortened to 2 s)."""
+    res = subprocess.run([sys.executable, "-c", RETRY_SCRIPT, str(REPO), str(tmp_path / "attempts")],
+                         env=prefect_env["env"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=180)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("OUT=")]
+    assert line, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(line[0][4:])
+    assert out == {"2": ["PipelineConfigError", 1], "1": ["PipelineError", 3]}, out

@@ -1,0 +1,141 @@
+"""The Prefect flow's pure parts, without a server: presets, the ``dvc exp run`` command,
+the failure classification behind the retry policy, and the pipeline task's process
+handling (run as a plain function with a stand-in logger)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.states import Failed
+
+from pipelines import flow as q
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_presets_and_imagenet_models():
+    assert q.resolve_preset("demo") == "demo"
+    assert q.resolve_preset("cifar100", "resnet50") == "cifar100"  # model only matters for imagenet
+    assert q.resolve_preset("imagenet") == "imagenet-resnet18"
+    assert q.resolve_preset("imagenet", "resnet50") == "imagenet-resnet50"
+    assert q.resolve_preset("imagenet", "mobilenetv2") == "imagenet-mobilenetv2"
+    assert q.resolve_preset("imagenet-resnet50") == "imagenet-resnet50"
+    with pytest.raises(q.PipelineConfigError, match="preset='cifar1000'"):
+        q.resolve_preset("cifar1000")
+    with pytest.raises(q.PipelineConfigError, match="model='vgg16'"):
+        q.resolve_preset("imagenet", "vgg16")
+
+
+def test_presets_match_the_config_files():
+    assert q.available_presets(REPO) == tuple(sorted(q.PRESETS))
+    assert q.available_presets(None) == q.PRESETS
+    assert q.resolve_preset("cifar10-shared", project=REPO) == "cifar10-shared"
+    with pytest.raises(q.PipelineConfigError, match="allowed: imagenet, cifar10, "):
+        q.resolve_preset("nope", project=REPO)
+
+
+def test_dvc_command():
+    cmd = q.dvc_command("dvc", "imagenet-resnet50", 5, 5,
+                        {"train.epochs": 2, "generator.p": 0.25, "train.amp": "bf16",
+                         "train.lr_milestones": [1, 2], "train.progress": False,
+                         "train.out_dir": "runs/a b", "data.path": "x,y"})
+    settings = ["preset=imagenet-resnet50", "quant.w_bits=5", "quant.a_bits=5",
+                "train.epochs=2", "generator.p=0.25", "train.amp=bf16",
+                "train.lr_milestones=[1,2]", "train.progress=false",
+                "train.out_dir='runs/a b'",
+                "data.path='x,y'"]  # quoted: a bare comma would make a DVC sweep
+    settings[3:] = ["++" + s for s in settings[3:]]  # overrides may add keys params.yaml lacks
+    assert cmd == ["dvc", "exp", "run"] + [a for s in settings for a in ("-S", s)]
+    with pytest.raises(q.PipelineConfigError, match="flow parameter"):
+        q.dvc_command("dvc", "demo", 4, 4, {"quant.w_bits": 5})
+    with pytest.raises(q.PipelineConfigError, match="dotted"):
+        q.dvc_command("dvc", "demo", 4, 4, {"train epochs": 5})
+
+
+@pytest.mark.parametrize("code, output, kind", [
+    (255, "ERROR: failed to reproduce 'train': failed to run: python stages/train.py, exited with 2",
+     q.PipelineConfigError),
+    (255, "qimera: error: quant.w_bits=9 is not allowed (2..8)", q.PipelineConfigError),
+    (255, "qimera stage resolve: error: preset='x' is not a preset", q.PipelineConfigError),
+    (255, "ERROR: Could not override 'trian.epochs'", q.PipelineConfigError),
+    (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", q.PipelineError),
+    (255, "qimera: error: teacher download failed: <urlopen error [Errno -3] Temporary failure in "
+          "name resolution>\nexited with 2", q.PipelineError),
+    (255, "ERROR: failed to run: python stages/train.py, exited with -9", q.PipelineError),
+    (255, "qimera stage resolve: error: MLflow tracking store 'http://127.0.0.1:9' is not usable: "
+          "[Errno 111] Connection refused. Start the server\nexited with 2", q.PipelineError),
+    (255, "qimera stage fetch_teacher: error: teacher.source pytorchcv: teacher.name 'resnet18': "
+          "download failed (OSError). On an offline machine\nexited with 2", q.PipelineError),
+    (-9, "", q.PipelineError),
+    (1, "RuntimeError: something odd", q.PipelineError),
+])
+def test_classify_failure(code, output, kind):
+    assert q.classify_failure(code, output) is kind
+
+
+def test_retry_condition():
+    assert q._retry_unless_config_error(None, None, Failed(data=q.PipelineError("x"))) is True
+    assert q._retry_unless_config_error(None, None, Failed(data=RuntimeError("x"))) is True
+    assert q._retry_unless_config_error(None, None, Failed(data=q.PipelineConfigError("x"))) is False
+
+
+@pytest.fixture
+def plain_logger(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="qimera-test")
+    monkeypatch.setattr(q, "get_run_logger", lambda: logging.getLogger("qimera-test"))
+    return caplog
+
+
+def _script(body: str) -> list[str]:
+    return [sys.executable, "-c", body]
+
+
+def test_run_pipeline_streams_output_and_collects_results(tmp_path, plain_logger):
+    body = ("import json, os\n"
+            "print('Running stage train', flush=True)\n"
+            "json.dump({'mlflow_run_id': 'abc123', 'teacher': {'top1': 90.0}}, open('metrics.json', 'w'))\n"
+            "print('Ran experiment(s): pious-lion')\n")
+    out = q.run_pipeline.fn(_script(body), str(tmp_path))
+    assert out == {"mlflow_run_id": "abc123",
+                   "metrics": {"mlflow_run_id": "abc123", "teacher": {"top1": 90.0}},
+                   "dvc_experiment": "pious-lion"}
+    assert "Running stage train" in plain_logger.text
+
+
+def test_run_pipeline_failures(tmp_path, plain_logger):
+    with pytest.raises(q.PipelineConfigError, match="status 2"):
+        q.run_pipeline.fn(_script("import sys; print('qimera: error: bad'); sys.exit(2)"), str(tmp_path))
+    with pytest.raises(q.PipelineError, match="status 1") as info:
+        q.run_pipeline.fn(_script("raise SystemExit(1)"), str(tmp_path))
+    assert info.type is q.PipelineError
+    with pytest.raises(q.PipelineError, match="no metrics.json"):
+        q.run_pipeline.fn(_script("pass"), str(tmp_path))
+
+
+def test_run_id_from_the_train_record(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"student": {"top1": 80.0, "top5": 99.0}}))
+    assert q.collect_results(tmp_path) == (None, {"student": {"top1": 80.0, "top5": 99.0}})
+    (tmp_path / q.MLFLOW_RUN_FILE).parent.mkdir(parents=True)
+    (tmp_path / q.MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": "r1", "experiment_id": "1"}))
+    assert q.collect_results(tmp_path)[0] == "r1"
+    assert "| student | 80.0 | 99.0 |" in q.metrics_table(q.collect_results(tmp_path)[1])
+
+
+def test_run_pipeline_puts_params_yaml_back(tmp_path, plain_logger):
+    """`dvc exp run -S` leaves its values in params.yaml; the next flow run must not
+    inherit them, so the task restores the file, after success and after failure."""
+    params = tmp_path / "params.yaml"
+    params.write_text("# comment\npreset: demo\n")
+    body = ("import json\n"
+            "open('params.yaml', 'w').write('preset: cifar10\\n')\n"
+            "json.dump({'mlflow_run_id': 'r'}, open('metrics.json', 'w'))\n")
+    q.run_pipeline.fn(_script(body), str(tmp_path))
+    assert params.read_text() == "# comment\npreset: demo\n"
+    with pytest.raises(q.PipelineError):
+        q.run_pipeline.fn(_script("import os; os.remove('params.yaml'); raise SystemExit(3)"),
+                          str(tmp_path))
+    assert params.read_text() == "# comment\npreset: demo\n"

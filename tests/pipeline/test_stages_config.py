@@ -1,0 +1,294 @@
+"""The pipeline's pieces without DVC: presets and params, the repository root inside
+experiment copies, MLflow URIs and params, the stage graph, figures and the history CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qimera.config import ConfigError, load_config
+from stages import common, tracking
+from stages.common import PipelineError, preset_file, resolve_config
+from stages.figures import grid_classes, sample_grid, save_sample_grid
+from stages.train import history_csv
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER = ("cifar10", "cifar100", "imagenet-resnet18", "imagenet-resnet50", "imagenet-mobilenetv2")
+
+
+def params(**sections) -> dict:
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return base
+
+
+def test_default_params_run_the_demo_preset():
+    cfg = resolve_config(params(), REPO)
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    got, want = cfg.resolved(), demo.resolved()
+    assert got["train"].pop("out_dir") == "outputs/train"
+    want["train"].pop("out_dir")
+    assert got == want
+
+
+@pytest.mark.parametrize("preset", PAPER)
+@pytest.mark.parametrize("bits", [4, 5])
+def test_paper_presets_with_one_override(preset, bits):
+    cfg = resolve_config(params(preset=preset, quant={"w_bits": bits, "a_bits": bits}), REPO)
+    path = preset_file(REPO, preset, bits, bits)
+    assert path.name == f"{preset}-w{bits}a{bits}.yaml"
+    want = load_config(path).resolved()
+    got = cfg.resolved()
+    assert got["train"].pop("out_dir") == "outputs/train"
+    want["train"].pop("out_dir")
+    assert got == want and cfg.preset == preset
+
+
+def test_paper_settings_come_from_the_preset_files():
+    def gen(preset, bits=4):
+        return resolve_config(params(preset=preset, quant={"w_bits": bits, "a_bits": bits}), REPO).generator
+
+    assert (gen("cifar10").p, gen("cifar10").k, gen("cifar10").embedding_init) == (0.4, 2, "random")
+    assert (gen("cifar100").k, gen("cifar100", 5).k, gen("cifar100").embedding_init) == (10, 50, "teacher_fc")
+    assert (gen("imagenet-resnet50").p, gen("imagenet-resnet50").k) == (0.7, 500)
+    assert gen("imagenet-resnet18", 5).k == 100 and gen("imagenet-mobilenetv2").variant == "imagenet"
+
+
+def test_other_bit_widths_use_the_4bit_file_with_the_bits_replaced():
+    cfg = resolve_config(params(preset="cifar100", quant={"w_bits": 6, "a_bits": 3}), REPO)
+    assert (cfg.quant.w_bits, cfg.quant.a_bits, cfg.generator.k) == (6, 3, 10)
+    assert preset_file(REPO, "cifar100", 6, 3).name == "cifar100-w4a4.yaml"
+    demo = resolve_config(params(quant={"w_bits": 5, "a_bits": 5}), REPO)
+    assert (demo.quant.w_bits, demo.quant.a_bits) == (5, 5)
+
+
+def test_non_null_params_override_and_null_keeps_the_preset():
+    cfg = resolve_config(params(generator={"p": 0.25, "k": None}, train={"epochs": 3, "lr_milestones": [2]},
+                                naive={"batches": 1}, method="gdfq"), REPO)
+    assert cfg.train.epochs == 3 and cfg.train.lr_milestones == [2] and cfg.naive.batches == 1
+    assert cfg.generator.p == 0.25 and cfg.generator.k == 2  # k: the demo preset's value
+    assert cfg.method == "gdfq" and cfg.effective_generator().p == 0.0
+    # keys params.yaml does not list are accepted too (dvc exp run -S +train.lr_student=...)
+    assert resolve_config(params(train={"lr_student": 1e-5}), REPO).train.lr_student == 1e-5
+
+
+def test_unknown_preset_lists_the_allowed_ones():
+    with pytest.raises(PipelineError) as err:
+        resolve_config(params(preset="resnet9000"), REPO)
+    assert str(err.value) == (
+        "preset='resnet9000' is not a preset; allowed: cifar10, cifar10-shared, cifar100, demo, "
+        "imagenet-mobilenetv2, imagenet-resnet18, imagenet-resnet50")
+    with pytest.raises(PipelineError):
+        resolve_config(params(preset=None), REPO)
+
+
+@pytest.mark.parametrize("section, values, expected", [
+    ("generator", {"p": 2}, "generator.p=2: Input should be less than or equal to 1"),
+    ("quant", {"a_bits": 9}, "quant.a_bits=9: Input should be less than or equal to 8"),
+    ("generator", {"embedding_init": "zeros"}, "generator.embedding_init='zeros'"),
+    ("train", {"device": "tpu"}, "train.device='tpu'"),
+    ("generator", {"typo": 1}, "generator.typo: unknown key"),
+])
+def test_invalid_values_give_qimeras_message(section, values, expected):
+    with pytest.raises(ConfigError) as err:
+        resolve_config(params(**{section: values}), REPO)
+    assert expected in str(err.value)
+
+
+def test_missing_input_files_are_reported_with_the_root(tmp_path):
+    cfg = resolve_config(params(teacher={"source": "checkpoint", "arch": "a.b:c", "weights": "nope.pt"}), REPO)
+    with pytest.raises(PipelineError, match=r"teacher.weights='nope.pt': file not found .*repository root"):
+        common.check_input_files(cfg, tmp_path)
+    (tmp_path / "nope.pt").write_bytes(b"x")
+    common.check_input_files(cfg, tmp_path)
+    assert common.root_relative(cfg, tmp_path).teacher.weights == str(tmp_path / "nope.pt")
+
+
+def test_repo_root_from_an_experiment_copy(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    exp = root / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"
+    exp.mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert common.repo_root(exp) == root
+    assert common.repo_root(exp.parent) == root
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    assert common.repo_root(other) == root
+    monkeypatch.delenv("DVC_ROOT")
+    assert common.repo_root(root) == root
+    assert common.repo_root(other) == common.PROJECT_DIR
+
+
+def test_tracking_uri_default_env_and_params(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri({}, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.tracking_uri({}, tmp_path).startswith("sqlite:////")  # absolute
+    p = {"mlflow": {"tracking_uri": "sqlite:///stores/m.db"}}
+    assert tracking.tracking_uri(p, tmp_path) == f"sqlite:///{tmp_path}/stores/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(p, tmp_path) == "http://127.0.0.1:5000"
+    for bad in ("mlruns", "file:///tmp/mlruns"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+        with pytest.raises(PipelineError, match="no plain file store"):
+            tracking.tracking_uri({}, tmp_path)
+    db_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.artifact_location(db_uri, "cifar10 w4") == (tmp_path / "mlartifacts" / "cifar10_w4").as_uri()
+    assert tracking.artifact_location("http://host:5000", "demo") is None
+    assert tracking.redact("https://bob:secret@host:5000/x") == "https://host:5000/x"
+
+
+def test_unreachable_store_is_one_clear_error():
+    with pytest.raises(PipelineError, match=r"'http://127.0.0.1:9' is not usable: \[Errno 111\] Connection refused"):
+        tracking.connect("http://127.0.0.1:9")
+
+
+def test_params_are_flattened_without_secrets():
+    flat = tracking.flatten({"train": {"epochs": 2, "lr_milestones": [1, 2], "device": "cpu"},
+                             "teacher": {"name": None, "api_token": "x"}, "db": {"password": "y"}})
+    assert flat == {"train.epochs": "2", "train.lr_milestones": "[1, 2]", "train.device": "cpu",
+                    "teacher.name": "null"}
+
+
+def test_prefect_flow_run_id_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "abc")
+    assert tracking.prefect_flow_run_id() == "abc"
+    cfg = resolve_config(params(), REPO)
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-day")
+    tags = tracking.run_tags(cfg, torch.device("cpu"))
+    assert tags["prefect.flow_run_id"] == "abc" and tags["dvc.exp_name"] == "sunny-day"
+    assert tags["device"] == "cpu" and tracking.run_name(cfg) == "demo-w4a4-sunny-day"
+
+
+def test_stage_graph_is_exact():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(dvc) == ["resolve", "fetch_teacher", "init_embeddings", "train", "evaluate", "export"]
+    assert dvc["resolve"]["params"] == [{"params.yaml": None}]  # all of params.yaml
+    for name, stage in dvc.items():
+        assert stage["cmd"] == f"python -m stages.{name}"
+        assert name == "resolve" or "params" not in stage  # the others read config fragments
+    deps = {name: set(stage["deps"]) for name, stage in dvc.items()}
+    assert "outputs/config/teacher.yaml" in deps["fetch_teacher"]
+    assert "outputs/config/embeddings.yaml" in deps["init_embeddings"]
+    for name in ("fetch_teacher", "init_embeddings"):
+        assert "outputs/config/run.yaml" not in deps[name]  # quant.a_bits does not rerun them
+    for name in ("train", "evaluate", "export"):
+        assert "outputs/config/run.yaml" in deps[name] and "qimera" in deps[name]
+    assert {"outputs/train": {"persist": True}} in dvc["train"]["outs"]
+    assert {"metrics.json": {"cache": False}} in dvc["evaluate"]["metrics"]
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    assert [next(iter(p)) for p in plots] == ["losses", "accuracy"]
+
+
+def test_resolve_writes_fragments_that_change_only_with_what_they_hold(tmp_path, monkeypatch):
+    from stages import resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resolve, "repo_root", lambda: REPO)
+    checked = []
+    monkeypatch.setattr(resolve, "connect", checked.append)  # the store is checked (tested above)
+
+    def run(**sections):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(**sections)))
+        resolve.main()
+        return {f.name: f.read_text() for f in (tmp_path / "outputs" / "config").iterdir()}
+
+    base = run()
+    assert set(base) == {"run.yaml", "teacher.yaml", "embeddings.yaml"}
+    bits = run(quant={"w_bits": 4, "a_bits": 5})
+    assert bits["run.yaml"] != base["run.yaml"]
+    assert bits["teacher.yaml"] == base["teacher.yaml"] and bits["embeddings.yaml"] == base["embeddings.yaml"]
+    init = run(generator={"embedding_init": "random"})
+    assert init["embeddings.yaml"] != base["embeddings.yaml"] and init["teacher.yaml"] == base["teacher.yaml"]
+    data = run(data={"limit": 100})
+    assert data["teacher.yaml"] != base["teacher.yaml"] and data["embeddings.yaml"] == base["embeddings.yaml"]
+    mlflow_only = run(mlflow={"experiment": "elsewhere"})
+    assert mlflow_only == base
+    assert len(checked) == 5 and all(uri.startswith("sqlite:////") or "://" in uri for uri in checked)
+
+
+def test_unsupported_method_is_refused_by_resolve(tmp_path, monkeypatch):
+    from stages import resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resolve, "repo_root", lambda: REPO)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(method="zeroq")))
+    with pytest.raises(PipelineError, match="method='zeroq'"):
+        resolve.main()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_teacher_arch_rebuilds_every_source():
+    from stages.fetch_teacher import teacher_arch
+
+    assert teacher_arch("demo", "digits_cnn", None) == "qimera.models.digits_cnn:DigitsCNN"
+    assert teacher_arch("checkpoint", "x", "pkg.mod:fn") == "pkg.mod:fn"
+    assert teacher_arch("torchvision", "resnet18", None) == "torchvision.models:resnet18"
+    assert teacher_arch("torchvision", "inception_v3", None) == "stages.archs:inception_v3"
+    assert teacher_arch("pytorchcv", "resnet20_cifar10", None) == "pytorchcv.models.resnet_cifar:resnet20_cifar10"
+    assert teacher_arch("pytorchcv", "mobilenetv2_w1", None) == "pytorchcv.models.mobilenetv2:mobilenetv2_w1"
+
+
+def test_history_csv_leaves_missing_values_empty():
+    text = history_csv([{"epoch": 1, "loss_g": 2.5, "loss_g_ce": 2.0, "loss_g_bns": 5.0, "iters_per_second": 3.0},
+                        {"epoch": 2, "loss_g": 2.0, "loss_g_ce": 1.5, "loss_g_bns": 5.0, "loss_s": 1.0,
+                         "top1": 50.0, "top5": 90.0, "iters_per_second": float("nan")}])
+    assert text.splitlines() == [
+        "epoch,loss_g,loss_g_ce,loss_g_bns,loss_s,top1,top5,iters_per_second",
+        "1,2.5,2,5,,,,3", "2,2,1.5,5,1,50,90,"]
+
+
+def test_sample_grid_is_a_class_by_class_figure(tmp_path):
+    from qimera.generators import Generator
+
+    assert grid_classes(10) == list(range(10))
+    assert grid_classes(1000) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    torch.manual_seed(0)
+    gen = Generator(num_classes=10, embed_dim=16, img_size=8, channels=1, dm_layers=1)
+    grid = sample_grid(gen, [0, 3, 7], mean=(0.3,), std=(0.4,))
+    assert grid.shape == (3 * 9 - 1, 3 * 9 - 1, 1) and grid.min() >= 0 and grid.max() <= 1
+    assert gen.training  # the generator's mode is restored
+    save_sample_grid(tmp_path / "g.png", grid, [0, 3, 7])
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]  # written atomically, no leftovers
+
+
+def test_run_stage_exit_status(capsys):
+    def bad_input():
+        raise PipelineError("preset='x' is not a preset")
+
+    def bug():
+        raise RuntimeError("boom")
+
+    with pytest.raises(SystemExit) as ex:
+        common.run_stage("resolve", bad_input)
+    assert ex.value.code == 2
+    assert capsys.readouterr().err == "qimera stage resolve: error: preset='x' is not a preset\n"
+    with pytest.raises(SystemExit) as ex:
+        common.run_stage("train", bug)
+    assert ex.value.code == 1 and "Traceback" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ex:
+        common.run_stage("train", lambda: (_ for _ in ()).throw(ConfigError("generator.k=50: too big")))
+    assert ex.value.code == 2
+
+
+def test_summary_table_for_make_demo():
+    from stages.summary import table
+
+    m = {"w_bits": 4, "a_bits": 4, "teacher": {"top1": 98.8889, "top5": 100.0},
+         "naive": {"top1": 99.0741, "top5": 100.0}, "student": {"top1": 98.5185, "top5": 99.5}}
+    assert table(m).splitlines() == [
+        "model                                top-1   top-5",
+        "teacher (full precision)             98.89  100.00",
+        "naive 4w4a (noise calibration)       99.07  100.00",
+        "Qimera 4w4a (final epoch)            98.52   99.50",
+    ]
+    assert "naive" not in table({**m, "naive": None}, "gdfq") and "GDFQ 4w4a" in table(m, "gdfq")
