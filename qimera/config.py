@@ -127,7 +127,7 @@ class TrainConfig(_Section):
     def _device(cls, v: str) -> str:
         if v == "auto" or v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps":
             return v
-        raise ValueError(f"allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        raise ValueError("allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
     @field_validator("generator_betas")
     @classmethod

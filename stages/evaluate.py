@@ -16,15 +16,9 @@ from .common import (
     FIGURES_DIR,
     METRICS,
     TEACHER_RECORD,
-    TRAIN_DIR,
     all_or_nothing,
-    load_params,
-    load_run_config,
     read_json,
-    repo_root,
-    root_relative,
     run_stage,
-    workspace_teacher_config,
     write_json,
 )
 from . import figures, tracking
@@ -43,23 +37,13 @@ def _scores(res) -> dict | None:
 def main() -> None:
     import torch
 
-    from qimera.api import prepare
     from qimera.baselines import naive_calibrate
     from qimera.evaluate import evaluate
-    from qimera.quant import set_calibrating
     from qimera.trainer import build_generator, build_student
 
-    root = repo_root()
-    params = load_params()
-    cfg = load_run_config()
-    uri = tracking.tracking_uri(params, root)
-    client = tracking.connect(uri)
-    prep = prepare(workspace_teacher_config(cfg))
-    tcfg = root_relative(cfg, root)
+    run = tracking.TrainedRun(with_data=True)
+    cfg, prep, state, client, run_id, tcfg = run.cfg, run.prep, run.state, run.client, run.run_id, run.root_cfg
     teacher, device = prep.teacher, prep.device
-    state = torch.load(TRAIN_DIR / "checkpoint.pt", map_location="cpu", weights_only=True)
-    run_id = tracking.current_run(client, uri, tracking.experiment_name(params, cfg), cfg,
-                                  tracking.run_tags(cfg, device))
 
     def score(model):
         return evaluate(model, prep.eval_data.loader, device=device, num_classes=teacher.num_classes)
@@ -72,11 +56,7 @@ def main() -> None:
         naive_calibrate(naive_model, teacher.input_size, batches=cfg.naive.batches,
                         batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=device)
         naive = score(naive_model)
-    student = build_student(tcfg, teacher)
-    student.load_state_dict(state["student"])
-    set_calibrating(student, False)
-    student = student.to(device).eval()
-    student_res = score(student)
+    student_res = score(run.student().to(device))
 
     record = read_json(TEACHER_RECORD)
     metrics = {

@@ -21,16 +21,10 @@ from pathlib import Path
 from .common import (
     EXPORT_DIR,
     RUN_CONFIG,
-    TRAIN_DIR,
     all_or_nothing,
     bits_tag,
-    load_params,
-    load_run_config,
-    repo_root,
-    root_relative,
     run_stage,
     torch_save,
-    workspace_teacher_config,
     write_json,
 )
 from . import tracking
@@ -46,25 +40,11 @@ def main() -> None:
     import torch
 
     import qimera
-    from qimera.api import prepare
-    from qimera.quant import set_calibrating
     from qimera.teachers import sha256_file
-    from qimera.trainer import build_student
 
-    root = repo_root()
-    params = load_params()
-    cfg = load_run_config()
-    uri = tracking.tracking_uri(params, root)
-    client = tracking.connect(uri)
-    prep = prepare(workspace_teacher_config(cfg), with_data=False)
-    state = torch.load(TRAIN_DIR / "checkpoint.pt", map_location="cpu", weights_only=True)
-    run_id = tracking.current_run(client, uri, tracking.experiment_name(params, cfg), cfg,
-                                  tracking.run_tags(cfg, prep.device))
-
-    student = build_student(root_relative(cfg, root), prep.teacher).cpu()
-    student.load_state_dict(state["student"])
-    set_calibrating(student, False)
-    student.eval()
+    run = tracking.TrainedRun(with_data=False)
+    cfg, client, run_id, uri = run.cfg, run.client, run.run_id, run.uri
+    student = run.student()
     name = registered_name(cfg)
 
     mlflow.set_tracking_uri(uri)

@@ -301,3 +301,37 @@ def terminate(client, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status=status)
     except Exception:  # noqa: BLE001 - best effort while failing
         pass
+
+
+class TrainedRun:
+    """What the stages after ``train`` start from: the resolved config, the workspace
+    teacher (and evaluation data when asked), the final checkpoint and the open MLflow run."""
+
+    def __init__(self, *, with_data: bool):
+        import torch
+
+        from qimera.api import prepare
+
+        from .common import TRAIN_DIR, load_params, load_run_config, root_relative, workspace_teacher_config
+
+        self.root = repo_root()
+        self.params = load_params()
+        self.cfg = load_run_config()
+        self.uri = tracking_uri(self.params, self.root)
+        self.client = connect(self.uri)
+        self.prep = prepare(workspace_teacher_config(self.cfg), with_data=with_data)
+        #: the config with paths made relative to the repository root (for model building)
+        self.root_cfg = root_relative(self.cfg, self.root)
+        self.state = torch.load(TRAIN_DIR / "checkpoint.pt", map_location="cpu", weights_only=True)
+        self.run_id = current_run(self.client, self.uri, experiment_name(self.params, self.cfg), self.cfg,
+                                  run_tags(self.cfg, self.prep.device))
+
+    def student(self):
+        """The final epoch's fake-quantized student, ranges frozen, in eval mode (on CPU)."""
+        from qimera.quant import set_calibrating
+        from qimera.trainer import build_student
+
+        student = build_student(self.root_cfg, self.prep.teacher).cpu()
+        student.load_state_dict(self.state["student"])
+        set_calibrating(student, False)
+        return student.eval()

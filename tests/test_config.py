@@ -2,7 +2,7 @@
 
 import pytest
 
-from qimera.config import Config, ConfigError, apply_overrides, check_out_dir, load_config
+from qimera.config import ConfigError, apply_overrides, check_out_dir, load_config
 
 BASE = {"quant": {"w_bits": 4, "a_bits": 4}}
 
