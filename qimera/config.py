@@ -114,7 +114,7 @@ class TrainConfig(_Section):
     kd_reduction: Literal["mean", "batchmean"] = "mean"
     seed: int = 1
     device: str = "auto"
-    amp: Literal["none", "bf16"] = "none"
+    amp: Literal["none", "bf16", "auto"] = "none"
     channels_last: Literal["auto", "on", "off"] = "auto"
     out_dir: str = "runs/default"
     resume: bool = True

@@ -58,6 +58,26 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether this device has native bfloat16 arithmetic (CUDA with bf16, or a CPU whose
+    oneDNN kernels support it: AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively, else ``none``."""
+    if amp == "auto":
+        return "bf16" if bf16_is_fast(device) else "none"
+    return amp
+
+
 def autocast_context(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
@@ -122,6 +142,8 @@ class Trainer:
         self.tc = cfg.train
         self.gc = cfg.effective_generator()
         self.device = resolve_device(self.tc.device)
+        #: the autocast mode in use (``train.amp: auto`` resolved for this device)
+        self.amp = resolve_amp(self.tc.amp, self.device)
         self.teacher_info = teacher
         self.eval_data = eval_data
         self.callbacks = list(callbacks)
@@ -172,7 +194,7 @@ class Trainer:
         if self.tc.channels_last == "off":
             return False
         # channels_last pays off with oneDNN bf16 kernels on CPU and tensor cores on CUDA
-        return self.tc.amp != "none"
+        return self.amp != "none"
 
     @property
     def checkpoint_path(self) -> Path:
@@ -246,7 +268,7 @@ class Trainer:
         """One iteration; returns detached loss tensors (no host sync)."""
         mix = self.sample_mix()
         y = mix.soft_labels(self.num_classes)
-        amp = autocast_context(self.device, self.tc.amp)
+        amp = autocast_context(self.device, self.amp)
 
         self.bn_hook.enabled = True
         with amp:

@@ -149,3 +149,20 @@ def test_initial_embeddings_from_elsewhere(tiny_config, tiny_teacher):
     with pytest.raises(ValueError, match="shape"):
         Trainer(cfg, tiny_teacher, initial_embeddings=torch.zeros(10, 3))
     tr.close()
+
+
+def test_amp_auto_resolves_per_device(tiny_config, tiny_teacher, monkeypatch):
+    from qimera import trainer as tr_mod
+
+    cpu = torch.device("cpu")
+    assert tr_mod.resolve_amp("none", cpu) == "none" and tr_mod.resolve_amp("bf16", cpu) == "bf16"
+    monkeypatch.setattr(tr_mod, "bf16_is_fast", lambda device: False)
+    assert tr_mod.resolve_amp("auto", cpu) == "none"
+    tr = Trainer(load_config(tiny_config, ["train.amp=auto"]), tiny_teacher)
+    assert tr.amp == "none" and not tr.channels_last
+    tr.close()
+    monkeypatch.setattr(tr_mod, "bf16_is_fast", lambda device: True)
+    tr = Trainer(load_config(tiny_config, ["train.amp=auto", "train.epochs=1"]), tiny_teacher)
+    assert tr.amp == "bf16" and tr.channels_last
+    res = tr.fit()  # one bf16 epoch runs end to end
+    assert torch.isfinite(torch.tensor(res.history[-1]["loss_s"]))
