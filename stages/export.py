@@ -21,8 +21,10 @@ from pathlib import Path
 from .common import (
     EXPORT_DIR,
     RUN_CONFIG,
+    TEACHER_RECORD,
     all_or_nothing,
     bits_tag,
+    read_json,
     run_stage,
     torch_save,
     write_json,
@@ -40,6 +42,7 @@ def main() -> None:
     import torch
 
     import qimera
+    from qimera.export import export_integer
     from qimera.teachers import sha256_file
 
     run = tracking.TrainedRun(with_data=False)
@@ -53,6 +56,12 @@ def main() -> None:
         with all_or_nothing(EXPORT_DIR):
             torch_save(EXPORT_DIR / "student.pt", {k: v.detach().cpu() for k, v in student.state_dict().items()})
             shutil.copyfile(RUN_CONFIG, EXPORT_DIR / "config.yaml")
+            record = read_json(TEACHER_RECORD)
+            export_integer(student, EXPORT_DIR / "integer", arch=record["arch"],
+                           arch_kwargs={"num_classes": record["num_classes"]},
+                           w_bits=cfg.quant.w_bits, a_bits=cfg.quant.a_bits,
+                           first_last_bits=8 if cfg.quant.first_last_8bit else None,
+                           exclude=cfg.quant.exclude)
             with mlflow.start_run(run_id=run_id):
                 mlflow.log_artifact(str(EXPORT_DIR / "config.yaml"), "export")
                 info = mlflow.pytorch.log_model(

@@ -82,6 +82,12 @@ def test_repro_runs_the_demo_and_records_everything(built):
     model_info = built.read_json("outputs/export/model.json")
     assert model_info["student_sha256"] == sha256(built.path / "outputs/export/student.pt")
     run_cfg = yaml.safe_load((built.path / "outputs/export/config.yaml").read_text())
+    from qimera.data import load_eval_data
+    from qimera.export import load_integer
+
+    integer = load_integer(built.path / "outputs/export/integer")  # rebuilt from integers alone
+    x, _ = next(iter(load_eval_data("digits", batch_size=64).loader))
+    assert integer(x).shape == (64, 10)
     assert run_cfg["preset"] == "demo" and run_cfg["train"]["out_dir"] == "outputs/train"
     for png in ("samples.png", "curves.png"):
         assert (built.path / "outputs/figures" / png).read_bytes()[:4] == b"\x89PNG"
