@@ -249,6 +249,21 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     return data
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError,
+                      missing_hint: str = "does not exist") -> dict:
+    """Read a YAML file whose top level must be a mapping; ``error(what + …)`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {missing_hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what}: top level must be a mapping of sections")
+    return data
+
+
 def load_config(source: str | os.PathLike | dict | Config, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated :class:`Config` from a YAML path, a dict or a Config."""
     if isinstance(source, Config):
@@ -256,15 +271,7 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: list[str] 
     elif isinstance(source, dict):
         data = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping of sections")
+        data = read_yaml_mapping(source, f"config file {str(source)!r}")
     data = apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)

@@ -236,16 +236,10 @@ def check_input_files(cfg, root: Path) -> None:
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"{p} not found: run the stages from the project directory")
-    try:
-        params = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{p} is not valid YAML: {exc}") from None
-    if not isinstance(params, dict):
-        raise PipelineError(f"{p}: top level must be a mapping")
-    return params
+    from qimera.config import read_yaml_mapping
+
+    return read_yaml_mapping(path, str(path), PipelineError,
+                             missing_hint="not found: run the stages from the project directory")
 
 
 def load_run_config():
