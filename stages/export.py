@@ -20,16 +20,19 @@ from pathlib import Path
 
 from .common import (
     EXPORT_DIR,
+    METRICS,
     RUN_CONFIG,
     TEACHER_RECORD,
     all_or_nothing,
     bits_tag,
     read_json,
+    read_yaml,
     run_stage,
     torch_save,
     write_json,
 )
 from . import tracking
+from .model_card import render_model_card
 
 
 def registered_name(cfg) -> str:
@@ -57,6 +60,9 @@ def main() -> None:
             torch_save(EXPORT_DIR / "student.pt", {k: v.detach().cpu() for k, v in student.state_dict().items()})
             shutil.copyfile(RUN_CONFIG, EXPORT_DIR / "config.yaml")
             record = read_json(TEACHER_RECORD)
+            card = render_model_card(name=name, config=read_yaml(RUN_CONFIG), teacher=record,
+                                     metrics=read_json(METRICS), version=None)
+            (EXPORT_DIR / "MODEL_CARD.md").write_text(card)
             export_integer(student, EXPORT_DIR / "integer", arch=record["arch"],
                            arch_kwargs={"num_classes": record["num_classes"]},
                            w_bits=cfg.quant.w_bits, a_bits=cfg.quant.a_bits,
@@ -64,6 +70,7 @@ def main() -> None:
                            exclude=cfg.quant.exclude)
             with mlflow.start_run(run_id=run_id):
                 mlflow.log_artifact(str(EXPORT_DIR / "config.yaml"), "export")
+                mlflow.log_artifact(str(EXPORT_DIR / "MODEL_CARD.md"), "export")
                 info = mlflow.pytorch.log_model(
                     student, name="student", serialization_format="pickle", registered_model_name=name,
                     code_paths=[str(Path(qimera.__file__).parent)],

@@ -85,6 +85,10 @@ def test_repro_runs_the_demo_and_records_everything(built):
     from qimera.data import load_eval_data
     from qimera.export import load_integer
 
+    card = (built.path / "outputs/export/MODEL_CARD.md").read_text()
+    assert "# qimera-demo-w4a4" in card and "without any training data" in card
+    assert f"{m['student']['top1']:.2f}% top-1" in card and f"{m['teacher']['top1']:.2f}% top-1" in card
+    assert "source: `demo`" in card and "preset: demo" in card
     integer = load_integer(built.path / "outputs/export/integer")  # rebuilt from integers alone
     x, _ = next(iter(load_eval_data("digits", batch_size=64).loader))
     assert integer(x).shape == (64, 10)

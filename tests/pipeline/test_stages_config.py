@@ -292,3 +292,24 @@ def test_summary_table_for_make_demo():
         "Qimera 4w4a (final epoch)            98.52   99.50",
     ]
     assert "naive" not in table({**m, "naive": None}, "gdfq") and "GDFQ 4w4a" in table(m, "gdfq")
+
+
+def test_model_card_names_teacher_bits_accuracies_and_config():
+    from stages.model_card import render_model_card
+
+    config = {"method": "qimera", "preset": "cifar10", "data": {"name": "cifar10"},
+              "quant": {"w_bits": 4, "a_bits": 4},
+              "generator": {"variant": "cifar", "dm_layers": 1, "embedding_init": "random", "p": 0.4, "k": 2},
+              "train": {"calibration_epochs": 4, "epochs": 400, "iters_per_epoch": 200, "batch_size": 200,
+                        "seed": 1}}
+    teacher = {"source": "pytorchcv", "name": "resnet20_cifar10", "arch": "a.b:c", "num_classes": 10,
+               "input_size": [3, 32, 32], "sha256": "ab" * 32, "source_sha256": None}
+    metrics = {"epochs": 400, "teacher": {"top1": 93.89, "top5": 99.8}, "naive": None,
+               "student": {"top1": 91.26, "top5": 99.7}}
+    card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
+                             version="3")
+    assert card.startswith("# qimera-cifar10-w4a4 (version 3)")
+    assert "4-bit weights, 4-bit activations" in card and "**Qimera**" in card
+    assert "93.89% top-1" in card and "91.26% top-1" in card and "| –" in card
+    assert "`pytorchcv`, name `resnet20_cifar10`" in card and "p = 0.4" in card and "K = 2" in card
+    assert "```yaml\nmethod: qimera" in card

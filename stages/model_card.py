@@ -1,0 +1,60 @@
+"""The model card (markdown) written by the ``export`` stage beside the exported student."""
+
+from __future__ import annotations
+
+import yaml
+
+
+def _acc(m: dict | None) -> str:
+    return "–" if not m else f"{m['top1']:.2f}% top-1, {m['top5']:.2f}% top-5"
+
+
+def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, version: str | None) -> str:
+    """Teacher and its source, bits, accuracies, resolved config, and how it was made."""
+    q, g, t = config["quant"], config["generator"], config["train"]
+    bits = f"{q['w_bits']}-bit weights, {q['a_bits']}-bit activations"
+    method = {"qimera": "Qimera", "gdfq": "GDFQ"}.get(config["method"], config["method"])
+    lines = [
+        f"# {name}" + (f" (version {version})" if version else ""),
+        "",
+        f"A {bits} fake-quantized copy of the teacher below, made by **{method}** without any "
+        "training data (qimera, data-free quantization).",
+        "",
+        "## Teacher",
+        "",
+        f"- source: `{teacher['source']}`" + (f", name `{teacher['name']}`" if teacher.get("name") else ""),
+        f"- architecture: `{teacher['arch']}`, {teacher['num_classes']} classes, input {teacher['input_size']}",
+        f"- weights sha256: `{teacher['sha256']}`"
+        + (f" (original file sha256 `{teacher['source_sha256']}`)" if teacher.get("source_sha256") else ""),
+        "",
+        "## Accuracy",
+        "",
+        f"Measured on `{config['data']['name']}` (evaluation only: no image was used to make the model).",
+        "",
+        "| model | accuracy |",
+        "|---|---|",
+        f"| teacher (full precision) | {_acc(metrics.get('teacher'))} |",
+        f"| naive {q['w_bits']}w{q['a_bits']}a (ranges calibrated on Gaussian noise) | {_acc(metrics.get('naive'))} |",
+        f"| **this model** (final epoch {metrics.get('epochs')}, not selected on test data) | {_acc(metrics.get('student'))} |",
+        "",
+        "## How it was made without data",
+        "",
+        "1. The teacher was frozen. Forward hooks on its BatchNorm layers record the statistics of their inputs.",
+        f"2. A conditional generator ({g['variant']} variant, {g['dm_layers']} disentanglement layer(s), "
+        f"embeddings initialised `{g['embedding_init']}`) learned to produce images that the teacher "
+        "classifies as their class and whose batch statistics match the teacher's BatchNorm running statistics.",
+        f"3. With probability p = {g['p']} a batch superposes K = {g['k']} class embeddings per sample "
+        "(boundary supporting samples), labelled with the mixed soft label.",
+        f"4. The student, a copy of the teacher with per-channel {q['w_bits']}-bit weights and per-tensor "
+        f"{q['a_bits']}-bit activations (ranges calibrated for {t['calibration_epochs']} epochs, then frozen), "
+        f"was fine-tuned on generated images by distillation from the teacher "
+        f"({t['epochs']} epochs × {t['iters_per_epoch']} iterations, batch {t['batch_size']}, seed {t['seed']}).",
+        "",
+        "## Resolved configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(config, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
