@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .baselines import naive_calibrate, zeroq_calibrate
+from .baselines import naive_student, zeroq_calibrate
 from .config import Config, ConfigError, check_out_dir, load_config
 from .data import EvalData, load_eval_data
 from .evaluate import EvalResult, evaluate
@@ -152,9 +152,7 @@ def run(
     naive_res = None
     naive_model = None
     if cfg.naive.enabled or cfg.method == "naive":
-        naive_model = build_student(cfg, prep.teacher).to(prep.device)
-        naive_calibrate(naive_model, prep.teacher.input_size, batches=cfg.naive.batches,
-                        batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=prep.device)
+        naive_model = naive_student(cfg, prep.teacher, prep.device)
         naive_res = _evaluate(naive_model, prep)
 
     history: list[dict] = []

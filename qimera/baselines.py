@@ -41,6 +41,17 @@ def naive_calibrate(student: nn.Module, input_size, *, batches: int, batch_size:
     return calibrate(student, gaussian_batches(batches, batch_size, input_size, seed=seed, device=device))
 
 
+def naive_student(cfg, teacher, device="cpu") -> nn.Module:
+    """The naive baseline for a run config: the student of ``cfg`` built from
+    ``teacher`` (a :class:`qimera.teachers.LoadedTeacher`), calibrated on ``cfg.naive``'s
+    noise batches, seeded by ``cfg.train.seed``."""
+    from .trainer import build_student
+
+    student = build_student(cfg, teacher).to(device)
+    return naive_calibrate(student, teacher.input_size, batches=cfg.naive.batches,
+                           batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=device)
+
+
 def distill_zeroq_images(
     teacher: nn.Module,
     input_size: tuple[int, int, int],

@@ -37,9 +37,9 @@ def _scores(res) -> dict | None:
 def main() -> None:
     import torch
 
-    from qimera.baselines import naive_calibrate
+    from qimera.baselines import naive_student
     from qimera.evaluate import evaluate
-    from qimera.trainer import build_generator, build_student
+    from qimera.trainer import build_generator
 
     run = tracking.TrainedRun(with_data=True)
     cfg, prep, state, client, run_id, tcfg = run.cfg, run.prep, run.state, run.client, run.run_id, run.root_cfg
@@ -52,10 +52,7 @@ def main() -> None:
     naive = None
     if cfg.naive.enabled:
         torch.manual_seed(cfg.train.seed)
-        naive_model = build_student(tcfg, teacher).to(device)
-        naive_calibrate(naive_model, teacher.input_size, batches=cfg.naive.batches,
-                        batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=device)
-        naive = score(naive_model)
+        naive = score(naive_student(tcfg, teacher, device))
     student_res = score(run.student().to(device))
 
     record = read_json(TEACHER_RECORD)

@@ -25,6 +25,7 @@ class ActQuantizer(nn.Module):
         self.bits = int(bits)
         self.momentum = float(momentum)
         self.calibrating = True
+        self._frozen_checked = False
         self.register_buffer("min_avg", torch.zeros(()))
         self.register_buffer("max_avg", torch.zeros(()))
         self.register_buffer("steps", torch.zeros(()))
@@ -59,8 +60,6 @@ class ActQuantizer(nn.Module):
             self._frozen_checked = True
         lo, hi = self.range
         return fake_quant(x, lo, hi, self.bits)
-
-    _frozen_checked = False
 
     def set_calibrating(self, flag: bool) -> None:
         self.calibrating = bool(flag)
