@@ -65,6 +65,17 @@ def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(-1)[:numel]
 
 
+def integer_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, s, z)`` of a per-output-channel quantized weight: ``q`` the integers on the
+    signed grid (float tensor), ``s``/``z`` of SPEC §2 shaped to broadcast against the
+    weight, so that the fake-quant weight is ``(q + z) / s``."""
+    w = weight.detach().float()
+    qmin, qmax = qrange(bits)
+    lo, hi = per_channel_minmax(w)
+    s, z = affine_params(lo, hi, bits)
+    return torch.clamp(torch.round(w * s - z), qmin, qmax), s, z
+
+
 def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
 
@@ -130,9 +141,7 @@ def export_integer(
         w = mod.weight.detach().float().cpu()
         bits = mod.w_bits
         qmin, qmax = qrange(bits)
-        lo, hi = per_channel_minmax(w)
-        s, z = affine_params(lo, hi, bits)
-        q = torch.clamp(torch.round(w * s - z), qmin, qmax)
+        q, s, z = integer_weight(w, bits)
         unsigned = (q - qmin).to(torch.uint8)
         packed = bits <= 4
         tensors[f"{name}.qweight"] = pack_int4(unsigned) if packed else unsigned.reshape(-1)
