@@ -262,9 +262,11 @@ def export_onnx(
 
     The graph has one input ``images`` (float32, ``(batch, *input_size)``, normalised as
     the teacher expects; the batch dimension is dynamic) and one output ``logits``.
-    ``metadata`` entries are stored as the model's ``metadata_props``. The file appears
-    complete or not at all.
+    ``metadata`` entries are stored as the model's ``metadata_props``. ``opset`` 18 to 23
+    (torch's exporter writes nothing older). The file appears complete or not at all.
     """
+    if not 18 <= int(opset) <= 23:
+        raise ExportError(f"ONNX export: opset={opset!r}; allowed 18 to 23")
     try:
         import onnx
     except ImportError as exc:
@@ -327,3 +329,57 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: images.detach().cpu().float().contiguous().numpy()})[0]
         return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def verify_exports(
+    student: nn.Module,
+    loader,
+    *,
+    integer_dir: str | os.PathLike | None = None,
+    onnx_path: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run the fake-quant student, the reloaded integer export and the ONNX model under
+    onnxruntime over ``loader`` (the first ``max_samples`` images, or all) in one pass.
+
+    Returns top-1 of each, the integer model's max |Δ logits| against the student, and the
+    ONNX model's prediction agreement and max |Δ logits|.
+    """
+    from .export import load_integer
+
+    models: dict[str, nn.Module] = {}
+    if integer_dir is not None:
+        models["integer"] = load_integer(integer_dir)
+    if onnx_path is not None:
+        models["onnx"] = OnnxRuntimeModel(onnx_path, threads=threads)
+    student = student.eval()
+    correct = {"student": 0, **{k: 0 for k in models}}
+    delta = {k: 0.0 for k in models}
+    agree = {k: 0 for k in models}
+    seen = 0
+    for images, labels in loader:
+        if max_samples is not None:
+            if seen >= max_samples:
+                break
+            images, labels = images[: max_samples - seen], labels[: max_samples - seen]
+        images = images.cpu().float()
+        labels = labels.cpu().long().view(-1)
+        ref = student(images).float()
+        pred = ref.argmax(1)
+        correct["student"] += int((pred == labels).sum())
+        for key, model in models.items():
+            out = model(images).float()
+            delta[key] = max(delta[key], float((out - ref).abs().max()))
+            agree[key] += int((out.argmax(1) == pred).sum())
+            correct[key] += int((out.argmax(1) == labels).sum())
+        seen += len(labels)
+    if seen == 0:
+        raise ExportError("verify_exports: the loader yielded no samples")
+    result: dict[str, Any] = {"samples": seen, "student_top1": 100.0 * correct["student"] / seen}
+    for key in models:
+        result[f"{key}_top1"] = 100.0 * correct[key] / seen
+        result[f"{key}_max_abs_logit_delta"] = delta[key]
+        result[f"{key}_prediction_agreement"] = agree[key] / seen
+    return result

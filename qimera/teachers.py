@@ -325,8 +325,13 @@ def _check_local_path(weights: str | os.PathLike[str]) -> Path:
     if scheme == "file":
         return Path(urllib.parse.unquote(urllib.parse.urlparse(text).path))
     if len(scheme) > 1:  # one letter is a Windows drive, e.g. C:\...
+        hint = (
+            " The pipeline's fetch_teacher stage downloads s3:// weights (verified); with "
+            f"`qimera run`, fetch the file first: python -m stages.s3 get {text} teacher.pt"
+            if scheme == "s3" else ""
+        )
         raise TeacherError(
-            f"teacher.weights: {text!r} is a {scheme}:// URL; only local paths are supported"
+            f"teacher.weights: {text!r} is a {scheme}:// URL; the qimera library reads local files only.{hint}"
         )
     return Path(text).expanduser()
 

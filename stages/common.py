@@ -43,7 +43,7 @@ EXPORT_DIR = OUTPUTS / "export"
 METRICS = Path("metrics.json")
 
 #: params.yaml keys that are not config overrides
-NON_CONFIG_KEYS = ("preset", "mlflow")
+NON_CONFIG_KEYS = ("preset", "mlflow", "export")
 #: paths in the config that are read relative to the repository root
 ROOT_RELATIVE_PATHS = (("teacher", "weights"), ("teacher", "cache_dir"), ("data", "path"), ("data", "root"))
 #: columns of outputs/history.csv, in order
@@ -221,7 +221,13 @@ def check_input_files(cfg, root: Path) -> None:
     """Files the config names must exist (checked before anything runs)."""
     abs_cfg = root_relative(cfg, root)
     t, d = abs_cfg.teacher, abs_cfg.data
-    if t.source == "checkpoint" and t.weights and "://" not in t.weights and not Path(t.weights).is_file():
+    if t.source == "checkpoint" and t.weights and "://" in t.weights:
+        if not t.weights.startswith("s3://"):
+            raise PipelineError(f"teacher.weights={t.weights!r}: allowed are a local file path or s3://bucket/key")
+        from .s3 import parse_url
+
+        parse_url(t.weights)
+    elif t.source == "checkpoint" and t.weights and not Path(t.weights).is_file():
         raise PipelineError(
             f"teacher.weights={cfg.teacher.weights!r}: file not found ({t.weights}; relative paths are "
             f"relative to the repository root {root})"
@@ -233,6 +239,36 @@ def check_input_files(cfg, root: Path) -> None:
             f"data.path={cfg.data.path!r}: not a directory ({d.path}); put the ImageNet validation split "
             "there as class folders or set data.path"
         )
+
+
+#: keys of the params.yaml ``export`` section and their defaults
+EXPORT_DEFAULTS = {"s3_prefix": None, "verify_samples": None, "onnx_opset": 20}
+
+
+def export_params(params: dict) -> dict:
+    """The validated ``export`` section of params.yaml (defaults filled in)."""
+    section = params.get("export") or {}
+    if not isinstance(section, dict):
+        raise PipelineError(f"export={section!r}: expected a mapping with keys {', '.join(EXPORT_DEFAULTS)}")
+    unknown = sorted(set(section) - set(EXPORT_DEFAULTS))
+    if unknown:
+        raise PipelineError(f"export.{unknown[0]}: unknown key; allowed: {', '.join(EXPORT_DEFAULTS)}")
+    out = {**EXPORT_DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
+    prefix = out["s3_prefix"]
+    if prefix is not None:
+        if not isinstance(prefix, str) or not prefix.startswith("s3://"):
+            raise PipelineError(f"export.s3_prefix={prefix!r}: expected s3://bucket/prefix, or null to skip the upload")
+        from .s3 import parse_url
+
+        parse_url(prefix, key_required=False)
+    n = out["verify_samples"]
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise PipelineError(f"export.verify_samples={n!r}: expected a positive integer, or null for the whole evaluation set")
+    opset = out["onnx_opset"]
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
+        raise PipelineError(f"export.onnx_opset={opset!r}: expected an integer from 18 to 23 (torch's ONNX "
+                            "exporter writes opset 18 or newer)")
+    return out
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:

@@ -1,20 +1,37 @@
-"""Stage ``export``: the quantized student, as files and as an MLflow registered model.
+"""Stage ``export``: the quantized student as deployable files, in S3, and in the MLflow registry.
 
 Writes ``outputs/export/``:
 
 * ``student.pt``: the fake-quantized student's state dict (weights, activation ranges).
   Rebuild it with ``qimera.trainer.build_student(cfg, teacher)`` and ``load_state_dict``;
-* ``config.yaml``: the resolved configuration it was trained with;
-* ``model.json``: the MLflow run, model URI, registered model name and version, and the
-  sha256 of ``student.pt``.
+* ``integer/``: the integer artifact (:mod:`qimera.export`: packed integer weights,
+  per-channel scale and zero point, activation ranges, ``quant_map.json``), reloaded with
+  ``qimera.export.load_integer``;
+* ``student.onnx``: the Q/DQ ONNX model (:mod:`qimera.onnx_export`), input ``images``
+  (normalised as ``teacher.json`` says), output ``logits``;
+* ``verification.json``: the student, the reloaded integer model and onnxruntime scored on
+  the evaluation set in one pass (``export.verify_samples`` images, default all). The stage
+  fails when the integer model's logits move by more than 1e-5 or the ONNX top-1 by more
+  than 0.1 point;
+* ``MODEL_CARD.md`` and ``config.yaml`` (the resolved configuration);
+* ``model.json``: MLflow run, model URI, registered name and version, whether it is the
+  champion, the S3 location, and the sha256 of ``student.pt``.
 
-Logs the student with ``mlflow.pytorch.log_model`` (pickle serialization, the ``qimera``
-package bundled as code) registered as ``qimera-<preset>-w<bits>a<bits>``, and closes the
-pipeline's MLflow run as FINISHED. Integer and ONNX export are a later issue.
+With ``export.s3_prefix`` set, the files (all but ``model.json``) are uploaded to
+``<prefix>/<registered name>/<MLflow run id>/``, verified, manifest last
+(:mod:`stages.s3`).
+
+The student is logged with ``mlflow.pytorch.log_model`` (pickle serialization, the
+``qimera`` package bundled as code) and registered as ``qimera-<preset>-w<bits>a<bits>``.
+The new version is tagged with its bits, top-1, teacher and preset; the alias
+``champion`` moves to it only when its top-1 beats the current champion's. Finally the
+pipeline's MLflow run is closed as FINISHED. Nothing is left in ``outputs/export`` when any
+step fails.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -23,8 +40,10 @@ from .common import (
     METRICS,
     RUN_CONFIG,
     TEACHER_RECORD,
+    PipelineError,
     all_or_nothing,
     bits_tag,
+    export_params,
     read_json,
     read_yaml,
     run_stage,
@@ -34,9 +53,62 @@ from .common import (
 from . import tracking
 from .model_card import render_model_card
 
+CHAMPION = "champion"
+#: the issue's bounds: integer logits equal to float rounding, ONNX top-1 within 0.1 point
+INTEGER_MAX_DELTA = 1e-5
+ONNX_MAX_TOP1_GAP = 0.1
+
 
 def registered_name(cfg) -> str:
     return f"qimera-{cfg.preset}-{bits_tag(cfg)}"
+
+
+def check_verification(v: dict) -> None:
+    """Raise when an exported model does not reproduce the student within the bounds."""
+    if v["integer_max_abs_logit_delta"] > INTEGER_MAX_DELTA:
+        raise PipelineError(
+            f"export: the reloaded integer model's logits differ from the student's by "
+            f"{v['integer_max_abs_logit_delta']:.3g} (> {INTEGER_MAX_DELTA}); see outputs of qimera.export")
+    gap = abs(v["onnx_top1"] - v["student_top1"])
+    if gap > ONNX_MAX_TOP1_GAP:
+        raise PipelineError(
+            f"export: onnxruntime top-1 {v['onnx_top1']:.2f}% differs from the student's "
+            f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP})")
+
+
+def version_tags(cfg, record: dict, top1: float, verification: dict, s3_uri: str | None) -> dict[str, str]:
+    tags = {
+        "bits": bits_tag(cfg), "w_bits": str(cfg.quant.w_bits), "a_bits": str(cfg.quant.a_bits),
+        "top1": f"{top1:.4f}", "teacher": f"{record['source']}:{record['name']}", "preset": cfg.preset,
+        "method": cfg.method, "teacher_top1": f"{record['top1']:.4f}", "onnx_top1": f"{verification['onnx_top1']:.4f}",
+    }
+    if s3_uri:
+        tags["s3_uri"] = s3_uri
+    return tags
+
+
+def _champion_top1(client, name: str):
+    """The current champion version and its top-1 (tag, else its run's student_top1), or (None, -inf)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, -math.inf
+    value = champ.tags.get("top1")
+    if value is None and champ.run_id:
+        value = client.get_run(champ.run_id).data.metrics.get("student_top1")
+    return champ, float(value) if value is not None else -math.inf
+
+
+def promote_if_better(client, name: str, version: str, top1: float) -> tuple[bool, str | None]:
+    """Point ``champion`` at ``version`` when ``top1`` beats the champion's (strictly).
+    Returns (moved, the champion version afterwards)."""
+    champ, best = _champion_top1(client, name)
+    if champ is None or top1 > best:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return True, str(version)
+    return False, str(champ.version)
 
 
 def main() -> None:
@@ -46,45 +118,86 @@ def main() -> None:
 
     import qimera
     from qimera.export import export_integer
+    from qimera.onnx_export import export_onnx, verify_exports
     from qimera.teachers import sha256_file
 
-    run = tracking.TrainedRun(with_data=False)
+    run = tracking.TrainedRun(with_data=True)
     cfg, client, run_id, uri = run.cfg, run.client, run.run_id, run.uri
+    options = export_params(run.params)
     student = run.student()
     name = registered_name(cfg)
+    record = read_json(TEACHER_RECORD)
+    metrics = read_json(METRICS)
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         with all_or_nothing(EXPORT_DIR):
+            EXPORT_DIR.mkdir(parents=True, exist_ok=True)
             torch_save(EXPORT_DIR / "student.pt", {k: v.detach().cpu() for k, v in student.state_dict().items()})
             shutil.copyfile(RUN_CONFIG, EXPORT_DIR / "config.yaml")
-            record = read_json(TEACHER_RECORD)
-            card = render_model_card(name=name, config=read_yaml(RUN_CONFIG), teacher=record,
-                                     metrics=read_json(METRICS), version=None)
-            (EXPORT_DIR / "MODEL_CARD.md").write_text(card)
             export_integer(student, EXPORT_DIR / "integer", arch=record["arch"],
                            arch_kwargs={"num_classes": record["num_classes"]},
                            w_bits=cfg.quant.w_bits, a_bits=cfg.quant.a_bits,
                            first_last_bits=8 if cfg.quant.first_last_8bit else None,
                            exclude=cfg.quant.exclude)
+            onnx_report = export_onnx(student, EXPORT_DIR / "student.onnx", input_size=record["input_size"],
+                                      opset=options["onnx_opset"], metadata={
+                                          "qimera.registered_model": name, "qimera.bits": bits_tag(cfg),
+                                          "qimera.teacher": f"{record['source']}:{record['name']}",
+                                          "qimera.input_size": record["input_size"], "qimera.mean": record["mean"],
+                                          "qimera.std": record["std"], "qimera.mlflow_run_id": run_id})
+            verification = verify_exports(student, run.prep.eval_data.loader, integer_dir=EXPORT_DIR / "integer",
+                                          onnx_path=EXPORT_DIR / "student.onnx",
+                                          max_samples=options["verify_samples"])
+            verification["onnx"] = onnx_report.to_dict()
+            write_json(EXPORT_DIR / "verification.json", verification)
+            check_verification(verification)
+            card = render_model_card(name=name, config=read_yaml(RUN_CONFIG), teacher=record,
+                                     metrics=metrics, version=None, verification=verification)
+            (EXPORT_DIR / "MODEL_CARD.md").write_text(card)
+
+            s3_uri = None
+            if options["s3_prefix"]:
+                from .s3 import join, upload_dir
+
+                s3_uri = join(options["s3_prefix"], name, run_id)
+                manifest = upload_dir(EXPORT_DIR, s3_uri, metadata={
+                    "registered_model": name, "mlflow_run_id": run_id, "bits": bits_tag(cfg)})
+                print(f"export: uploaded {len(manifest['files'])} files to {s3_uri}/ (verified, MANIFEST.json last)")
+
+            top1 = float(metrics["student"]["top1"])
             with mlflow.start_run(run_id=run_id):
-                mlflow.log_artifact(str(EXPORT_DIR / "config.yaml"), "export")
-                mlflow.log_artifact(str(EXPORT_DIR / "MODEL_CARD.md"), "export")
+                for f in ("config.yaml", "MODEL_CARD.md", "verification.json", "student.onnx"):
+                    mlflow.log_artifact(str(EXPORT_DIR / f), "export")
+                mlflow.log_artifacts(str(EXPORT_DIR / "integer"), "export/integer")
+                mlflow.log_metrics({"onnx_top1": verification["onnx_top1"],
+                                    "integer_max_abs_logit_delta": verification["integer_max_abs_logit_delta"]})
+                if s3_uri:
+                    mlflow.set_tag("s3_uri", s3_uri)
                 info = mlflow.pytorch.log_model(
                     student, name="student", serialization_format="pickle", registered_model_name=name,
                     code_paths=[str(Path(qimera.__file__).parent)],
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
                 )
+            version = str(info.registered_model_version)
+            for key, value in version_tags(cfg, record, top1, verification, s3_uri).items():
+                client.set_model_version_tag(name, version, key, value)
+            moved, champion = promote_if_better(client, name, version, top1)
             write_json(EXPORT_DIR / "model.json", {
                 "mlflow_run_id": run_id, "model_uri": info.model_uri, "registered_model": name,
-                "registered_version": info.registered_model_version,
-                "student_sha256": sha256_file(EXPORT_DIR / "student.pt"),
+                "registered_version": version, "champion": moved, "champion_version": champion,
+                "s3_uri": s3_uri, "student_sha256": sha256_file(EXPORT_DIR / "student.pt"),
             })
     except BaseException:
         tracking.terminate(client, run_id, "FAILED")
         raise
-    print(f"export: outputs/export/student.pt; MLflow model {name} version {info.registered_model_version}")
+    tracking.terminate(client, run_id, "FINISHED")
+    print(f"export: integer max |Δlogits| {verification['integer_max_abs_logit_delta']:.2g}, onnxruntime top-1 "
+          f"{verification['onnx_top1']:.2f}% vs student {verification['student_top1']:.2f}% "
+          f"({verification['samples']} images)")
+    print(f"export: MLflow model {name} version {version}"
+          + (f", now {CHAMPION}" if moved else f"; {CHAMPION} stays version {champion} (top-1 not better)"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage ``fetch_teacher``: the teacher's weights into the workspace, with provenance.
 
 Loads the teacher the resolved config names (pytorchcv / torchvision download into their
-cache, a ``checkpoint`` file, or the offline demo teacher), evaluates it on the
+cache, a ``checkpoint`` file or ``s3://bucket/key`` object, or the offline demo teacher;
+S3 objects are fetched with :mod:`stages.s3`, size and SHA-256 verified), evaluates it on the
 evaluation data, and writes
 
 * ``outputs/teacher/weights.pt``: its state dict (``torch.save``);
@@ -58,9 +59,17 @@ def main() -> None:
 
     root = repo_root()
     fragment = read_yaml(TEACHER_CONFIG)
+    remote = None
     # a throw-away out_dir: prepare() proves it writable, and this stage must not create
     # the train stage's output
     with tempfile.TemporaryDirectory(prefix="qimera-fetch-") as scratch:
+        weights = (fragment["teacher"] or {}).get("weights") or ""
+        if str(weights).startswith("s3://"):
+            from .s3 import download
+
+            remote = download(weights, Path(scratch) / "teacher-weights.pt")
+            print(f"fetch_teacher: {weights} ({remote['size']} bytes, sha256 {remote['sha256'][:12]}, verified)")
+            fragment["teacher"] = {**fragment["teacher"], "weights": str(Path(scratch) / "teacher-weights.pt")}
         # method naive: the generator's constraints are checked by train, which uses it
         cfg = Config.model_validate({
             "method": "naive", "teacher": fragment["teacher"], "data": fragment["data"],
@@ -94,8 +103,8 @@ def main() -> None:
             "std": list(teacher.std),
             "weights": str(TEACHER_WEIGHTS),
             "sha256": sha256_file(tmp),
-            "source_weights": teacher.weights_path,
-            "source_sha256": teacher.sha256,
+            "source_weights": remote["url"] if remote else teacher.weights_path,
+            "source_sha256": remote["sha256"] if remote else teacher.sha256,
             "data": cfg.data.name,
             "num_samples": res.num_samples,
             "top1": res.top1,

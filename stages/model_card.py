@@ -9,8 +9,37 @@ def _acc(m: dict | None) -> str:
     return "–" if not m else f"{m['top1']:.2f}% top-1, {m['top5']:.2f}% top-5"
 
 
-def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, version: str | None) -> str:
-    """Teacher and its source, bits, accuracies, resolved config, and how it was made."""
+def _deployment(teacher: dict, v: dict) -> list[str]:
+    onnx = v.get("onnx", {})
+    fallback = len(onnx.get("float_weights", [])) + len(onnx.get("float_activations", []))
+    return [
+        "## Files and how to run them",
+        "",
+        "Inputs are images resized to "
+        f"{teacher['input_size']} and normalised with mean {teacher['mean']} and std {teacher['std']}.",
+        "",
+        "- `student.onnx`: ONNX (opset {}) with QuantizeLinear/DequantizeLinear: {} integer weight tensors "
+        "behind per-channel DequantizeLinear, {} activation quantizers as QuantizeLinear → Clip → "
+        "DequantizeLinear{}. Input `images`, output `logits`; runs in onnxruntime with no custom op.".format(
+            onnx.get("opset", "?"), onnx.get("qdq_weights", "?"), onnx.get("qdq_activations", "?"),
+            f" ({fallback} kept as exact float ops: zero point outside 8 bits)" if fallback else ""),
+        "- `integer/`: integer weights (packed two per byte at ≤ 4 bits), per-channel scale and zero point, "
+        "activation ranges (`student.safetensors`, `quant_map.json`); "
+        "`qimera.export.load_integer('integer')` rebuilds the model.",
+        "- `student.pt`: the fake-quantized PyTorch student's state dict.",
+        "",
+        f"Checked on {v['samples']} evaluation images: fake-quant student {v['student_top1']:.2f}% top-1, "
+        f"integer reload {v['integer_top1']:.2f}% (max |Δ logits| {v['integer_max_abs_logit_delta']:.2g}), "
+        f"onnxruntime {v['onnx_top1']:.2f}% (same prediction on "
+        f"{100 * v['onnx_prediction_agreement']:.2f}% of the images).",
+        "",
+    ]
+
+
+def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, version: str | None,
+                      verification: dict | None = None) -> str:
+    """Teacher and its source, bits, accuracies, resolved config, and how it was made;
+    with ``verification`` (the export stage's), the deployable files and their check."""
     q, g, t = config["quant"], config["generator"], config["train"]
     bits = f"{q['w_bits']}-bit weights, {q['a_bits']}-bit activations"
     method = {"qimera": "Qimera", "gdfq": "GDFQ"}.get(config["method"], config["method"])
@@ -50,6 +79,7 @@ def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, 
         f"was fine-tuned on generated images by distillation from the teacher "
         f"({t['epochs']} epochs × {t['iters_per_epoch']} iterations, batch {t['batch_size']}, seed {t['seed']}).",
         "",
+        *(_deployment(teacher, verification) if verification else []),
         "## Resolved configuration",
         "",
         "```yaml",

@@ -20,6 +20,7 @@ from .common import (
     TEACHER_CONFIG,
     PipelineError,
     check_input_files,
+    export_params,
     load_params,
     preset_file,
     repo_root,
@@ -42,6 +43,7 @@ def main() -> None:
             f"run the {cfg.method} baseline with `qimera run {preset_file(root, cfg.preset)}`"
         )
     check_input_files(cfg, root)
+    export_params(params)
     connect(tracking_uri(params, root))
 
     resolved = cfg.resolved()

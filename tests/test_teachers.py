@@ -152,9 +152,12 @@ def test_missing_weights_file(tmp_path: Path) -> None:
         load_state_dict_file(missing)
 
 
-def test_remote_weights_rejected() -> None:
-    with pytest.raises(TeacherError, match="only local paths"):
+def test_remote_weights_rejected_with_a_way_forward() -> None:
+    with pytest.raises(TeacherError, match="local files only") as info:
         load_teacher("checkpoint", arch=ARCH20, weights="s3://bucket/resnet20.th")
+    assert "python -m stages.s3 get s3://bucket/resnet20.th" in str(info.value)
+    with pytest.raises(TeacherError, match="https:// URL"):
+        load_teacher("checkpoint", arch=ARCH20, weights="https://example.com/resnet20.th")
 
 
 def test_pickled_module_rejected(tmp_path: Path) -> None:

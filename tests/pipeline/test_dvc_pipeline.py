@@ -92,6 +92,17 @@ def test_repro_runs_the_demo_and_records_everything(built):
     integer = load_integer(built.path / "outputs/export/integer")  # rebuilt from integers alone
     x, _ = next(iter(load_eval_data("digits", batch_size=64).loader))
     assert integer(x).shape == (64, 10)
+    v = built.read_json("outputs/export/verification.json")
+    assert v["samples"] == teacher["num_samples"]  # the whole evaluation set
+    assert v["student_top1"] == pytest.approx(m["student"]["top1"], abs=1e-3)
+    assert v["integer_max_abs_logit_delta"] <= 1e-5 and abs(v["onnx_top1"] - v["student_top1"]) <= 0.1
+    assert "onnxruntime" in card and "QuantizeLinear" in card
+    import onnx
+
+    graph = onnx.load(str(built.path / "outputs/export/student.onnx"))
+    assert {n.op_type for n in graph.graph.node} >= {"QuantizeLinear", "Clip", "DequantizeLinear", "Conv"}
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["qimera.bits"] == "w4a4" and meta["qimera.mlflow_run_id"] == m["mlflow_run_id"]
     assert run_cfg["preset"] == "demo" and run_cfg["train"]["out_dir"] == "outputs/train"
     for png in ("samples.png", "curves.png"):
         assert (built.path / "outputs/figures" / png).read_bytes()[:4] == b"\x89PNG"
@@ -125,12 +136,19 @@ def test_repro_runs_the_demo_and_records_everything(built):
 
     arts = set(listing())
     assert {"config/run.yaml", "figures/samples.png", "figures/curves.png", "evaluation/metrics.json",
-            "training/history.csv", "export/config.yaml"} <= arts, arts
+            "training/history.csv", "export/config.yaml", "export/student.onnx", "export/verification.json",
+            "export/integer/quant_map.json", "export/integer/student.safetensors"} <= arts, arts
+    assert final["onnx_top1"] == pytest.approx(v["onnx_top1"])
 
     versions = client.search_model_versions("name='qimera-demo-w4a4'")
     assert [v.run_id for v in versions] == [run.info.run_id]
     assert model_info["registered_model"] == "qimera-demo-w4a4"
     assert str(model_info["registered_version"]) == str(versions[0].version)
+    tags = versions[0].tags
+    assert tags["bits"] == "w4a4" and tags["preset"] == "demo" and tags["teacher"] == "demo:digits_cnn"
+    assert float(tags["top1"]) == pytest.approx(m["student"]["top1"], abs=1e-3)
+    assert model_info["champion"] is True and model_info["s3_uri"] is None  # first version; no upload
+    assert client.get_model_version_by_alias("qimera-demo-w4a4", "champion").version == versions[0].version
     # the registered model loads and classifies digits (pickle format)
     check = subprocess.run(
         ["python", "-c",
