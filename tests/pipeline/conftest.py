@@ -26,3 +26,57 @@ def teacher_cache(tmp_path_factory) -> Path:
 def dvc_project(tmp_path, teacher_cache) -> DvcProject:
     """A fresh, committed git + DVC copy of the project with tiny demo params."""
     return make_dvc_project(tmp_path / "project", teacher_cache=teacher_cache)
+
+
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1 (a real HTTP endpoint; boto3 is not patched)."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        #: what a process needs to use it: static test credentials and AWS_ENDPOINT_URL
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "qimera-test-key",
+                    "AWS_SECRET_ACCESS_KEY": "qimera-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="qimera-test-key", aws_secret_access_key="qimera-test-secret")
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A ThreadedMotoServer for the session, stopped at the end."""
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """This process talks to the moto server: its credentials and endpoint in os.environ,
+    and no ~/.aws files or instance metadata to fall back on."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**s3_server.env, **isolated_aws_files(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+def isolated_aws_files(tmp_path: Path) -> dict[str, str]:
+    return {"AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true"}

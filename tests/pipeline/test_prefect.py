@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from servers import free_port, kill_group, tail, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,48 +38,11 @@ RUN_WAIT_S = 240
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGINT, then SIGTERM, then SIGKILL to the process group that ``proc`` leads."""
-    if proc.poll() is not None:
-        try:  # the leader is gone; children may be left in its group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (flow-run processes)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(path: Path, n: int = 80) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory):
     """A Prefect server on 127.0.0.1:<free port> with its home and database in a tmp dir."""
     root = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
+    port = free_port()
     settings = {
         "PREFECT_HOME": str(root / "home"),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
@@ -103,21 +66,10 @@ def prefect_env(tmp_path_factory):
                                   env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"prefect server exited with {server.returncode}:\n{_tail(log)}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after {SERVER_START_S} s:\n{_tail(log)}")
-            time.sleep(0.5)
+        wait_healthy(server, f"http://127.0.0.1:{port}/api/health", log, "prefect server", SERVER_START_S)
         yield {"env": env, "settings": settings, "api": settings["PREFECT_API_URL"], "server_log": log}
     finally:
-        _kill_group(server)
+        kill_group(server)
 
 
 def _cli(env: dict, *args: str, cwd: Path, timeout: float = 120) -> str:
@@ -196,13 +148,13 @@ def test_demo_deployment_runs_by_name(prefect_env, dvc_project, tmp_path):
             if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             if worker.poll() is not None:
-                pytest.fail(f"worker exited with {worker.returncode}:\n{_tail(worker_log)}")
+                pytest.fail(f"worker exited with {worker.returncode}:\n{tail(worker_log)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"flow run still {state['type']} after {RUN_WAIT_S} s:\n{_tail(worker_log)}")
+                pytest.fail(f"flow run still {state['type']} after {RUN_WAIT_S} s:\n{tail(worker_log)}")
             time.sleep(2)
-        assert state["type"] == "COMPLETED", f"{state}\n{_tail(worker_log, 150)}"
+        assert state["type"] == "COMPLETED", f"{state}\n{tail(worker_log, 150)}"
     finally:
-        _kill_group(worker)
+        kill_group(worker)
 
     res = subprocess.run([sys.executable, "-c", RESULT_SCRIPT, flow_run_id], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
