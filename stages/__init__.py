@@ -62,14 +62,18 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
     ``samples.png`` (class × class grid of generated samples) and ``curves.png``.
 ``outputs/export/``
     ``student.pt`` (state dict of the fake-quantized student), ``config.yaml`` (resolved
-    config) and ``model.json`` (MLflow model URI, registered name and version).
+    config), ``integer/`` (:mod:`qimera.export`), ``student.onnx`` (Q/DQ ONNX,
+    :mod:`qimera.onnx_export`), ``verification.json`` (student, integer reload and
+    onnxruntime on the evaluation set), ``MODEL_CARD.md`` and ``model.json`` (MLflow model
+    URI, registered name and version, champion, S3 location). Uploaded to
+    ``export.s3_prefix`` when set (:mod:`stages.s3`).
 
 MLflow: one run per pipeline execution in the experiment named after the preset
 (``mlflow.experiment`` overrides), created by ``train`` and closed by ``export``; see
 :mod:`stages.tracking`.
 
 Exit status: 0 on success; 2 for bad input (unknown preset, invalid value, missing file,
-unreachable MLflow server), one line on stderr before any training and before any output
+unreachable MLflow server, an S3 bucket, object, credential or endpoint problem), one line on stderr before any training and before any output
 is written; 1 with a traceback for anything else.
 
 Speed: on a machine whose cores are busy with other work, torch's default of one thread
