@@ -254,8 +254,10 @@ def test_k_above_the_teachers_classes_stops_before_training(copy_of_built):
          "teacher.weights='teachers/missing.pt': file not found"),
         ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
          "MLflow tracking store 'http://127.0.0.1:9' is not usable: [Errno 111] Connection refused"),
+        ({"export.s3_prefix": "https://bucket/x"}, {},
+         "export.s3_prefix='https://bucket/x': expected s3://bucket/prefix, or null to skip the upload"),
     ],
-    ids=["unknown-preset", "invalid-value", "missing-teacher-file", "unreachable-mlflow"],
+    ids=["unknown-preset", "invalid-value", "missing-teacher-file", "unreachable-mlflow", "bad-s3-prefix"],
 )
 def test_bad_input_fails_early_and_writes_nothing(dvc_project, updates, env, message):
     project = dvc_project

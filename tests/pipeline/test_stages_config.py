@@ -111,6 +111,34 @@ def test_missing_input_files_are_reported_with_the_root(tmp_path):
     assert common.root_relative(cfg, tmp_path).teacher.weights == str(tmp_path / "nope.pt")
 
 
+def test_remote_teacher_weights_are_checked_for_form_only():
+    cfg = resolve_config(params(teacher={"source": "checkpoint", "arch": "a.b:c", "weights": "s3://b/t.pt"}), REPO)
+    common.check_input_files(cfg, REPO)  # fetched by fetch_teacher, not checked for existence here
+    assert common.root_relative(cfg, REPO).teacher.weights == "s3://b/t.pt"
+    for bad, msg in (("https://host/t.pt", "allowed are a local file path or s3://bucket/key"),
+                     ("s3://bucket-only", "no object key")):
+        cfg = resolve_config(params(teacher={"source": "checkpoint", "arch": "a.b:c", "weights": bad}), REPO)
+        with pytest.raises(PipelineError, match=msg):
+            common.check_input_files(cfg, REPO)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"s3_prefix": "bucket/x"}, "export.s3_prefix='bucket/x': expected s3://bucket/prefix"),
+    ({"s3_prefix": "s3:///x"}, "no bucket"),
+    ({"verify_samples": 0}, "export.verify_samples=0: expected a positive integer"),
+    ({"onnx_opset": 13}, "export.onnx_opset=13: expected an integer from 18 to 23"),
+    ({"s3": "x"}, "export.s3: unknown key; allowed: s3_prefix, verify_samples, onnx_opset"),
+])
+def test_export_section_is_validated(section, message):
+    with pytest.raises(PipelineError, match=message):
+        common.export_params({"export": section})
+
+
+def test_export_section_defaults():
+    assert common.export_params({}) == {"s3_prefix": None, "verify_samples": None, "onnx_opset": 20}
+    assert common.export_params({"export": {"s3_prefix": "s3://b/p", "verify_samples": None}})["s3_prefix"] == "s3://b/p"
+
+
 def test_repo_root_from_an_experiment_copy(tmp_path, monkeypatch):
     root = tmp_path / "repo"
     exp = root / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"
@@ -174,7 +202,8 @@ def test_stage_graph_is_exact():
     assert dvc["resolve"]["params"] == [{"params.yaml": None}]  # all of params.yaml
     for name, stage in dvc.items():
         assert stage["cmd"] == f"python -m stages.{name}"
-        assert name == "resolve" or "params" not in stage  # the others read config fragments
+        # the others read config fragments; export also reads the params' export section
+        assert name == "resolve" or stage.get("params", []) == (["export"] if name == "export" else [])
     deps = {name: set(stage["deps"]) for name, stage in dvc.items()}
     assert "outputs/config/teacher.yaml" in deps["fetch_teacher"]
     assert "outputs/config/embeddings.yaml" in deps["init_embeddings"]
@@ -313,3 +342,15 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "93.89% top-1" in card and "91.26% top-1" in card and "| –" in card
     assert "`pytorchcv`, name `resnet20_cifar10`" in card and "p = 0.4" in card and "K = 2" in card
     assert "```yaml\nmethod: qimera" in card
+    assert "onnxruntime" not in card  # no verification given: no deployment section
+
+    teacher.update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    verification = {"samples": 10000, "student_top1": 91.26, "integer_top1": 91.26,
+                    "integer_max_abs_logit_delta": 2e-6, "onnx_top1": 91.25, "onnx_prediction_agreement": 0.9996,
+                    "onnx": {"opset": 20, "qdq_weights": 20, "qdq_activations": 19, "float_weights": [],
+                             "float_activations": ["act_quant_3"]}}
+    card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
+                             version=None, verification=verification)
+    assert "ONNX (opset 20) with QuantizeLinear/DequantizeLinear: 20 integer weight tensors" in card
+    assert "(1 kept as exact float ops" in card and "onnxruntime 91.25%" in card and "99.96% of the images" in card
+    assert "mean [0.5, 0.5, 0.5] and std [0.25, 0.25, 0.25]" in card
