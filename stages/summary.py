@@ -7,7 +7,9 @@
     naive 4w4a (noise calibration)       99.07  100.00
     Qimera 4w4a (final epoch)            98.52  100.00
 
-The method and bit widths come from ``outputs/config/run.yaml`` when it is there.
+followed, when the export stage has run, by where the deployable files are and how they
+scored (``outputs/export/verification.json``, ``model.json``). The method and bit widths
+come from ``outputs/config/run.yaml`` when it is there.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import METRICS, RUN_CONFIG, read_json, read_yaml
+from .common import EXPORT_DIR, METRICS, RUN_CONFIG, read_json, read_yaml
 
 METHOD_NAMES = {"qimera": "Qimera", "gdfq": "GDFQ"}
 
@@ -40,7 +42,26 @@ def main(argv: list[str]) -> int:
     if metrics.get("mlflow_run_id"):
         print(f"MLflow run {metrics['mlflow_run_id']}; `dvc exp show` and `mlflow ui` list it")
     print(table(metrics, method))
+    print(exports_line())
     return 0
+
+
+def exports_line(export_dir: Path = EXPORT_DIR) -> str:
+    """One paragraph on the exported files, or a hint when export has not run."""
+    v_path, m_path = export_dir / "verification.json", export_dir / "model.json"
+    if not (v_path.is_file() and m_path.is_file()):
+        return "no export yet (outputs/export): run the export stage"
+    v, m = read_json(v_path), read_json(m_path)
+    lines = [
+        f"exported to {export_dir}/: student.onnx (onnxruntime top-1 {v['onnx_top1']:.2f}%, same prediction "
+        f"on {100 * v['onnx_prediction_agreement']:.2f}% of {v['samples']} images), integer/ (max |Δ logits| "
+        f"{v['integer_max_abs_logit_delta']:.1g}), MODEL_CARD.md",
+        f"MLflow model {m['registered_model']} version {m['registered_version']}"
+        + (" (champion)" if m.get("champion") else f" (champion: version {m.get('champion_version')})"),
+    ]
+    if m.get("s3_uri"):
+        lines.append(f"uploaded to {m['s3_uri']}/")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,22 @@ def test_summary_table_for_make_demo():
     assert "naive" not in table({**m, "naive": None}, "gdfq") and "GDFQ 4w4a" in table(m, "gdfq")
 
 
+def test_summary_names_the_exports(tmp_path):
+    import json
+
+    from stages.summary import exports_line
+
+    assert "no export yet" in exports_line(tmp_path)
+    (tmp_path / "verification.json").write_text(json.dumps({
+        "samples": 540, "onnx_top1": 98.33, "onnx_prediction_agreement": 1.0, "integer_max_abs_logit_delta": 1e-6}))
+    (tmp_path / "model.json").write_text(json.dumps({
+        "registered_model": "qimera-demo-w4a4", "registered_version": "2", "champion": False,
+        "champion_version": "1", "s3_uri": "s3://b/p/qimera-demo-w4a4/r"}))
+    text = exports_line(tmp_path)
+    assert "onnxruntime top-1 98.33%, same prediction on 100.00% of 540 images" in text
+    assert "version 2 (champion: version 1)" in text and "uploaded to s3://b/p/qimera-demo-w4a4/r/" in text
+
+
 def test_model_card_names_teacher_bits_accuracies_and_config():
     from stages.model_card import render_model_card
 
