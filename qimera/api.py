@@ -158,12 +158,14 @@ def run(
     history: list[dict] = []
     iterations = 0
     generator = None
+    student_res = None
     if cfg.method in ("qimera", "gdfq"):
         trainer = Trainer(cfg, prep.teacher, prep.eval_data, callbacks=callbacks,
                           initial_embeddings=initial_embeddings)
         result = trainer.fit()
         student, generator, history = trainer.student, trainer.generator, result.history
         iterations = cfg.train.epochs * cfg.train.iters_per_epoch
+        student_res = trainer.final_eval  # already measured at the end of the last epoch
     elif cfg.method == "zeroq":
         student = build_student(cfg, prep.teacher).to(prep.device)
         z = cfg.zeroq
@@ -172,7 +174,8 @@ def run(
         iterations = z.steps
     else:  # naive
         student = naive_model
-    student_res = _evaluate(student, prep)
+    if student_res is None:
+        student_res = _evaluate(student, prep)
     seconds = time.perf_counter() - start
 
     res = RunResult(cfg, teacher_res, naive_res, student_res, student, generator, history, iterations, seconds)

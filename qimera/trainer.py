@@ -184,6 +184,8 @@ class Trainer:
         self.rng_dev = torch.Generator(device=self.device).manual_seed(self.tc.seed + 1)
         self.epoch = 0
         self.history: list[dict] = []
+        #: the evaluation of the final epoch's student, when this process trained that epoch
+        self.final_eval = None
         self.resumed_from_epoch = 0
         self._fingerprint = cfg.fingerprint(ignore=RESUME_MAY_CHANGE)
 
@@ -354,6 +356,8 @@ class Trainer:
             res = evaluate(self.student, self.eval_data.loader, device=self.device,
                            num_classes=self.num_classes, channels_last=self.channels_last)
             record.update({"top1": res.top1, "top5": res.top5})
+            if self.epoch == self.tc.epochs:
+                self.final_eval = res  # the whole result (per-class too) of the final student
         self.history.append(record)
         return record
 
