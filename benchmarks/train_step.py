@@ -9,6 +9,8 @@ in the same process, so the printed ratios compare like with like.
 
     python benchmarks/train_step.py                      # fp32 and bf16 on this device
     python benchmarks/train_step.py --amp none --iters 20
+    python benchmarks/train_step.py --device cuda --arch torchvision.models:resnet18 \
+        --input-size 3 224 224 --num-classes 1000 --batch-size 64   # an ImageNet-sized step
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import torch
 
 
-def build(amp: str, batch_size: int, device: str, arch: str):
+def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 32), num_classes: int = 10):
     from qimera.config import load_config
     from qimera.teachers import load_teacher
     from qimera.trainer import Trainer
@@ -32,17 +34,20 @@ def build(amp: str, batch_size: int, device: str, arch: str):
     module, _, fn = arch.partition(":")
     import importlib
 
-    model = getattr(importlib.import_module(module), fn)(num_classes=10)
+    model = getattr(importlib.import_module(module), fn)(num_classes=num_classes)
     weights = f"{tmp}/teacher.pt"
     torch.save(model.state_dict(), weights)
+    size = list(input_size)
     cfg = load_config({
-        "teacher": {"source": "checkpoint", "arch": arch, "weights": weights, "num_classes": 10},
+        "teacher": {"source": "checkpoint", "arch": arch, "weights": weights, "num_classes": num_classes,
+                    "input_size": size},
         "quant": {"w_bits": 4, "a_bits": 4},
-        "generator": {"p": 0.4, "k": 2, "dm_layers": 1},
+        "generator": {"p": 0.4, "k": 2, "dm_layers": 1, "variant": "cifar" if size[-1] <= 64 else "imagenet"},
         "train": {"batch_size": batch_size, "amp": amp, "device": device, "out_dir": tmp,
                   "progress": False, "warmup_epochs": 0},
     })
-    teacher = load_teacher("checkpoint", arch=arch, weights=weights, num_classes=10)
+    teacher = load_teacher("checkpoint", arch=arch, weights=weights, num_classes=num_classes,
+                           input_size=tuple(size))
     return Trainer(cfg, teacher)
 
 
@@ -52,7 +57,7 @@ def sync(device: torch.device) -> None:
 
 
 def time_mode(amp: str, args) -> dict:
-    tr = build(amp, args.batch_size, args.device, args.arch)
+    tr = build(amp, args.batch_size, args.device, args.arch, args.input_size, args.num_classes)
     # calibrate the activation ranges once, as the first epochs do, then time the
     # steady state: ranges frozen, generator and student both trained
     for _ in range(args.warmup):
@@ -89,6 +94,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", default="qimera.models.cifar_resnet:resnet20")
+    p.add_argument("--input-size", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
+                   help="teacher input; wider than 64 pixels uses the ImageNet generator")
+    p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--default-malloc", action="store_true", help="skip qimera.runtime.tune_cpu_allocator()")
     args = p.parse_args()
@@ -101,7 +109,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"batch {args.batch_size}, {args.arch}")
+          f"batch {args.batch_size}, {args.arch}, input {tuple(args.input_size)}")
     results = []
     for amp in args.amp:
         r = time_mode(amp, args)

@@ -242,7 +242,9 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.sched_s.load_state_dict(state["sched_s"])
         self.sched_g.load_state_dict(state["sched_g"])
-        rng = state["rng"]
+        # generator states are CPU byte tensors whatever the device (a checkpoint loaded
+        # with map_location="cuda" would put them on the GPU, which set_state refuses)
+        rng = {k: v.cpu() for k, v in state["rng"].items()}
         torch.set_rng_state(rng["torch"])
         self.rng_host.set_state(rng["host"])
         self.rng_dev.set_state(rng["dev"])
@@ -261,7 +263,9 @@ class Trainer:
     def maybe_resume(self) -> bool:
         if not (self.tc.resume and self.checkpoint_path.is_file()):
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        # load on the CPU: load_state_dict copies parameters and optimiser state to the
+        # modules' device, and the RNG states must stay on the CPU
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         self.load_state_dict(state)
         return True
 
