@@ -162,6 +162,10 @@ def test_amp_auto_resolves_per_device(tiny_config, tiny_teacher, monkeypatch):
     assert tr.amp == "none" and not tr.channels_last
     tr.close()
     monkeypatch.setattr(tr_mod, "bf16_is_fast", lambda device: True)
+    cuda = torch.device("cuda")
+    assert tr_mod.resolve_amp("auto", cuda, (3, 32, 32)) == "none"  # launch-bound: fp32/TF32 is faster
+    assert tr_mod.resolve_amp("auto", cuda, (3, 224, 224)) == "bf16"
+    assert tr_mod.resolve_amp("auto", cpu, (3, 32, 32)) == "bf16"
     tr = Trainer(load_config(tiny_config, ["train.amp=auto", "train.epochs=1"]), tiny_teacher)
     assert tr.amp == "bf16" and tr.channels_last
     res = tr.fit()  # one bf16 epoch runs end to end
