@@ -298,6 +298,10 @@ def download_dir(prefix: str, dest: str | os.PathLike, *, client=None) -> dict:
                                    "(or nothing was uploaded)") from None
             raise
         manifest = json.loads((tmp / MANIFEST).read_text())
+        for rel in manifest["files"]:
+            parts = Path(rel).parts
+            if Path(rel).is_absolute() or ".." in parts or rel == MANIFEST:
+                raise StorageError(f"download {prefix}: {MANIFEST} names {rel!r}, which is not a file under the prefix")
         for rel, entry in manifest["files"].items():
             info = download(join(prefix, rel), tmp / rel, client=client)
             if (info["size"], info["sha256"]) != (entry["size"], entry["sha256"]):

@@ -135,6 +135,17 @@ def test_failed_directory_upload_leaves_nothing_that_looks_complete(s3_env, tmp_
     assert not (tmp_path / "back").exists()
 
 
+def test_a_manifest_cannot_write_outside_the_destination(s3_env, tmp_path):
+    bucket = s3_env.bucket("qimera-unit-evil")
+    evil = tmp_path / "m" / MANIFEST
+    evil.parent.mkdir()
+    evil.write_text(json.dumps({"format_version": 1, "files": {"../outside.txt": {"size": 1, "sha256": "0" * 64}}}))
+    s3.upload_file(evil, f"s3://{bucket}/p/{MANIFEST}")
+    with pytest.raises(StorageError, match="not a file under the prefix"):
+        s3.download_dir(f"s3://{bucket}/p", tmp_path / "dest" / "back")
+    assert not (tmp_path / "dest" / "outside.txt").exists() and list((tmp_path / "dest").iterdir()) == []
+
+
 def test_command_line_get_and_its_errors(s3_server, tmp_path):
     bucket = s3_server.bucket("qimera-unit-cli")
     src = _file(tmp_path / "t.pt", 777)
