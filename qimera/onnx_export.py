@@ -23,7 +23,7 @@ PyTorch kernels compute ONNX's formulas (``round(x / scale) + zero_point``, satu
 rounding (``x / (1/s)`` instead of ``x * s``), so onnxruntime, the twin and the student
 agree on nearly every prediction.
 
-Needs ``onnx``, ``onnxscript`` (torch's exporter) and, to run the model, ``onnxruntime``:
+Needs torch 2.6 or newer, ``onnx``, ``onnxscript`` (torch's exporter) and, to run the model, ``onnxruntime``:
 ``pip install 'qimera[onnx]'``. Nothing here is imported by the rest of the library.
 """
 
