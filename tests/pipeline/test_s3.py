@@ -82,6 +82,19 @@ def test_missing_credentials(s3_env, monkeypatch, tmp_path):
         s3.download("s3://qimera-any/w.pt", tmp_path / "w.pt")
 
 
+def test_credentials_from_a_profile(s3_env, monkeypatch, tmp_path):
+    bucket = s3_env.bucket("qimera-unit-profile")
+    s3_env.client().put_object(Bucket=bucket, Key="w.pt", Body=b"weights")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    creds = tmp_path / "credentials"
+    creds.write_text("[qimera]\naws_access_key_id = qimera-test-key\naws_secret_access_key = qimera-test-secret\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_PROFILE", "qimera")
+    s3.download(f"s3://{bucket}/w.pt", tmp_path / "w.pt")
+    assert (tmp_path / "w.pt").read_bytes() == b"weights"
+
+
 def test_unreachable_endpoint(s3_env, monkeypatch, tmp_path):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
