@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._files import default_permissions
 from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model, set_calibrating
 from .quant.functional import affine_params, per_channel_minmax, qrange
 
@@ -92,6 +93,8 @@ def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], qmap: dic
     try:
         save_file(tensors, str(tmp / TENSORS_FILE))
         (tmp / MAP_FILE).write_text(json.dumps(qmap, indent=2) + "\n")
+        for item in (tmp / TENSORS_FILE, tmp / MAP_FILE, tmp):  # safetensors writes 0600
+            default_permissions(item)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

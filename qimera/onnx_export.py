@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._files import default_permissions
 from .export import ExportError, _act_sites, _float_twin, _weight_layers, integer_weight
 from .quant import QuantConv2d
 from .quant.functional import affine_params, qrange
@@ -295,6 +296,7 @@ def export_onnx(
         for node in proto.graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
         report.node_counts = dict(sorted(counts.items()))
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import yaml
 
+from qimera._files import default_permissions
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"
 CONFIGS_DIR = "configs"
@@ -84,6 +86,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from qimera._files import default_permissions
+
 from .common import (
     TEACHER_CONFIG,
     TEACHER_DIR,
@@ -111,6 +113,7 @@ def main() -> None:
             "top5": res.top5,
             "per_class": res.per_class,
         }
+        default_permissions(tmp)
         os.replace(tmp, TEACHER_WEIGHTS)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from qimera._files import default_permissions
+
 from .common import PipelineError
 
 MANIFEST = "MANIFEST.json"
@@ -215,6 +217,7 @@ def download(url: str, dest: str | os.PathLike, *, client=None) -> dict:
                 if value != digest:
                     raise StorageError(f"download {url}: SHA-256 {digest[:16]}… differs from {what} {value[:16]}…; "
                                        "the object is corrupt or was changed during the transfer")
+            default_permissions(tmp)
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -307,6 +310,7 @@ def download_dir(prefix: str, dest: str | os.PathLike, *, client=None) -> dict:
             if (info["size"], info["sha256"]) != (entry["size"], entry["sha256"]):
                 raise StorageError(f"download {join(prefix, rel)}: differs from the manifest "
                                    f"({info['size']} bytes, sha256 {info['sha256'][:16]}…)")
+        default_permissions(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._files import default_permissions
+
 __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
@@ -203,6 +205,7 @@ def load_demo_teacher(
         try:
             with os.fdopen(fd, "wb") as handle:
                 torch.save(model.state_dict(), handle)
+            default_permissions(tmp_name)
             os.replace(tmp_name, path)
         except BaseException:
             if os.path.exists(tmp_name):
