@@ -1,9 +1,15 @@
-"""File-system helpers shared by the writers that publish files atomically."""
+"""Atomic publication of files and directories, shared by every writer in the project:
+a file or directory appears complete, with ordinary permissions, or not at all."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 _lock = threading.Lock()
 
@@ -20,3 +26,40 @@ def default_permissions(path: str | os.PathLike) -> None:
     permissions an ordinary ``open``/``mkdir`` would, before it is renamed into place."""
     mode = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, mode & ~_umask())
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path`` (opened with ``mode``),
+    then rename it to ``path``; on any failure the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+        default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest`` to fill; when the block succeeds it
+    (and everything in it) gets ordinary permissions and replaces ``dest``, otherwise it
+    is removed and ``dest`` is untouched."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        for item in [*tmp.rglob("*"), tmp]:  # some writers (safetensors) make 0600 files
+            default_permissions(item)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

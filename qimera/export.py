@@ -29,15 +29,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ._files import default_permissions
+from ._files import atomic_dir
 from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model, set_calibrating
 from .quant.functional import affine_params, per_channel_minmax, qrange
 
@@ -85,22 +83,25 @@ def _act_sites(model: nn.Module) -> dict[str, ActQuantizer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
 
 
+def exportable_parts(student: nn.Module) -> tuple[dict[str, nn.Module], dict[str, ActQuantizer]]:
+    """The weight-quantized layers and activation quantizers of a trained student, by name;
+    raises :class:`ExportError` when there is nothing to export or a range is not frozen."""
+    layers = _weight_layers(student)
+    sites = _act_sites(student)
+    if not layers:
+        raise ExportError("the model has no weight-quantized layer (QuantConv2d/QuantLinear) to export")
+    for name, site in sites.items():
+        if site.calibrating or float(site.steps) == 0.0:
+            raise ExportError(f"activation quantizer {name} is not frozen after calibration; export a trained student")
+    return layers, sites
+
+
 def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], qmap: dict) -> None:
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         (tmp / MAP_FILE).write_text(json.dumps(qmap, indent=2) + "\n")
-        for item in (tmp / TENSORS_FILE, tmp / MAP_FILE, tmp):  # safetensors writes 0600
-            default_permissions(item)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @torch.no_grad()
@@ -118,13 +119,7 @@ def export_integer(
     """Write the integer artifact of ``student`` (built by :func:`qimera.quantize_model`
     from ``arch(**arch_kwargs)`` with these bit options) into ``out_dir``; returns the
     quantization map. The directory appears complete or not at all."""
-    layers = _weight_layers(student)
-    sites = _act_sites(student)
-    if not layers:
-        raise ExportError("the model has no weight-quantized layer (QuantConv2d/QuantLinear) to export")
-    for name, site in sites.items():
-        if site.calibrating or float(site.steps) == 0.0:
-            raise ExportError(f"activation quantizer {name} is not frozen after calibration; export a trained student")
+    layers, sites = exportable_parts(student)
     tensors: dict[str, torch.Tensor] = {}
     qmap: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

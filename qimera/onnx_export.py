@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._files import default_permissions
-from .export import ExportError, _act_sites, _float_twin, _weight_layers, integer_weight
+from ._files import atomic_write
+from .export import ExportError, _float_twin, exportable_parts, integer_weight
 from .quant import QuantConv2d
 from .quant.functional import affine_params, qrange
 
@@ -116,37 +114,38 @@ def _integer_form(q: torch.Tensor, z: torch.Tensor, qmin: int) -> tuple[torch.Te
     return None
 
 
-class QDQConv2d(nn.Module):
+class _QDQWeightLayer(nn.Module):
+    """A layer whose weight is read through ``DequantizeLinear`` (axis 0) from integers."""
+
+    def __init__(self, layer: nn.Module, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+
+    def weight(self) -> torch.Tensor:
+        return torch.ops.qimera.dequantize_per_channel(self.qweight, self.scale, self.zero_point)
+
+
+class QDQConv2d(_QDQWeightLayer):
     """Conv2d reading its weight through ``DequantizeLinear`` from integers."""
 
     def __init__(self, conv: nn.Conv2d, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
-        super().__init__()
         if conv.padding_mode != "zeros":
             raise ExportError(f"ONNX export: conv padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        super().__init__(conv, qweight, scale, zero_point)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero_point)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.ops.qimera.dequantize_per_channel(self.qweight, self.scale, self.zero_point)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class QDQLinear(nn.Module):
+class QDQLinear(_QDQWeightLayer):
     """Linear reading its weight through ``DequantizeLinear`` from integers."""
 
-    def __init__(self, lin: nn.Linear, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
-        super().__init__()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero_point)
-        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float().clone())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.ops.qimera.dequantize_per_channel(self.qweight, self.scale, self.zero_point)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight(), self.bias)
 
 
 class QDQActivation(nn.Module):
@@ -204,16 +203,10 @@ def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
     The copy is what :func:`export_onnx` traces; it runs in PyTorch too, which is how the
     tests check the ONNX semantics against the fake-quant student.
     """
-    layers = _weight_layers(student)
-    sites = _act_sites(student)
-    if not layers:
-        raise ExportError("the model has no weight-quantized layer (QuantConv2d/QuantLinear) to export")
-    for name, site in sites.items():
-        if site.calibrating or float(site.steps) == 0.0:
-            raise ExportError(f"activation quantizer {name} is not frozen after calibration; export a trained student")
     model = copy.deepcopy(student).cpu().float().eval()
+    layers, sites = exportable_parts(model)
     report = OnnxReport()
-    for name, mod in _weight_layers(model).items():
+    for name, mod in layers.items():
         bits = mod.w_bits
         qmin, _ = qrange(bits)
         q, s, z = integer_weight(mod.weight, bits)
@@ -228,7 +221,7 @@ def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
             new = cls(mod, ints.contiguous(), scale.contiguous(), zp.contiguous())
             report.qdq_weights += 1
         _set_module(model, name, new)
-    for name, site in _act_sites(model).items():
+    for name, site in sites.items():
         lo, hi = site.range
         s, z = affine_params(lo.reshape(()), hi.reshape(()), site.bits)
         qmin, qmax = qrange(site.bits)
@@ -276,31 +269,21 @@ def export_onnx(
     report.opset = int(opset)
     example = torch.zeros((2, *[int(d) for d in input_size]))
     batch = torch.export.Dim("batch", min=1, max=4096)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=int(opset), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False,
-            custom_translation_table=_translation_table(), verbose=False,
-        )
-        proto = program.model_proto
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = str(key), str(value)
-        onnx.checker.check_model(proto)
-        onnx.save_model(proto, tmp)
-        counts: dict[str, int] = {}
-        for node in proto.graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        report.node_counts = dict(sorted(counts.items()))
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, opset_version=int(opset), input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False,
+        custom_translation_table=_translation_table(), verbose=False,
+    )
+    proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.checker.check_model(proto)
+    atomic_write(path, lambda handle: handle.write(proto.SerializeToString()), "wb")
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    report.node_counts = dict(sorted(counts.items()))
     return report
 
 

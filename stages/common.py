@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from qimera._files import default_permissions
+from qimera._files import atomic_write
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"
@@ -77,21 +76,6 @@ def repo_root(cwd: str | os.PathLike | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @contextmanager

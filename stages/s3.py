@@ -30,7 +30,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from qimera._files import default_permissions
+from qimera._files import atomic_dir, default_permissions
 
 from .common import PipelineError
 
@@ -81,10 +80,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _b64(hexdigest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hexdigest)).decode()
 
 
 # --------------------------------------------------------------------------- client, errors
@@ -170,12 +165,21 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=64 << 20)
 
 
-def _object_sha256(client, bucket: str, key: str, head: dict) -> str:
-    """The SHA-256 of the stored object: the store's full-object checksum when it has one,
-    else read back and hashed."""
+def _stored_sha256(head: dict) -> str | None:
+    """The store's SHA-256 of the whole object (hex) from a HEAD response, if it has one
+    (multipart uploads carry a composite checksum instead)."""
     stored = head.get("ChecksumSHA256")
     if stored and "-" not in stored and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
         return base64.b64decode(stored).hex()
+    return None
+
+
+def _object_sha256(client, bucket: str, key: str, head: dict) -> str:
+    """The SHA-256 of the stored object: the store's full-object checksum when it has one,
+    else read back and hashed."""
+    stored = _stored_sha256(head)
+    if stored:
+        return stored
     digest = hashlib.sha256()
     body = client.get_object(Bucket=bucket, Key=key)["Body"]
     for chunk in iter(lambda: body.read(_CHUNK), b""):
@@ -208,9 +212,8 @@ def download(url: str, dest: str | os.PathLike, *, client=None) -> dict:
                 raise StorageError(f"download {url}: got {size} bytes, the store holds {head['ContentLength']}")
             digest = sha256_file(Path(tmp))
             expected = []
-            stored = head.get("ChecksumSHA256")
-            if stored and "-" not in stored and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
-                expected.append(("the store's checksum", base64.b64decode(stored).hex()))
+            if _stored_sha256(head):
+                expected.append(("the store's checksum", _stored_sha256(head)))
             if head.get("Metadata", {}).get("sha256"):
                 expected.append(("its sha256 metadata", head["Metadata"]["sha256"]))
             for what, value in expected:
@@ -289,10 +292,7 @@ def download_dir(prefix: str, dest: str | os.PathLike, *, client=None) -> dict:
     """Download a prefix written by :func:`upload_dir` into ``dest`` (which appears
     complete or not at all), checking every file against the manifest."""
     client = client or _client()
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         try:
             download(join(prefix, MANIFEST), tmp / MANIFEST, client=client)
         except StorageError as exc:
@@ -310,13 +310,6 @@ def download_dir(prefix: str, dest: str | os.PathLike, *, client=None) -> dict:
             if (info["size"], info["sha256"]) != (entry["size"], entry["sha256"]):
                 raise StorageError(f"download {join(prefix, rel)}: differs from the manifest "
                                    f"({info['size']} bytes, sha256 {info['sha256'][:16]}…)")
-        default_permissions(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -15,7 +15,6 @@ once from the training split and written down here as constants.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._files import default_permissions
+from .._files import atomic_write
 
 __all__ = [
     "DIGITS_MEAN",
@@ -200,17 +199,8 @@ def load_demo_teacher(
         model.load_state_dict(state)
     else:
         model = train_demo_teacher(seed=seed)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(model.state_dict(), handle)
-            default_permissions(tmp_name)
-            os.replace(tmp_name, path)
-        except BaseException:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-            raise
+        state = model.state_dict()
+        atomic_write(path, lambda handle: torch.save(state, handle), "wb")
     meta: dict[str, Any] = dict(
         num_classes=DIGITS_NUM_CLASSES,
         input_size=DIGITS_INPUT_SIZE,
