@@ -12,7 +12,7 @@ from qimera.config import ConfigError
 from qimera.data import DataError
 from qimera.teachers import TeacherError
 
-from qtest_paths import IMAGENET_MEAN, IMAGENET_STD, R20_ARCH, SHARED_NPZ, SHARED_TEACHER
+from qtest_paths import R20_ARCH, needs_shared, shared_r20_config
 
 
 def test_run_returns_summary_and_writes_outputs(tiny_config, tmp_path):
@@ -116,16 +116,9 @@ def test_cli_bad_input_exits_2_with_clear_message(tiny_config, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written before the error
 
 
-@pytest.mark.skipif(not (SHARED_TEACHER.is_file() and SHARED_NPZ.is_file()),
-                    reason="shared ResNet-20 teacher or CIFAR-10 npz not present (../shared)")
+@needs_shared
 def test_shared_teacher_fp_accuracy_on_shared_npz(tmp_path):
-    prep = qimera.prepare({
-        "teacher": {"source": "checkpoint", "arch": R20_ARCH, "weights": str(SHARED_TEACHER), "num_classes": 10,
-                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-        "data": {"name": "npz", "path": str(SHARED_NPZ)},
-        "quant": {"w_bits": 4, "a_bits": 4},
-        "train": {"out_dir": str(tmp_path)},
-    })
+    prep = qimera.prepare(shared_r20_config(tmp_path))
     from qimera.evaluate import evaluate
 
     res = evaluate(prep.teacher.model, prep.eval_data.loader, num_classes=10)

@@ -16,7 +16,7 @@ from qimera.models.digits_cnn import DigitsCNN  # noqa: E402
 from qimera.onnx_export import OnnxRuntimeModel, _integer_form, export_onnx, qdq_model  # noqa: E402
 from qimera.quant import quantize_model  # noqa: E402
 
-from qtest_paths import IMAGENET_MEAN, IMAGENET_STD, R20_ARCH, SHARED_NPZ, SHARED_TEACHER  # noqa: E402
+from qtest_paths import R20_ARCH, needs_shared, shared_r20_config  # noqa: E402
 
 
 def _digits_student(w_bits, a_bits, seed=0):
@@ -117,16 +117,9 @@ def test_unfrozen_student_refused_and_nothing_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not (SHARED_TEACHER.is_file() and SHARED_NPZ.is_file()),
-                    reason="shared ResNet-20 teacher or CIFAR-10 npz not present (../shared)")
+@needs_shared
 def test_shared_resnet20_onnx_and_integer_agree_with_student(tmp_path):
-    prep = qimera.prepare({
-        "teacher": {"source": "checkpoint", "arch": R20_ARCH, "weights": str(SHARED_TEACHER), "num_classes": 10,
-                    "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-        "data": {"name": "npz", "path": str(SHARED_NPZ)},
-        "quant": {"w_bits": 4, "a_bits": 4},
-        "train": {"out_dir": str(tmp_path / "run")},
-    })
+    prep = qimera.prepare(shared_r20_config(tmp_path / "run"))
     student = naive_student(prep.cfg, prep.teacher)
     loader = prep.eval_data.loader
     export_integer(student, tmp_path / "int", arch=R20_ARCH, arch_kwargs={"num_classes": 10}, w_bits=4, a_bits=4)

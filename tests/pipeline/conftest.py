@@ -9,6 +9,7 @@ a SQLite file beside it and the demo teacher cached per session. See
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ class S3Server:
         #: what a process needs to use it: static test credentials and AWS_ENDPOINT_URL
         self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "qimera-test-key",
                     "AWS_SECRET_ACCESS_KEY": "qimera-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def process_env(self, base: dict, home: Path) -> dict[str, str]:
+        """``base`` without its AWS_* settings, plus this server's credentials and endpoint
+        and no ~/.aws files or instance metadata to fall back on (``home`` holds neither)."""
+        env = {k: v for k, v in base.items() if not k.startswith("AWS_")}
+        return {**env, **self.env, **isolated_aws_files(home)}
 
     def client(self):
         import boto3
@@ -69,9 +76,9 @@ def s3_server():
 def s3_env(s3_server, monkeypatch, tmp_path):
     """This process talks to the moto server: its credentials and endpoint in os.environ,
     and no ~/.aws files or instance metadata to fall back on."""
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {**s3_server.env, **isolated_aws_files(tmp_path)}.items():
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3_server.process_env({}, tmp_path).items():
         monkeypatch.setenv(key, value)
     return s3_server
 

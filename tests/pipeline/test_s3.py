@@ -15,7 +15,6 @@ import pytest
 
 pytest.importorskip("boto3")
 
-from conftest import isolated_aws_files  # noqa: E402
 from stages import s3  # noqa: E402
 from stages.s3 import MANIFEST, StorageError  # noqa: E402
 
@@ -163,8 +162,7 @@ def test_command_line_get_and_its_errors(s3_server, tmp_path):
     bucket = s3_server.bucket("qimera-unit-cli")
     src = _file(tmp_path / "t.pt", 777)
     s3_server.client().upload_file(str(src), bucket, "t.pt")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3_server.env,
-           **isolated_aws_files(tmp_path), "PYTHONPATH": str(REPO)}
+    env = {**s3_server.process_env(dict(os.environ), tmp_path), "PYTHONPATH": str(REPO)}
     ok = subprocess.run([sys.executable, "-m", "stages.s3", "get", f"s3://{bucket}/t.pt", str(tmp_path / "o.pt")],
                         env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr

@@ -24,7 +24,6 @@ import yaml
 pytest.importorskip("boto3")
 pytest.importorskip("onnxruntime")
 
-from conftest import isolated_aws_files  # noqa: E402
 from pipeline_project import DvcProject, make_dvc_project  # noqa: E402
 from servers import free_port, kill_group, wait_healthy  # noqa: E402
 
@@ -46,8 +45,8 @@ def mlflow_server(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     s3_server.bucket(MLFLOW_BUCKET)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    env.update({**s3_server.env, **isolated_aws_files(root), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint})
+    env = s3_server.process_env({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, root)
+    env["MLFLOW_S3_ENDPOINT_URL"] = s3_server.endpoint
     log = root / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -81,8 +80,7 @@ def s3_run(s3_server, mlflow_server, tmp_path_factory, teacher_cache):
     client.upload_file(str(weights), "qimera-teachers", "digits/digits_cnn.pt")
 
     project = make_dvc_project(work / "project", teacher_cache=teacher_cache, tracking_uri=mlflow_server)
-    project.env = {k: v for k, v in project.env.items() if not k.startswith("AWS_")}
-    project.env.update({**s3_server.env, **isolated_aws_files(work)})
+    project.env = s3_server.process_env(project.env, work)
     project.set_params({
         "teacher.source": "checkpoint", "teacher.arch": "qimera.models.digits_cnn:DigitsCNN",
         "teacher.weights": TEACHER_URL, "teacher.num_classes": 10, "teacher.name": "digits_cnn",
@@ -118,7 +116,7 @@ def test_exports_are_uploaded_and_read_back(s3_run, s3_server, tmp_path, monkeyp
     names = {k.rsplit("/", 1)[-1] for k in keys}
     assert {"MANIFEST.json", "student.onnx", "student.pt", "MODEL_CARD.md", "verification.json",
             "quant_map.json", "student.safetensors", "config.yaml"} <= names, keys
-    for key, value in {**s3_server.env, **isolated_aws_files(tmp_path)}.items():
+    for key, value in s3_server.process_env({}, tmp_path).items():
         monkeypatch.setenv(key, value)
     manifest = s3.download_dir(uri, tmp_path / "back")
     assert manifest["mlflow_run_id"] == model["mlflow_run_id"] and manifest["registered_model"] == "qimera-demo-w4a4"
