@@ -46,8 +46,7 @@ def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 
         "train": {"batch_size": batch_size, "amp": amp, "device": device, "out_dir": tmp,
                   "progress": False, "warmup_epochs": 0},
     })
-    teacher = load_teacher("checkpoint", arch=arch, weights=weights, num_classes=num_classes,
-                           input_size=tuple(size))
+    teacher = load_teacher(cfg.teacher)
     return Trainer(cfg, teacher)
 
 

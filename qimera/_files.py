@@ -1,8 +1,10 @@
 """Atomic publication of files and directories, shared by every writer in the project:
-a file or directory appears complete, with ordinary permissions, or not at all."""
+a file or directory appears complete, with ordinary permissions, or not at all. Also the
+project's one file checksum, :func:`sha256_file`."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +21,15 @@ def _umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def default_permissions(path: str | os.PathLike) -> None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .baselines import naive_student, zeroq_calibrate
 from .config import Config, ConfigError, check_out_dir, load_config
-from .data import EvalData, load_eval_data
+from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
 from .teachers import LoadedTeacher, load_teacher
 from .trainer import EpochCallback, Trainer, build_student, resolve_device
@@ -70,15 +70,6 @@ class RunResult:
         }
 
 
-def teacher_kwargs(cfg: Config) -> dict:
-    t = cfg.teacher
-    return dict(
-        name=t.name, arch=t.arch, weights=t.weights, num_classes=t.num_classes, pretrained=t.pretrained,
-        cache_dir=t.cache_dir, mean=tuple(t.mean) if t.mean else None, std=tuple(t.std) if t.std else None,
-        input_size=tuple(t.input_size) if t.input_size else None,
-    )
-
-
 def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_data: bool = True) -> Prepared:
     """Validate everything a run needs, load the teacher and the evaluation data."""
     cfg = load_config(config, overrides)
@@ -87,7 +78,7 @@ def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_dat
         device = resolve_device(cfg.train.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    teacher = load_teacher(cfg.teacher.source, **teacher_kwargs(cfg))
+    teacher = load_teacher(cfg.teacher)
     gen = cfg.effective_generator()
     if cfg.method in ("qimera", "gdfq"):
         if gen.p > 0 and gen.k > teacher.num_classes:
@@ -102,22 +93,8 @@ def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_dat
             )
     eval_data = None
     if with_data:
-        d = cfg.data
-        eval_data = load_eval_data(
-            d.name, path=d.path, root=d.root, download=d.download,
-            mean=d.mean or list(teacher.mean), std=d.std or list(teacher.std),
-            batch_size=d.batch_size, num_workers=d.num_workers, limit=d.limit,
-        )
-        if tuple(eval_data.input_size) != tuple(teacher.input_size):
-            raise ConfigError(
-                f"data.name={d.name!r}: images are {tuple(eval_data.input_size)} but the teacher expects "
-                f"{tuple(teacher.input_size)} (set teacher.input_size or use matching data)"
-            )
-        if eval_data.num_classes > teacher.num_classes:
-            raise ConfigError(
-                f"data.name={d.name!r}: labels go up to {eval_data.num_classes - 1} but the teacher has "
-                f"{teacher.num_classes} classes"
-            )
+        eval_data = load_eval_data(cfg.data, default_mean=teacher.mean, default_std=teacher.std)
+        check_fits_teacher(eval_data, teacher.input_size, teacher.num_classes)
     return Prepared(cfg, teacher, eval_data, device, out_dir)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,7 +32,9 @@ Bits = Field(ge=2, le=8)
 
 
 class TeacherConfig(_Section):
-    source: Literal["pytorchcv", "torchvision", "checkpoint", "demo"] = "demo"
+    """The ``teacher`` section; :func:`qimera.teachers.load_teacher` takes it as it is."""
+
+    source: str = "demo"
     name: Optional[str] = None
     arch: Optional[str] = None
     weights: Optional[str] = None
@@ -42,6 +45,33 @@ class TeacherConfig(_Section):
     std: Optional[list[float]] = None
     input_size: Optional[list[int]] = None
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        from ._registry import TEACHER_SOURCES  # every registered source, built in or added
+
+        return TEACHER_SOURCES.check(v)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _stats(cls, v: Optional[list[float]], info) -> Optional[list[float]]:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must not be empty: give one number per input channel")
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("must contain finite numbers only")
+        if info.field_name == "std" and any(x <= 0 for x in v):
+            raise ValueError("every value must be > 0")
+        return v
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (len(v) != 3 or min(v) < 1):
+            raise ValueError("expected three positive ints [channels, height, width]")
+        return v
+
     @model_validator(mode="after")
     def _needs(self):
         if self.source in ("pytorchcv", "torchvision") and not self.name:
@@ -50,14 +80,17 @@ class TeacherConfig(_Section):
             missing = [k for k in ("arch", "weights") if not getattr(self, k)]
             if missing:
                 raise ValueError(
-                    "teacher.source='checkpoint' needs " + " and ".join(f"teacher.{k}" for k in missing)
-                    + " (arch as 'package.module:callable', weights as a file path)"
+                    " and ".join(f"teacher.{k}" for k in missing) + (" is" if len(missing) == 1 else " are")
+                    + " required when teacher.source='checkpoint' (arch as 'package.module:callable', "
+                    "weights as a file path)"
                 )
         return self
 
 
 class DataConfig(_Section):
-    name: Literal["cifar10", "cifar100", "imagenet", "npz", "digits"] = "digits"
+    """The ``data`` section; :func:`qimera.data.load_eval_data` takes it as it is."""
+
+    name: str = "digits"
     path: Optional[str] = None
     root: Optional[str] = None
     download: bool = False
@@ -66,6 +99,13 @@ class DataConfig(_Section):
     batch_size: int = Field(default=500, ge=1)
     num_workers: int = Field(default=0, ge=0)
     limit: Optional[int] = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from ._registry import DATA_LOADERS  # every registered dataset, built in or added
+
+        return DATA_LOADERS.check(v)
 
     @model_validator(mode="after")
     def _needs(self):

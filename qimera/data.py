@@ -23,6 +23,10 @@ Supported datasets (``data.name``):
 
 Every problem with the inputs raises :class:`DataError`, whose message names the config key
 (``data.path``, ``data.root``, ``data.mean``, ...), the offending value and what is allowed.
+
+Each dataset is a loader ``loader(config: DataConfig) -> EvalData`` in :data:`DATA_LOADERS`
+(``{data.name: loader}``); :func:`register_dataset` adds one, and ``data.name`` then
+validates and loads.
 """
 
 from __future__ import annotations
@@ -30,27 +34,41 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from qimera.models.digits_cnn import DIGITS_MEAN, DIGITS_STD
+from qimera._registry import DATA_LOADERS, section_config
+from qimera.config import ConfigError, DataConfig
+from qimera.normalisation import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Stats,
+)
 
 __all__ = [
     "DataError",
     "EvalData",
     "DATASETS",
+    "DATA_LOADERS",
     "DEFAULT_NORMALISATION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "load_eval_data",
+    "register_dataset",
+    "check_fits_teacher",
 ]
-
-Stats = tuple[float, ...]
 
 
 class DataError(ValueError):
@@ -81,19 +99,21 @@ class EvalData:
     name: str
 
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagenet", "npz", "digits")
+#: The registered dataset names (a live tuple-like view of :data:`DATA_LOADERS`).
+DATASETS = DATA_LOADERS.names
 
-IMAGENET_MEAN: Stats = (0.485, 0.456, 0.406)
-IMAGENET_STD: Stats = (0.229, 0.224, 0.225)
+#: ``register_dataset(name, loader, *, replace=False)``: make ``data.name: name`` load with
+#: ``loader(config: DataConfig) -> EvalData`` (a callable or a ``"module:callable"`` string).
+register_dataset = DATA_LOADERS.register
 
 #: Default ``(mean, std)`` per dataset, for pixels scaled to ``[0, 1]``. ``npz`` has no
 #: entry: it defaults to ImageNet's statistics for 3-channel images and otherwise needs
 #: ``data.mean`` / ``data.std``.
 DEFAULT_NORMALISATION: dict[str, tuple[Stats, Stats]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2557, 0.2761)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "digits": (tuple(DIGITS_MEAN), tuple(DIGITS_STD)),
+    "digits": (DIGITS_MEAN, DIGITS_STD),
 }
 
 _NPZ_ALLOWED_IMAGES = (
@@ -157,32 +177,36 @@ def _uint8_nhwc_to_float_nchw(images: torch.Tensor) -> torch.Tensor:
     return nchw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_limit(limit: int | None) -> int | None:
-    if limit is None:
-        return None
-    if not _is_int(limit) or limit < 1:
-        raise DataError(f"data.limit={limit!r} must be a positive integer or null (no limit)")
-    return int(limit)
-
-
-def _make_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+def _make_loader(dataset: Dataset, config: DataConfig) -> DataLoader:
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=config.batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=config.num_workers,
         drop_last=False,
+    )
+
+
+def _in_memory(config: DataConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> EvalData:
+    """Normalise float NCHW ``images`` in ``[0, 1]`` (in place) and wrap them with ``labels``."""
+    channels = int(images.shape[1])
+    m, s = _resolve_stats(config.name, channels, config.mean, config.std)
+    _normalise_(images, m, s)
+    return EvalData(
+        loader=_make_loader(TensorDataset(images, labels), config),
+        num_classes=num_classes,
+        num_samples=int(labels.shape[0]),
+        input_size=(channels, int(images.shape[2]), int(images.shape[3])),
+        mean=m,
+        std=s,
+        name=config.name,
     )
 
 
 # --------------------------------------------------------------------------- datasets
 
 
-def _load_cifar(
+def _read_cifar(
     name: str, root: str | os.PathLike[str] | None, download: bool, limit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Return ``(images uint8 NHWC, labels int64, num_classes)`` of a CIFAR test split."""
@@ -215,7 +239,7 @@ def _load_cifar(
     return images, labels, len(dataset.classes)
 
 
-def _load_npz(
+def _read_npz(
     path: str | os.PathLike[str] | None, limit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Validate and read an npz archive; return ``(images float NCHW in [0,1], labels, K)``."""
@@ -308,7 +332,7 @@ def _load_npz(
     return x, y, num_classes
 
 
-def _load_imagenet(
+def _image_folder(
     path: str | os.PathLike[str] | None,
     mean: Stats,
     std: Stats,
@@ -351,84 +375,85 @@ def _load_imagenet(
     return dataset, num_samples, num_classes
 
 
+def _load_cifar(config: DataConfig) -> EvalData:
+    raw, labels, num_classes = _read_cifar(config.name, config.root, config.download, config.limit)
+    return _in_memory(config, _uint8_nhwc_to_float_nchw(raw), labels, num_classes)
+
+
+def _load_npz(config: DataConfig) -> EvalData:
+    return _in_memory(config, *_read_npz(config.path, config.limit))
+
+
+def _load_digits(config: DataConfig) -> EvalData:
+    from qimera.models.digits_cnn import DIGITS_NUM_CLASSES, digits_split
+
+    _, _, images, labels = digits_split()
+    if config.limit is not None:
+        images, labels = images[: config.limit], labels[: config.limit]
+    return _in_memory(config, images.clone(), labels, DIGITS_NUM_CLASSES)  # normalised in place
+
+
+def _load_imagenet(config: DataConfig) -> EvalData:
+    m, s = _resolve_stats(config.name, 3, config.mean, config.std)
+    dataset, num_samples, num_classes = _image_folder(config.path, m, s, config.limit)
+    return EvalData(
+        loader=_make_loader(dataset, config),
+        num_classes=num_classes,
+        num_samples=num_samples,
+        input_size=(3, 224, 224),
+        mean=m,
+        std=s,
+        name=config.name,
+    )
+
+
 # --------------------------------------------------------------------------- public entry
 
 
 def load_eval_data(
-    name: str,
+    config: DataConfig | Mapping[str, Any] | str | None = None,
+    /,
     *,
-    path: str | os.PathLike[str] | None = None,
-    root: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    batch_size: int = 500,
-    num_workers: int = 0,
-    limit: int | None = None,
+    default_mean: Sequence[float] | None = None,
+    default_std: Sequence[float] | None = None,
+    **fields: Any,
 ) -> EvalData:
-    """Load an evaluation set (see the module docstring for the supported datasets).
+    """Load the evaluation set ``config`` describes (see the module docstring).
+
+    ``config`` is a validated :class:`qimera.config.DataConfig` (``data.name`` one of
+    :data:`DATASETS`). As a shorthand (tests, scripts) it may also be a dataset name plus
+    fields, ``load_eval_data("npz", path=..., limit=100)``, or a mapping of fields; these
+    are validated as ``DataConfig`` is, and a bad field raises a :class:`DataError`
+    naming ``data.<key>``.
 
     Args:
-        name: one of :data:`DATASETS` (``data.name``).
-        path: the ``.npz`` file (``npz``) or the class-folder directory (``imagenet``).
-        root: torchvision dataset root for ``cifar10`` / ``cifar100``.
-        download: let torchvision download CIFAR into ``root`` (needs network access).
-        mean, std: per-channel statistics for pixels in ``[0, 1]``; default to
+        default_mean, default_std: the statistics used where ``data.mean`` / ``data.std``
+            are not set (a run passes the teacher's); without them, the dataset's
             :data:`DEFAULT_NORMALISATION` (ImageNet's for 3-channel ``npz`` data).
-        batch_size: loader batch size (``data.batch_size``).
-        num_workers: loader worker processes (``data.num_workers``).
-        limit: keep only the first ``limit`` samples (quick runs and tests).
 
     Raises:
         DataError: on any missing file, malformed array or inconsistent setting.
     """
-    key = str(name).strip().lower()
-    if key not in DATASETS:
-        raise DataError(f"data.name={name!r} is not supported; choose one of {list(DATASETS)}")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise DataError(f"data.batch_size={batch_size!r} must be a positive integer")
-    if not _is_int(num_workers) or num_workers < 0:
-        raise DataError(f"data.num_workers={num_workers!r} must be a non-negative integer")
-    limit = _check_limit(limit)
-    batch_size, num_workers = int(batch_size), int(num_workers)
+    config = section_config(DataConfig, "data", config, fields, DataError, key="name")
+    if config.name not in DATA_LOADERS:  # unregistered after the config was validated
+        raise DataError(f"data.name={config.name!r}: {DATA_LOADERS.unknown(config.name)}")
+    update = {key: list(default) for key, default in (("mean", default_mean), ("std", default_std))
+              if default is not None and not getattr(config, key)}
+    if update:
+        config = config.model_copy(update=update)
+    return DATA_LOADERS[config.name](config)
 
-    if key == "imagenet":
-        m, s = _resolve_stats(key, 3, mean, std)
-        dataset, num_samples, num_classes = _load_imagenet(path, m, s, limit)
-        return EvalData(
-            loader=_make_loader(dataset, batch_size, num_workers),
-            num_classes=num_classes,
-            num_samples=num_samples,
-            input_size=(3, 224, 224),
-            mean=m,
-            std=s,
-            name=key,
+
+def check_fits_teacher(data: EvalData, input_size: Sequence[int], num_classes: int) -> None:
+    """Raise :class:`~qimera.config.ConfigError` unless ``data`` suits a teacher with this
+    input size and class count."""
+    if tuple(data.input_size) != tuple(input_size):
+        raise ConfigError(
+            f"data.name={data.name!r}: images are {tuple(data.input_size)} but the teacher expects "
+            f"{tuple(input_size)} (set teacher.input_size or use matching data)"
         )
-
-    if key in ("cifar10", "cifar100"):
-        raw, labels, num_classes = _load_cifar(key, root, download, limit)
-        images = _uint8_nhwc_to_float_nchw(raw)
-    elif key == "npz":
-        images, labels, num_classes = _load_npz(path, limit)
-    else:  # digits
-        from qimera.models.digits_cnn import DIGITS_NUM_CLASSES, digits_split
-
-        _, _, images, labels = digits_split()
-        num_classes = DIGITS_NUM_CLASSES
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        images = images.clone()  # normalised in place below
-
-    channels = int(images.shape[1])
-    m, s = _resolve_stats(key, channels, mean, std)
-    _normalise_(images, m, s)
-    dataset = TensorDataset(images, labels)
-    return EvalData(
-        loader=_make_loader(dataset, batch_size, num_workers),
-        num_classes=num_classes,
-        num_samples=int(labels.shape[0]),
-        input_size=(channels, int(images.shape[2]), int(images.shape[3])),
-        mean=m,
-        std=s,
-        name=key,
-    )
+    if data.num_classes > num_classes:
+        raise ConfigError(
+            f"data.name={data.name!r}: labels go up to {data.num_classes - 1} but the teacher has "
+            f"{num_classes} classes"
+        )

@@ -279,16 +279,22 @@ def bits_tag(cfg) -> str:
 # --------------------------------------------------------------------------- teacher
 
 
+def workspace_teacher(record: dict, weights: str | os.PathLike = TEACHER_WEIGHTS):
+    """The ``checkpoint`` teacher (a :class:`qimera.config.TeacherConfig`) that rebuilds the
+    workspace copy ``weights`` as ``teacher.json``'s ``record`` describes it."""
+    from qimera.config import TeacherConfig
+
+    return TeacherConfig(
+        source="checkpoint", name=record["name"], arch=record["arch"], weights=str(weights),
+        num_classes=record["num_classes"], input_size=record["input_size"], mean=record["mean"], std=record["std"],
+    )
+
+
 def workspace_teacher_config(cfg):
     """``cfg`` with its teacher replaced by the workspace copy (``outputs/teacher``) as a
     ``checkpoint`` teacher, and its relative dataset paths made absolute."""
-    record = read_json(TEACHER_RECORD)
     data = root_relative(cfg, repo_root()).model_dump(mode="json")
-    data["teacher"] = {
-        "source": "checkpoint", "name": record["name"], "arch": record["arch"],
-        "weights": str(TEACHER_WEIGHTS), "num_classes": record["num_classes"],
-        "input_size": record["input_size"], "mean": record["mean"], "std": record["std"],
-    }
+    data["teacher"] = workspace_teacher(read_json(TEACHER_RECORD)).model_dump(mode="json")
     return type(cfg).model_validate(data)
 
 

@@ -7,21 +7,26 @@ evaluation data, and writes
 
 * ``outputs/teacher/weights.pt``: its state dict (``torch.save``);
 * ``outputs/teacher/teacher.json``: source, name, the importable ``arch`` that rebuilds it
-  (``module:callable``), classes, input size, normalisation, the sha256 of the workspace
-  file and of the file it came from, and its top-1/top-5/per-class accuracy.
+  (``module:callable``, :attr:`qimera.teachers.LoadedTeacher.arch`), classes, input size,
+  normalisation, the sha256 of the workspace file and of the file it came from, and its
+  top-1/top-5/per-class accuracy.
 
-Later stages load the teacher from that file as a ``checkpoint`` teacher. Both files are
-written only after the workspace copy has been loaded back through the ``checkpoint``
-source, so a failure leaves neither.
+Later stages load the teacher from that file as a ``checkpoint`` teacher
+(:func:`stages.common.workspace_teacher`). Both files are written into a temporary directory beside
+``outputs/teacher/``, the weights are loaded back from there through the ``checkpoint``
+source, and only then does that directory replace ``outputs/teacher/``: a failure leaves
+neither file (and an earlier ``outputs/teacher/`` as it was).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
-from qimera._files import default_permissions
+from pydantic import BaseModel, ConfigDict
+
+from qimera._files import atomic_dir, sha256_file
+from qimera.config import DataConfig, TeacherConfig
 
 from .common import (
     TEACHER_CONFIG,
@@ -32,94 +37,83 @@ from .common import (
     repo_root,
     root_relative,
     run_stage,
+    workspace_teacher,
     write_json,
 )
 
-TORCHVISION_ARCHS = {"inception_v3": "stages.archs:inception_v3"}
+
+class _Inputs(BaseModel):
+    """What this stage reads: ``outputs/config/teacher.yaml`` (its paths made absolute
+    against the repository root by :func:`stages.common.root_relative`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: TeacherConfig
+    data: DataConfig
+    device: str = "auto"
 
 
-def teacher_arch(source: str, name: str, cfg_arch: str | None) -> str:
-    """The ``module:callable`` that builds the teacher's network without weights."""
-    if source == "checkpoint":
-        return cfg_arch
-    if source == "demo":
-        return "qimera.models.digits_cnn:DigitsCNN"
-    if source == "torchvision":
-        return TORCHVISION_ARCHS.get(name, f"torchvision.models:{name}")
-    from qimera.teachers import _pytorchcv_arch_hint
+def _load_inputs():
+    """The teacher (an ``s3://`` checkpoint fetched and verified first), the evaluation
+    data and the device of ``outputs/config/teacher.yaml``, checked against each other.
+    Returns ``(teacher, data, device, remote)``; ``remote`` describes the S3 object."""
+    from qimera.config import ConfigError
+    from qimera.data import check_fits_teacher, load_eval_data
+    from qimera.teachers import load_teacher
+    from qimera.trainer import resolve_device
 
-    return _pytorchcv_arch_hint(name)
-
-
-def main() -> None:
-    import torch
-
-    from qimera.api import prepare
-    from qimera.config import Config
-    from qimera.evaluate import evaluate
-    from qimera.teachers import load_teacher, sha256_file
-
-    root = repo_root()
     fragment = read_yaml(TEACHER_CONFIG)
     remote = None
-    # a throw-away out_dir: prepare() proves it writable, and this stage must not create
-    # the train stage's output
     with tempfile.TemporaryDirectory(prefix="qimera-fetch-") as scratch:
         weights = (fragment["teacher"] or {}).get("weights") or ""
         if str(weights).startswith("s3://"):
             from .s3 import download
 
-            remote = download(weights, Path(scratch) / "teacher-weights.pt")
+            local = Path(scratch) / "teacher-weights.pt"
+            remote = download(weights, local)
             print(f"fetch_teacher: {weights} ({remote['size']} bytes, sha256 {remote['sha256'][:12]}, verified)")
-            fragment["teacher"] = {**fragment["teacher"], "weights": str(Path(scratch) / "teacher-weights.pt")}
-        # method naive: the generator's constraints are checked by train, which uses it
-        cfg = Config.model_validate({
-            "method": "naive", "teacher": fragment["teacher"], "data": fragment["data"],
-            "quant": {"w_bits": 8, "a_bits": 8}, "train": {"device": fragment["device"], "out_dir": scratch},
-        })
-        prep = prepare(root_relative(cfg, root))
-    teacher = prep.teacher
-    arch = teacher_arch(cfg.teacher.source, cfg.teacher.name, cfg.teacher.arch)
-    print(f"fetch_teacher: {cfg.teacher.source} {teacher.name} ({teacher.num_classes} classes, "
-          f"input {list(teacher.input_size)}), rebuilt as {arch}")
+            fragment["teacher"] = {**fragment["teacher"], "weights": str(local)}
+        inputs = root_relative(_Inputs.model_validate(fragment), repo_root())
+        try:
+            device = resolve_device(inputs.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        teacher = load_teacher(inputs.teacher)
+        data = load_eval_data(inputs.data, default_mean=teacher.mean, default_std=teacher.std)
+        check_fits_teacher(data, teacher.input_size, teacher.num_classes)
+    return teacher, data, device, remote
 
-    res = evaluate(teacher.model.to(prep.device), prep.eval_data.loader, device=prep.device,
-                   num_classes=teacher.num_classes)
+
+def _record(teacher, data, res, remote, sha256: str) -> dict:
+    """``teacher.json``: provenance, how to rebuild it, and its accuracy."""
+    return {
+        "source": teacher.source, "name": teacher.name, "arch": teacher.arch, "num_classes": teacher.num_classes,
+        "input_size": list(teacher.input_size), "mean": list(teacher.mean), "std": list(teacher.std),
+        "weights": str(TEACHER_WEIGHTS), "sha256": sha256,
+        "source_weights": remote["url"] if remote else teacher.weights_path,
+        "source_sha256": remote["sha256"] if remote else teacher.sha256,
+        "data": data.name, "num_samples": res.num_samples, "top1": res.top1, "top5": res.top5,
+        "per_class": res.per_class,
+    }
+
+
+def main() -> None:
+    import torch
+
+    from qimera.evaluate import evaluate
+    from qimera.teachers import load_teacher
+
+    teacher, data, device, remote = _load_inputs()
+    print(f"fetch_teacher: {teacher.source} {teacher.name} ({teacher.num_classes} classes, "
+          f"input {list(teacher.input_size)}), rebuilt as {teacher.arch}")
+    res = evaluate(teacher.model.to(device), data.loader, device=device, num_classes=teacher.num_classes)
     state = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
-
-    TEACHER_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".pt.tmp", dir=TEACHER_DIR)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        # prove that later stages can rebuild it exactly this way
-        load_teacher("checkpoint", name=teacher.name, arch=arch, weights=tmp, num_classes=teacher.num_classes,
-                     input_size=teacher.input_size, mean=teacher.mean, std=teacher.std)
-        record = {
-            "source": cfg.teacher.source,
-            "name": teacher.name,
-            "arch": arch,
-            "num_classes": teacher.num_classes,
-            "input_size": list(teacher.input_size),
-            "mean": list(teacher.mean),
-            "std": list(teacher.std),
-            "weights": str(TEACHER_WEIGHTS),
-            "sha256": sha256_file(tmp),
-            "source_weights": remote["url"] if remote else teacher.weights_path,
-            "source_sha256": remote["sha256"] if remote else teacher.sha256,
-            "data": cfg.data.name,
-            "num_samples": res.num_samples,
-            "top1": res.top1,
-            "top5": res.top5,
-            "per_class": res.per_class,
-        }
-        default_permissions(tmp)
-        os.replace(tmp, TEACHER_WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    write_json(TEACHER_RECORD, record)
-    print(f"fetch_teacher: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}% on {res.num_samples} {cfg.data.name} "
+    with atomic_dir(TEACHER_DIR) as tmp:
+        weights = tmp / TEACHER_WEIGHTS.name
+        torch.save(state, weights)
+        record = _record(teacher, data, res, remote, sha256_file(weights))
+        load_teacher(workspace_teacher(record, weights))  # later stages rebuild it this way
+        write_json(tmp / TEACHER_RECORD.name, record)
+    print(f"fetch_teacher: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}% on {res.num_samples} {data.name} "
           f"images; sha256 {record['sha256'][:12]}")
 
 

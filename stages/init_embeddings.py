@@ -8,7 +8,8 @@ passes the tensor to the trainer (``Trainer(..., initial_embeddings=...)``).
 
 from __future__ import annotations
 
-from .common import EMBEDDINGS, EMBEDDINGS_CONFIG, TEACHER_RECORD, TEACHER_WEIGHTS, read_json, read_yaml, run_stage, torch_save
+from .common import (EMBEDDINGS, EMBEDDINGS_CONFIG, TEACHER_RECORD, read_json, read_yaml, run_stage, torch_save,
+                     workspace_teacher)
 
 
 def main() -> None:
@@ -17,10 +18,7 @@ def main() -> None:
     from qimera.teachers import load_teacher
 
     spec = read_yaml(EMBEDDINGS_CONFIG)
-    record = read_json(TEACHER_RECORD)
-    teacher = load_teacher("checkpoint", name=record["name"], arch=record["arch"], weights=str(TEACHER_WEIGHTS),
-                           num_classes=record["num_classes"], input_size=record["input_size"],
-                           mean=record["mean"], std=record["std"])
+    teacher = load_teacher(workspace_teacher(read_json(TEACHER_RECORD)))
     shape = tuple(teacher.fc_weight.shape)
     if spec["embedding_init"] == "teacher_fc":
         table = teacher.fc_weight.detach().float().clone()

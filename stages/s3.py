@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from qimera._files import atomic_dir, default_permissions
+from qimera._files import atomic_dir, default_permissions, sha256_file
 
 from .common import PipelineError
 
@@ -72,14 +72,6 @@ def join(prefix: str, *names: str) -> str:
     bucket, key = parse_url(prefix, key_required=False)
     parts = [p.strip("/") for p in (key, *names) if p.strip("/")]
     return f"s3://{bucket}/{'/'.join(parts)}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- client, errors

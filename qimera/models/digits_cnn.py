@@ -9,7 +9,7 @@ The train / held-out split is fixed and documented::
 
 which gives 1,257 training and 540 held-out samples. Pixels are scaled to ``[0, 1]`` by
 dividing by 16 and then normalised with :data:`DIGITS_MEAN` / :data:`DIGITS_STD`, computed
-once from the training split and written down here as constants.
+once from the training split and written down as constants in :mod:`qimera.normalisation`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._files import atomic_write
+from ..normalisation import DIGITS_MEAN, DIGITS_STD  # re-exported: the split's statistics
 
 __all__ = [
     "DIGITS_MEAN",
@@ -36,10 +37,6 @@ __all__ = [
     "default_cache_dir",
 ]
 
-#: Per-channel mean of the training split after scaling pixels to ``[0, 1]`` (``/16``).
-DIGITS_MEAN: tuple[float] = (0.3056,)
-#: Per-channel standard deviation of the training split after scaling to ``[0, 1]``.
-DIGITS_STD: tuple[float] = (0.3761,)
 DIGITS_NUM_CLASSES = 10
 DIGITS_INPUT_SIZE: tuple[int, int, int] = (1, 8, 8)
 

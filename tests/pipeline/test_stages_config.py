@@ -255,15 +255,54 @@ def test_unsupported_method_is_refused_by_resolve(tmp_path, monkeypatch):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_teacher_arch_rebuilds_every_source():
-    from stages.fetch_teacher import teacher_arch
+def test_teacher_arch_rebuilds_every_source(tmp_path, monkeypatch):
+    from qimera.teachers import load_teacher
 
-    assert teacher_arch("demo", "digits_cnn", None) == "qimera.models.digits_cnn:DigitsCNN"
-    assert teacher_arch("checkpoint", "x", "pkg.mod:fn") == "pkg.mod:fn"
-    assert teacher_arch("torchvision", "resnet18", None) == "torchvision.models:resnet18"
-    assert teacher_arch("torchvision", "inception_v3", None) == "stages.archs:inception_v3"
-    assert teacher_arch("pytorchcv", "resnet20_cifar10", None) == "pytorchcv.models.resnet_cifar:resnet20_cifar10"
-    assert teacher_arch("pytorchcv", "mobilenetv2_w1", None) == "pytorchcv.models.mobilenetv2:mobilenetv2_w1"
+    def arch(source, name, cfg_arch=None, **fields):
+        return load_teacher(source, name=name, arch=cfg_arch, pretrained=False, **fields).arch
+
+    # a checkpoint teacher keeps its own arch: an importable pkg.mod:fn with its weights file
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text("from qimera.models.digits_cnn import DigitsCNN as fn\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from qimera.models.digits_cnn import DigitsCNN
+
+    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
+    checkpoint = dict(weights=str(tmp_path / "w.pt"), input_size=[1, 8, 8], mean=[0.3], std=[0.4])
+
+    assert arch("demo", "digits_cnn") == "qimera.models.digits_cnn:DigitsCNN"
+    assert arch("checkpoint", "x", "pkg.mod:fn", **checkpoint) == "pkg.mod:fn"
+    assert arch("torchvision", "resnet18") == "torchvision.models:resnet18"
+    assert arch("torchvision", "inception_v3") == "qimera.teachers.torchvision:inception_v3"
+    assert arch("pytorchcv", "resnet20_cifar10") == "pytorchcv.models.resnet_cifar:resnet20_cifar10"
+    assert arch("pytorchcv", "mobilenetv2_w1") == "pytorchcv.models.mobilenetv2:mobilenetv2_w1"
+
+
+def test_fetch_teacher_writes_both_files_or_neither(tmp_path, monkeypatch):
+    from stages import fetch_teacher
+
+    monkeypatch.chdir(tmp_path)
+    common.write_yaml(common.TEACHER_CONFIG, {"teacher": {"source": "demo"}, "data": {"name": "digits", "limit": 50},
+                                              "device": "cpu"})
+
+    def broken(path, obj):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fetch_teacher, "write_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fetch_teacher.main()
+    assert not (tmp_path / "outputs" / "teacher").exists()
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["config"]  # no temporary left either
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    fetch_teacher.main()
+    record = common.read_json(common.TEACHER_RECORD)
+    assert record["arch"] == "qimera.models.digits_cnn:DigitsCNN" and record["num_samples"] == 50
+    from qimera._files import sha256_file
+
+    assert record["sha256"] == sha256_file(common.TEACHER_WEIGHTS)
 
 
 def test_history_csv_leaves_missing_values_empty():

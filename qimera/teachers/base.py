@@ -1,0 +1,222 @@
+"""What every teacher source builds on: the result type, the checks that need the built
+model, and :func:`finish_teacher`, the last step of every loader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qimera._files import sha256_file
+from qimera.config import TeacherConfig
+
+__all__ = [
+    "TeacherError",
+    "TeacherSpec",
+    "LoadedTeacher",
+    "check_batchnorm",
+    "find_classifier",
+    "finish_teacher",
+    "require_name",
+    "check_num_classes",
+    "download_error",
+    "one_line",
+]
+
+
+class TeacherError(ValueError):
+    """A teacher could not be built or loaded; the message says which setting to change."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a named zoo model expects: class count, input size and normalisation."""
+
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class LoadedTeacher:
+    """A ready-to-use teacher (eval mode, ``requires_grad=False``) and its metadata."""
+
+    model: nn.Module
+    #: ``(num_classes, feature_dim)`` detached copy of the final classifier's weight.
+    fc_weight: torch.Tensor
+    num_classes: int
+    #: ``(channels, height, width)`` of the expected (normalised) input.
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    name: str
+    #: ``"module:callable"`` that rebuilds the network without weights (called with
+    #: ``num_classes=``), e.g. ``"torchvision.models:resnet18"``.
+    arch: str
+    #: Local file the weights came from, if any.
+    weights_path: str | None = None
+    #: SHA-256 (hex) of ``weights_path``.
+    sha256: str | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the classifier's input (``D`` in ``fc_weight``'s ``(C, D)``)."""
+        return int(self.fc_weight.shape[1])
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``"ExcType: first line of message"``, shortened to ``limit`` characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    """Whether ``exc`` looks like a network / download failure."""
+    if isinstance(exc, (OSError, TimeoutError)):  # URLError, requests errors, socket errors
+        return True
+    module = type(exc).__module__ or ""
+    return module.split(".")[0] in {"urllib", "urllib3", "requests", "http", "socket"}
+
+
+def download_error(source: str, name: str, arch_hint: str, exc: BaseException) -> TeacherError:
+    """The one error of a failed pretrained download: it points to ``source: checkpoint``."""
+    what = "download failed" if _is_download_error(exc) else "loading the pretrained weights failed"
+    return TeacherError(
+        f"teacher.source {source}: teacher.name {name!r}: {what} ({one_line(exc)}). "
+        "On an offline machine, download the weights elsewhere and use source: checkpoint "
+        f"with arch: {arch_hint} and weights: /path/to/file"
+    )
+
+
+def require_name(config: TeacherConfig, allowed: Mapping[str, Any]) -> str:
+    """``teacher.name``, which must be one of ``allowed`` (a zoo's table)."""
+    if config.name not in allowed:
+        raise TeacherError(
+            f"teacher.name: unknown {config.source} teacher {config.name!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    return config.name
+
+
+def check_num_classes(config: TeacherConfig, expected: int) -> int:
+    """The class count to build: ``teacher.num_classes``, which a pretrained zoo model fixes."""
+    given = config.num_classes
+    if given is None:
+        return expected
+    if config.pretrained and given != expected:
+        raise TeacherError(
+            f"teacher.num_classes: pretrained {config.source} model {config.name!r} has {expected} "
+            f"classes, got {given} (use pretrained: false or source: checkpoint for another class count)"
+        )
+    return int(given)
+
+
+def check_batchnorm(model: nn.Module, key: str = "teacher") -> None:
+    """Raise :class:`TeacherError` unless ``model`` contains an ``nn.BatchNorm2d``."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise TeacherError(
+            f"{key} has no BatchNorm2d layer: Qimera's generator loss matches BN statistics; "
+            "choose a teacher with BatchNorm2d layers (e.g. a ResNet or MobileNetV2)"
+        )
+
+
+def find_classifier(model: nn.Module, num_classes: int | None = None) -> nn.Linear | nn.Conv2d:
+    """The model's final classifier layer.
+
+    The last ``nn.Linear`` in module order with ``out_features == num_classes`` (any width
+    when ``num_classes`` is ``None``). Models whose head is a 1x1 convolution instead
+    (pytorchcv's MobileNetV2, for instance) have no such layer; for them the last
+    ``nn.Conv2d`` is returned when it is a 1x1, ungrouped convolution with
+    ``num_classes`` outputs. Its weight has shape ``(C, D, 1, 1)``; use
+    ``weight.flatten(1)`` for the ``(C, D)`` matrix (as :func:`finish_teacher` does).
+
+    Raises:
+        TeacherError: no such layer.
+    """
+    found: nn.Linear | None = None
+    last_conv: nn.Conv2d | None = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and (
+            num_classes is None or module.out_features == num_classes
+        ):
+            found = module
+        elif isinstance(module, nn.Conv2d):
+            last_conv = module
+    if found is not None:
+        return found
+    if (
+        last_conv is not None
+        and tuple(last_conv.kernel_size) == (1, 1)
+        and last_conv.groups == 1
+        and (num_classes is None or last_conv.out_channels == num_classes)
+    ):
+        return last_conv
+    what = "nn.Linear" if num_classes is None else f"nn.Linear with {num_classes} outputs"
+    raise TeacherError(
+        f"teacher has no classifier ({what}, or a final 1x1 nn.Conv2d): Qimera needs the "
+        "final fully connected layer's weight (check teacher.num_classes against the "
+        "model's class count)"
+    )
+
+
+def _out_features(layer: nn.Linear | nn.Conv2d) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def finish_teacher(
+    config: TeacherConfig,
+    model: nn.Module,
+    *,
+    name: str,
+    arch: str,
+    spec: TeacherSpec,
+    weights_path: str | None = None,
+) -> LoadedTeacher:
+    """The :class:`LoadedTeacher` of a built ``model``: the last step of every source.
+
+    Puts the model in eval mode with frozen parameters, checks it (BatchNorm2d present,
+    classifier found), and takes ``teacher.mean``/``std``/``input_size`` where the config
+    gives them, else ``spec``'s (the source's defaults; ``spec.num_classes <= 0`` means
+    "infer from the classifier"). The config has already checked each field on its own;
+    this checks the mean/std channel count against the input size, after the model is
+    built and loaded, so that a checkpoint that does not fit its arch is reported first.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    check_batchnorm(model)
+    wanted = config.num_classes if config.num_classes is not None else (
+        spec.num_classes if spec.num_classes > 0 else None)
+    classifier = find_classifier(model, wanted)
+
+    mean = tuple(config.mean) if config.mean is not None else tuple(spec.mean)
+    std = tuple(config.std) if config.std is not None else tuple(spec.std)
+    input_size = tuple(config.input_size) if config.input_size is not None else tuple(spec.input_size)
+    for key, values in (("teacher.mean", mean), ("teacher.std", std)):
+        if len(values) != input_size[0]:
+            raise TeacherError(
+                f"{key}: has {len(values)} values but the input has {input_size[0]} channels "
+                "(teacher.input_size)"
+            )
+
+    digest = sha256_file(weights_path) if weights_path is not None and os.path.isfile(weights_path) else None
+    return LoadedTeacher(
+        model=model,
+        fc_weight=classifier.weight.detach().flatten(1).clone(),
+        num_classes=int(_out_features(classifier)),
+        input_size=input_size,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
+        source=config.source,
+        name=name,
+        arch=arch,
+        weights_path=weights_path,
+        sha256=digest,
+    )
