@@ -17,12 +17,14 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ._files import atomic_write
 from .baselines import naive_student, zeroq_calibrate
 from .config import Config, ConfigError, check_out_dir, load_config
 from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
 from .teachers import LoadedTeacher, load_teacher
-from .trainer import EpochCallback, Trainer, build_student, resolve_device
+from .quant import build_student
+from .trainer import EpochCallback, Trainer, resolve_device
 
 SUMMARY_NAME = "summary.json"
 
@@ -159,7 +161,5 @@ def run(
     summary = res.summary()
     if student_res is not None:
         summary["student_per_class"] = [round(v, 4) for v in student_res.per_class]
-    tmp = prep.out_dir / (SUMMARY_NAME + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, prep.out_dir / SUMMARY_NAME)
+    atomic_write(prep.out_dir / SUMMARY_NAME, lambda handle: handle.write(json.dumps(summary, indent=2) + "\n"), "w")
     return res

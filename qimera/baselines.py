@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .losses import BNStatsHook
-from .quant import set_calibrating
+from .quant import build_student, set_calibrating
 
 
 @torch.no_grad()
@@ -45,8 +45,6 @@ def naive_student(cfg, teacher, device="cpu") -> nn.Module:
     """The naive baseline for a run config: the student of ``cfg`` built from
     ``teacher`` (a :class:`qimera.teachers.LoadedTeacher`), calibrated on ``cfg.naive``'s
     noise batches, seeded by ``cfg.train.seed``."""
-    from .trainer import build_student
-
     student = build_student(cfg, teacher).to(device)
     return naive_calibrate(student, teacher.input_size, batches=cfg.naive.batches,
                            batch_size=cfg.naive.batch_size, seed=cfg.train.seed, device=device)

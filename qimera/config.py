@@ -123,6 +123,15 @@ class QuantConfig(_Section):
 
     # w_bits/a_bits have no default: a run must say which bit width it wants.
 
+    def recipe(self):
+        """This section as the library's :class:`qimera.quant.QuantRecipe` (the one place
+        where ``first_last_8bit`` becomes 8-bit first and last layers)."""
+        from .quant.recipe import QuantRecipe
+
+        return QuantRecipe(w_bits=self.w_bits, a_bits=self.a_bits,
+                           first_last_bits=8 if self.first_last_8bit else None,
+                           exclude=tuple(self.exclude), act_momentum=self.ema_momentum)
+
 
 class GeneratorConfig(_Section):
     variant: Literal["cifar", "imagenet"] = "cifar"

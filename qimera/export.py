@@ -14,34 +14,53 @@ An export directory holds two files:
     (biases, BatchNorm parameters and statistics) under ``float.<key>``.
 ``quant_map.json``
     Format version, the architecture (``module:callable`` and its keyword arguments), the
-    bit widths and conversion options, and per layer its kind, bits, weight shape and
-    whether it is packed; per activation site its bits.
+    student's :class:`~qimera.quant.QuantRecipe` (bit widths, first/last bits, exclusions,
+    activation sites), and per layer its kind, bits, weight shape and whether it is
+    packed; per activation site its bits.
 
 :func:`load_integer` rebuilds the network from the architecture, inserts the same
 activation quantizers (``torch.fx`` finds the same sites in the same order), loads the
 float tensors, and replaces each weight-quantized layer by a plain float layer holding the
 dequantized weight ``(q + z) / s``: exactly the weight the fake-quant student computes at
 every forward, so the logits agree to float rounding.
+
+:func:`export_deployables` is the whole export of a trained student in one call: its state
+dict, the integer artifact, the Q/DQ ONNX model (:mod:`qimera.onnx_export`) and
+``verification.json`` (all three scored on evaluation data in one pass), failing when an
+export does not reproduce the student within :data:`INTEGER_MAX_DELTA` and
+:data:`ONNX_MAX_TOP1_GAP`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from ._files import atomic_dir
-from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model, set_calibrating
+from ._files import atomic_dir, atomic_write
+from .quant import (ActQuantizer, QuantRecipe, quantize_model, recipe_of, set_calibrating, set_module,
+                    weight_quant_types)
 from .quant.functional import affine_params, per_channel_minmax, qrange
 
-FORMAT_VERSION = 1
+#: 2: the recipe under "recipe" (1 had its bit options at the top level; still read)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TENSORS_FILE = "student.safetensors"
 MAP_FILE = "quant_map.json"
+#: the files :func:`export_deployables` writes into its directory
+STUDENT_FILE = "student.pt"
+INTEGER_DIR = "integer"
+ONNX_FILE = "student.onnx"
+VERIFICATION_FILE = "verification.json"
+#: the reloaded integer model's logits may differ from the student's by float rounding only
+INTEGER_MAX_DELTA = 1e-5
+#: onnxruntime's top-1 may differ from the student's by at most this many points
+#: (ONNX rounds x / scale where the student rounds x * s; see qimera.onnx_export)
+ONNX_MAX_TOP1_GAP = 0.1
 
 
 class ExportError(ValueError):
@@ -76,7 +95,7 @@ def integer_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
 
 
 def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, weight_quant_types())}
 
 
 def _act_sites(model: nn.Module) -> dict[str, ActQuantizer]:
@@ -111,24 +130,21 @@ def export_integer(
     *,
     arch: str,
     arch_kwargs: dict[str, Any] | None = None,
-    w_bits: int,
-    a_bits: int,
-    first_last_bits: int | None = None,
-    exclude: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Write the integer artifact of ``student`` (built by :func:`qimera.quantize_model`
-    from ``arch(**arch_kwargs)`` with these bit options) into ``out_dir``; returns the
-    quantization map. The directory appears complete or not at all."""
+    from ``arch(**arch_kwargs)``; its recipe is read from the student) into ``out_dir``;
+    returns the quantization map. The directory appears complete or not at all."""
+    try:
+        recipe = recipe_of(student)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     layers, sites = exportable_parts(student)
     tensors: dict[str, torch.Tensor] = {}
     qmap: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs or {}),
-        "w_bits": w_bits,
-        "a_bits": a_bits,
-        "first_last_bits": first_last_bits,
-        "exclude": list(exclude),
+        "recipe": recipe.to_dict(),
         "weight_convention": "w = (q - zero_point) * scale, q signed in [-2^(b-1), 2^(b-1)-1]; "
                              "qweight stores q - qmin (unsigned), packed two per byte low nibble first when bits <= 4",
         "layers": {},
@@ -165,14 +181,9 @@ def export_integer(
 
 
 def _build_arch(arch: str, kwargs: dict) -> nn.Module:
-    module_name, _, attr = arch.partition(":")
-    if not module_name or not attr:
-        raise ExportError(f"quant map arch={arch!r}: expected 'package.module:callable'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ExportError(f"quant map arch={arch!r} cannot be imported: {exc}") from exc
-    return fn(**kwargs)
+    from ._registry import import_callable
+
+    return import_callable(arch, "quant map arch", ExportError)(**kwargs)
 
 
 def _dequantized_weight(tensors: dict[str, torch.Tensor], name: str, info: dict) -> torch.Tensor:
@@ -210,12 +221,16 @@ def load_integer(path: str | os.PathLike) -> nn.Module:
     if not (map_file.is_file() and tensor_file.is_file()):
         raise ExportError(f"{path}: not an integer export (needs {MAP_FILE} and {TENSORS_FILE})")
     qmap = json.loads(map_file.read_text())
-    if qmap.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{map_file}: format_version {qmap.get('format_version')!r}, this loader reads {FORMAT_VERSION}")
+    if qmap.get("format_version") not in READABLE_VERSIONS:
+        raise ExportError(f"{map_file}: format_version {qmap.get('format_version')!r}, this loader reads "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     tensors = load_file(str(tensor_file))
     model = _build_arch(qmap["arch"], qmap["arch_kwargs"])
-    student, _ = quantize_model(model, qmap["w_bits"], qmap["a_bits"],
-                                first_last_bits=qmap["first_last_bits"], exclude=qmap["exclude"])
+    if qmap["format_version"] == 1:
+        recipe = QuantRecipe(qmap["w_bits"], qmap["a_bits"], qmap["first_last_bits"], tuple(qmap["exclude"]))
+    else:
+        recipe = QuantRecipe.from_dict(qmap["recipe"])
+    student, _ = quantize_model(model, recipe)
     layers = _weight_layers(student)
     sites = _act_sites(student)
     if set(layers) != set(qmap["layers"]) or set(sites) != set(qmap["activations"]):
@@ -235,10 +250,64 @@ def load_integer(path: str | os.PathLike) -> nn.Module:
         site.steps.fill_(float("inf"))  # 1 - m**inf = 1: no bias correction left
     set_calibrating(student, False)
     for name, mod in layers.items():
-        weight = _dequantized_weight(tensors, name, qmap["layers"][name])
-        parent_name, _, attr = name.rpartition(".")
-        parent = student.get_submodule(parent_name) if parent_name else student
-        setattr(parent, attr, _float_twin(mod, weight))
+        set_module(student, name, _float_twin(mod, _dequantized_weight(tensors, name, qmap["layers"][name])))
     for p in student.parameters():
         p.requires_grad_(False)
     return student.eval()
+
+
+# --------------------------------------------------------------------------- the whole export
+
+
+def check_verification(v: dict) -> None:
+    """Raise :class:`ExportError` when an exported model does not reproduce the student
+    within :data:`INTEGER_MAX_DELTA` (logits) and :data:`ONNX_MAX_TOP1_GAP` (top-1)."""
+    if "integer_max_abs_logit_delta" in v and v["integer_max_abs_logit_delta"] > INTEGER_MAX_DELTA:
+        raise ExportError(
+            f"export: the reloaded integer model's logits differ from the student's by "
+            f"{v['integer_max_abs_logit_delta']:.3g} (> {INTEGER_MAX_DELTA}); see outputs of qimera.export")
+    if "onnx_top1" in v:
+        gap = abs(v["onnx_top1"] - v["student_top1"])
+        if gap > ONNX_MAX_TOP1_GAP:
+            raise ExportError(
+                f"export: onnxruntime top-1 {v['onnx_top1']:.2f}% differs from the student's "
+                f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP})")
+
+
+def export_deployables(
+    student: nn.Module,
+    out_dir: str | os.PathLike,
+    loader,
+    *,
+    arch: str,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_size: Sequence[int],
+    opset: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    verify_samples: int | None = None,
+) -> dict[str, Any]:
+    """Export a trained student into ``out_dir`` and verify the exports.
+
+    Writes :data:`STUDENT_FILE` (the fake-quant state dict), :data:`INTEGER_DIR`
+    (:func:`export_integer`), :data:`ONNX_FILE` (:func:`qimera.onnx_export.export_onnx`,
+    ``opset`` and ``metadata`` passed on) and :data:`VERIFICATION_FILE`: the student, the
+    reloaded integer model and onnxruntime scored on ``loader`` (its first
+    ``verify_samples`` images, or all) in one pass. Returns that verification (with the
+    ONNX report under ``"onnx"``) after :func:`check_verification` passed. Needs the
+    ``onnx`` extra.
+    """
+    from .onnx_export import DEFAULT_OPSET, export_onnx, verify_exports
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    atomic_write(out / STUDENT_FILE, lambda handle: torch.save(state, handle), "wb")
+    export_integer(student, out / INTEGER_DIR, arch=arch, arch_kwargs=arch_kwargs)
+    report = export_onnx(student, out / ONNX_FILE, input_size=input_size,
+                         opset=DEFAULT_OPSET if opset is None else opset, metadata=metadata)
+    verification = verify_exports(student, loader, integer_dir=out / INTEGER_DIR, onnx_path=out / ONNX_FILE,
+                                  max_samples=verify_samples)
+    verification["onnx"] = report.to_dict()
+    atomic_write(out / VERIFICATION_FILE, lambda handle: handle.write(json.dumps(verification, indent=2) + "\n"), "w")
+    check_verification(verification)
+    return verification

@@ -217,3 +217,26 @@ class Generator(nn.Module):
                 f"{tuple(fc_weight.shape)}, embeddings need {tuple(self.embedding.weight.shape)}"
             )
         self.embedding.weight.copy_(fc_weight)
+
+
+def build_generator(cfg, teacher) -> Generator:
+    """The generator of a run: sized for ``teacher`` (a
+    :class:`qimera.teachers.LoadedTeacher`: classes, feature width, input size) and set
+    up as the method's generator settings say (``cfg.effective_generator()``)."""
+    g = cfg.effective_generator()
+    c, h, _ = teacher.input_size
+    gen = Generator(
+        num_classes=teacher.num_classes,
+        embed_dim=teacher.feature_dim,
+        img_size=h,
+        channels=c,
+        dm_layers=g.dm_layers,
+        noise_scale=g.noise_scale,
+        combine=g.combine,
+        conditional_bn=g.variant == "imagenet",
+    )
+    if g.embedding_init == "teacher_fc":
+        gen.init_embeddings_from(teacher.fc_weight)
+    if g.freeze_embeddings:
+        gen.embedding.weight.requires_grad_(False)
+    return gen

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ._files import atomic_write
 from .export import ExportError, _float_twin, exportable_parts, integer_weight
-from .quant import QuantConv2d
+from .quant import QuantConv2d, set_module
 from .quant.functional import affine_params, qrange
 
 __all__ = ["OnnxReport", "OnnxRuntimeModel", "qdq_model", "export_onnx", "load_onnx_session"]
@@ -191,11 +191,6 @@ class OnnxReport:
         return asdict(self)
 
 
-def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    parent_name, _, attr = qualname.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
-
-
 @torch.no_grad()
 def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
     """An eval-mode CPU copy of ``student`` whose quantizers compute ONNX's Q/DQ formulas.
@@ -220,7 +215,7 @@ def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
             cls = QDQConv2d if isinstance(mod, QuantConv2d) else QDQLinear
             new = cls(mod, ints.contiguous(), scale.contiguous(), zp.contiguous())
             report.qdq_weights += 1
-        _set_module(model, name, new)
+        set_module(model, name, new)
     for name, site in sites.items():
         lo, hi = site.range
         s, z = affine_params(lo.reshape(()), hi.reshape(()), site.bits)
@@ -235,7 +230,7 @@ def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
             new = QDQActivation((1.0 / s).float(), zp,
                                 torch.tensor(qmin + offset, dtype=dtype), torch.tensor(qmax + offset, dtype=dtype))
             report.qdq_activations += 1
-        _set_module(model, name, new)
+        set_module(model, name, new)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), report

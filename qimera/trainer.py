@@ -19,25 +19,25 @@ every ``log_every`` iterations.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
-import torch.nn as nn
 
+from ._files import atomic_write
 from .config import Config
 from .data import EvalData
 from .evaluate import evaluate
-from .generators import ClassMix, Generator, sample_plain, sample_superposed
+from .generators import ClassMix, build_generator, sample_plain, sample_superposed
 from .losses import BNStatsHook, kd_loss, soft_cross_entropy
-from .quant import quantize_model, set_calibrating
+from .quant import build_student, set_calibrating
 from .teachers import LoadedTeacher
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -97,33 +97,40 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def build_student(cfg: Config, teacher: LoadedTeacher) -> nn.Module:
-    student, _ = quantize_model(
-        teacher.model, cfg.quant.w_bits, cfg.quant.a_bits,
-        first_last_bits=8 if cfg.quant.first_last_8bit else None,
-        exclude=cfg.quant.exclude, act_momentum=cfg.quant.ema_momentum,
-    )
-    return student
+def checkpoint_file(out_dir: str | Path) -> Path:
+    """Where a run in ``out_dir`` keeps its checkpoint."""
+    return Path(out_dir) / CHECKPOINT_NAME
 
 
-def build_generator(cfg: Config, teacher: LoadedTeacher) -> Generator:
-    g = cfg.effective_generator()
-    c, h, w = teacher.input_size
-    gen = Generator(
-        num_classes=teacher.num_classes,
-        embed_dim=teacher.feature_dim,
-        img_size=h,
-        channels=c,
-        dm_layers=g.dm_layers,
-        noise_scale=g.noise_scale,
-        combine=g.combine,
-        conditional_bn=g.variant == "imagenet",
-    )
-    if g.embedding_init == "teacher_fc":
-        gen.init_embeddings_from(teacher.fc_weight)
-    if g.freeze_embeddings:
-        gen.embedding.weight.requires_grad_(False)
-    return gen
+def read_checkpoint(out_dir: str | Path, *, mmap: bool = False) -> dict:
+    """The checkpoint a run left in ``out_dir``, loaded safely on the CPU (tensors only,
+    ``weights_only=True``)."""
+    return torch.load(checkpoint_file(out_dir), map_location="cpu", weights_only=True, mmap=mmap)
+
+
+@dataclass(frozen=True)
+class ResumeStatus:
+    """What ``train.out_dir`` holds for a run, as :meth:`Trainer.resume_status` sees it.
+
+    ``state`` is one of ``"resumable"`` (a checkpoint of this configuration, at most
+    ``train.epochs`` epochs), ``"none"`` (no checkpoint), ``"disabled"``
+    (``train.resume`` is false), ``"unreadable"``, ``"mismatch"`` (another
+    configuration or fingerprint) or ``"ahead"`` (more epochs than ``train.epochs``).
+    """
+
+    state: str
+    reason: str
+    epoch: int = 0
+    history: tuple[dict, ...] = ()
+
+    @property
+    def resumable(self) -> bool:
+        return self.state == "resumable"
+
+    @property
+    def found(self) -> bool:
+        """Whether a checkpoint file is there (resumable or not)."""
+        return self.state not in ("none",)
 
 
 @dataclass
@@ -149,7 +156,10 @@ class Trainer:
         *,
         callbacks: tuple[EpochCallback, ...] = (),
         initial_embeddings: Optional[torch.Tensor] = None,
+        extra_fingerprint: Optional[Mapping[str, str]] = None,
     ):
+        """``extra_fingerprint``: what else a checkpoint must have been trained from to be
+        resumed (e.g. the pipeline's teacher and embedding hashes), beside the config."""
         self.cfg = cfg
         self.tc = cfg.train
         self.gc = cfg.effective_generator()
@@ -199,9 +209,17 @@ class Trainer:
         #: the evaluation of the final epoch's student, when this process trained that epoch
         self.final_eval = None
         self.resumed_from_epoch = 0
-        self._fingerprint = cfg.fingerprint(ignore=RESUME_MAY_CHANGE)
+        self._fingerprint = self._make_fingerprint(cfg, extra_fingerprint)
 
     # -- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _make_fingerprint(cfg: Config, extra: Optional[Mapping[str, str]]) -> str:
+        base = cfg.fingerprint(ignore=RESUME_MAY_CHANGE)
+        if not extra:
+            return base
+        blob = json.dumps({"config": base, **{str(k): str(v) for k, v in extra.items()}}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def _use_channels_last(self) -> bool:
         if self.tc.channels_last == "on":
             return True
@@ -212,7 +230,11 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
+        return checkpoint_file(self.out_dir)
+
+    @property
+    def history_path(self) -> Path:
+        return self.out_dir / HISTORY_NAME
 
     def sample_mix(self) -> ClassMix:
         b, c = self.tc.batch_size, self.num_classes
@@ -267,18 +289,42 @@ class Trainer:
         self.resumed_from_epoch = self.epoch
 
     def save_checkpoint(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        state = self.state_dict()
+        atomic_write(self.checkpoint_path, lambda handle: torch.save(state, handle), "wb")
+        atomic_write(self.history_path, lambda handle: handle.write(
+            "".join(json.dumps(r) + "\n" for r in self.history)), "w")
+
+    def resume_status(self) -> ResumeStatus:
+        """Whether :meth:`fit` would continue the checkpoint in ``out_dir``, and why not."""
+        if not self.checkpoint_path.is_file():
+            return ResumeStatus("none", "no checkpoint")
+        if not self.tc.resume:
+            return ResumeStatus("disabled", "train.resume is false")
+        try:
+            state = read_checkpoint(self.out_dir, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is "unreadable"
+            return ResumeStatus("unreadable", f"unreadable checkpoint: {type(exc).__name__}")
+        if state.get("fingerprint") != self._fingerprint:
+            return ResumeStatus("mismatch", "the checkpoint belongs to another configuration, teacher, "
+                                            "embedding table or library version")
+        epoch = int(state.get("epoch", 0))
+        history = tuple(state.get("history", ()))
+        if epoch > self.tc.epochs:
+            return ResumeStatus("ahead", f"the checkpoint has {epoch} epochs, more than "
+                                         f"train.epochs={self.tc.epochs}", epoch, history)
+        return ResumeStatus("resumable", f"resuming after epoch {epoch}", epoch, history)
+
+    def discard_checkpoint(self) -> None:
+        """Remove the checkpoint and history of ``out_dir``: the next :meth:`fit` starts over."""
+        self.checkpoint_path.unlink(missing_ok=True)
+        self.history_path.unlink(missing_ok=True)
 
     def maybe_resume(self) -> bool:
         if not (self.tc.resume and self.checkpoint_path.is_file()):
             return False
         # load on the CPU: load_state_dict copies parameters and optimiser state to the
         # modules' device, and the RNG states must stay on the CPU
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
+        self.load_state_dict(read_checkpoint(self.out_dir))
         return True
 
     # -- one iteration --------------------------------------------------------------------
@@ -392,14 +438,10 @@ class Trainer:
         self.maybe_resume()
         start = time.perf_counter()
         iters = 0
-        hist_path = self.out_dir / HISTORY_NAME
         while self.epoch < self.tc.epochs:
             record = self.run_epoch()
             iters += self.tc.iters_per_epoch
             self.save_checkpoint()
-            tmp = hist_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            os.replace(tmp, hist_path)
             self._log_epoch(record)
             for cb in self.callbacks:
                 cb(record)

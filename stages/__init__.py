@@ -33,7 +33,8 @@ Relative paths in presets and params (teacher weights, caches, datasets) are rel
 the repository root, also inside queued experiments. Environment:
 ``MLFLOW_TRACKING_URI`` (overrides ``mlflow.tracking_uri`` and the default
 ``sqlite:///<repo root>/mlflow.db``), ``PREFECT__FLOW_RUN_ID`` (recorded as the run's tag
-``prefect.flow_run_id``), ``DVC_EXP_NAME``/``DVC_EXP_BASELINE_REV``/``DVC_ROOT`` (set by DVC).
+``prefect.flow_run_id``), ``QIMERA_EPOCH_HOOK=package.module:callable`` (an extra callback
+the train stage calls with each epoch's record, after the epoch's checkpoint), ``DVC_EXP_NAME``/``DVC_EXP_BASELINE_REV``/``DVC_ROOT`` (set by DVC).
 
 Outputs, relative to the project directory (the workspace, or the experiment's copy):
 
@@ -50,8 +51,8 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
 ``outputs/embeddings.pt``
     ``{"embeddings": (classes, D) tensor, "init": "teacher_fc" | "random", "seed": int}``.
 ``outputs/train/``
-    ``checkpoint.pt``, ``history.jsonl`` (the library's), ``inputs.json`` (what the
-    checkpoint was trained from), ``train.json`` (epochs, iterations, resumed_from_epoch,
+    ``checkpoint.pt`` and ``history.jsonl`` (the library's trainer: its checkpoint's
+    fingerprint says what it was trained from), ``train.json`` (epochs, iterations, resumed_from_epoch,
     seconds) and ``mlflow_run.json`` (``{"run_id", "experiment_id", "experiment_name",
     "tracking_uri"}``); a persistent output, so that a killed ``train`` resumes from its
     last epoch (and reopens its MLflow run) when rerun.

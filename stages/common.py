@@ -41,6 +41,10 @@ TRAIN_RECORD = TRAIN_DIR / "train.json"
 HISTORY_CSV = OUTPUTS / "history.csv"
 FIGURES_DIR = OUTPUTS / "figures"
 EXPORT_DIR = OUTPUTS / "export"
+#: files the export stage adds to the library's exports (qimera.export) in EXPORT_DIR
+EXPORT_CONFIG = "config.yaml"
+MODEL_CARD = "MODEL_CARD.md"
+MODEL_RECORD = "model.json"
 METRICS = Path("metrics.json")
 
 #: params.yaml keys that are not config overrides
@@ -307,7 +311,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     never imported cannot have been raised, and the stage need not pay for the import."""
     errors: list[type[BaseException]] = [PipelineError]
     for module, name in (("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"),
-                         ("qimera.data", "DataError")):
+                         ("qimera.data", "DataError"), ("qimera.export", "ExportError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -39,7 +39,7 @@ def main() -> None:
 
     from qimera.baselines import naive_student
     from qimera.evaluate import evaluate
-    from qimera.trainer import build_generator
+    from qimera.generators import build_generator
 
     run = tracking.TrainedRun(with_data=True)
     cfg, prep, state, client, run_id, tcfg = run.cfg, run.prep, run.state, run.client, run.run_id, run.root_cfg

@@ -3,7 +3,7 @@
 Writes ``outputs/export/``:
 
 * ``student.pt``: the fake-quantized student's state dict (weights, activation ranges).
-  Rebuild it with ``qimera.trainer.build_student(cfg, teacher)`` and ``load_state_dict``;
+  Rebuild it with ``qimera.quant.build_student(cfg, teacher)`` and ``load_state_dict``;
 * ``integer/``: the integer artifact (:mod:`qimera.export`: packed integer weights,
   per-channel scale and zero point, activation ranges, ``quant_map.json``), reloaded with
   ``qimera.export.load_integer``;
@@ -12,7 +12,10 @@ Writes ``outputs/export/``:
 * ``verification.json``: the student, the reloaded integer model and onnxruntime scored on
   the evaluation set in one pass (``export.verify_samples`` images, default all). The stage
   fails when the integer model's logits move by more than 1e-5 or the ONNX top-1 by more
-  than 0.1 point;
+  than 0.1 point.
+
+These four are written by :func:`qimera.export.export_deployables`. The stage adds:
+
 * ``MODEL_CARD.md`` and ``config.yaml`` (the resolved configuration);
 * ``model.json``: MLflow run, model URI, registered name and version, whether it is the
   champion, the S3 location, and the sha256 of ``student.pt``.
@@ -36,44 +39,29 @@ import shutil
 from pathlib import Path
 
 from .common import (
+    EXPORT_CONFIG,
     EXPORT_DIR,
     METRICS,
+    MODEL_CARD,
+    MODEL_RECORD,
     RUN_CONFIG,
     TEACHER_RECORD,
-    PipelineError,
     all_or_nothing,
     bits_tag,
     export_params,
     read_json,
     read_yaml,
     run_stage,
-    torch_save,
     write_json,
 )
 from . import tracking
 from .model_card import render_model_card
 
 CHAMPION = "champion"
-#: the issue's bounds: integer logits equal to float rounding, ONNX top-1 within 0.1 point
-INTEGER_MAX_DELTA = 1e-5
-ONNX_MAX_TOP1_GAP = 0.1
 
 
 def registered_name(cfg) -> str:
     return f"qimera-{cfg.preset}-{bits_tag(cfg)}"
-
-
-def check_verification(v: dict) -> None:
-    """Raise when an exported model does not reproduce the student within the bounds."""
-    if v["integer_max_abs_logit_delta"] > INTEGER_MAX_DELTA:
-        raise PipelineError(
-            f"export: the reloaded integer model's logits differ from the student's by "
-            f"{v['integer_max_abs_logit_delta']:.3g} (> {INTEGER_MAX_DELTA}); see outputs of qimera.export")
-    gap = abs(v["onnx_top1"] - v["student_top1"])
-    if gap > ONNX_MAX_TOP1_GAP:
-        raise PipelineError(
-            f"export: onnxruntime top-1 {v['onnx_top1']:.2f}% differs from the student's "
-            f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP})")
 
 
 def version_tags(cfg, record: dict, top1: float, verification: dict, s3_uri: str | None) -> dict[str, str]:
@@ -111,83 +99,80 @@ def promote_if_better(client, name: str, version: str, top1: float) -> tuple[boo
     return False, str(champ.version)
 
 
-def main() -> None:
+def _upload(prefix: str, name: str, run_id: str, cfg) -> str:
+    from .s3 import join, upload_dir
+
+    s3_uri = join(prefix, name, run_id)
+    manifest = upload_dir(EXPORT_DIR, s3_uri, metadata={
+        "registered_model": name, "mlflow_run_id": run_id, "bits": bits_tag(cfg)})
+    print(f"export: uploaded {len(manifest['files'])} files to {s3_uri}/ (verified, MANIFEST.json last)")
+    return s3_uri
+
+
+def _log_and_register(student, name: str, run_id: str, verification: dict, s3_uri: str | None):
+    """Log the exports into the pipeline's run and register the student; returns the
+    logged model's info."""
     import mlflow
     import mlflow.pytorch
     import torch
 
     import qimera
-    from qimera.export import export_integer
-    from qimera.onnx_export import export_onnx, verify_exports
-    from qimera.teachers import sha256_file
+    from qimera.export import INTEGER_DIR, ONNX_FILE, VERIFICATION_FILE
+
+    with mlflow.start_run(run_id=run_id):
+        for f in (EXPORT_CONFIG, MODEL_CARD, VERIFICATION_FILE, ONNX_FILE):
+            mlflow.log_artifact(str(EXPORT_DIR / f), "export")
+        mlflow.log_artifacts(str(EXPORT_DIR / INTEGER_DIR), f"export/{INTEGER_DIR}")
+        mlflow.log_metrics({"onnx_top1": verification["onnx_top1"],
+                            "integer_max_abs_logit_delta": verification["integer_max_abs_logit_delta"]})
+        if s3_uri:
+            mlflow.set_tag("s3_uri", s3_uri)
+        return mlflow.pytorch.log_model(
+            student, name="student", serialization_format="pickle", registered_model_name=name,
+            code_paths=[str(Path(qimera.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
+        )
+
+
+def main() -> None:
+    import mlflow
+
+    from qimera._files import sha256_file
+    from qimera.export import STUDENT_FILE, export_deployables
 
     run = tracking.TrainedRun(with_data=True)
-    cfg, client, run_id, uri = run.cfg, run.client, run.run_id, run.uri
+    cfg, client, run_id = run.cfg, run.client, run.run_id
     options = export_params(run.params)
     student = run.student()
     name = registered_name(cfg)
     record = read_json(TEACHER_RECORD)
     metrics = read_json(METRICS)
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    top1 = float(metrics["student"]["top1"])
+    mlflow.set_tracking_uri(run.uri)
+    mlflow.set_registry_uri(run.uri)
     try:
         with all_or_nothing(EXPORT_DIR):
-            EXPORT_DIR.mkdir(parents=True, exist_ok=True)
-            torch_save(EXPORT_DIR / "student.pt", {k: v.detach().cpu() for k, v in student.state_dict().items()})
-            shutil.copyfile(RUN_CONFIG, EXPORT_DIR / "config.yaml")
-            export_integer(student, EXPORT_DIR / "integer", arch=record["arch"],
-                           arch_kwargs={"num_classes": record["num_classes"]},
-                           w_bits=cfg.quant.w_bits, a_bits=cfg.quant.a_bits,
-                           first_last_bits=8 if cfg.quant.first_last_8bit else None,
-                           exclude=cfg.quant.exclude)
-            onnx_report = export_onnx(student, EXPORT_DIR / "student.onnx", input_size=record["input_size"],
-                                      opset=options["onnx_opset"], metadata={
-                                          "qimera.registered_model": name, "qimera.bits": bits_tag(cfg),
-                                          "qimera.teacher": f"{record['source']}:{record['name']}",
-                                          "qimera.input_size": record["input_size"], "qimera.mean": record["mean"],
-                                          "qimera.std": record["std"], "qimera.mlflow_run_id": run_id})
-            verification = verify_exports(student, run.prep.eval_data.loader, integer_dir=EXPORT_DIR / "integer",
-                                          onnx_path=EXPORT_DIR / "student.onnx",
-                                          max_samples=options["verify_samples"])
-            verification["onnx"] = onnx_report.to_dict()
-            write_json(EXPORT_DIR / "verification.json", verification)
-            check_verification(verification)
-            card = render_model_card(name=name, config=read_yaml(RUN_CONFIG), teacher=record,
-                                     metrics=metrics, version=None, verification=verification)
-            (EXPORT_DIR / "MODEL_CARD.md").write_text(card)
-
-            s3_uri = None
-            if options["s3_prefix"]:
-                from .s3 import join, upload_dir
-
-                s3_uri = join(options["s3_prefix"], name, run_id)
-                manifest = upload_dir(EXPORT_DIR, s3_uri, metadata={
-                    "registered_model": name, "mlflow_run_id": run_id, "bits": bits_tag(cfg)})
-                print(f"export: uploaded {len(manifest['files'])} files to {s3_uri}/ (verified, MANIFEST.json last)")
-
-            top1 = float(metrics["student"]["top1"])
-            with mlflow.start_run(run_id=run_id):
-                for f in ("config.yaml", "MODEL_CARD.md", "verification.json", "student.onnx"):
-                    mlflow.log_artifact(str(EXPORT_DIR / f), "export")
-                mlflow.log_artifacts(str(EXPORT_DIR / "integer"), "export/integer")
-                mlflow.log_metrics({"onnx_top1": verification["onnx_top1"],
-                                    "integer_max_abs_logit_delta": verification["integer_max_abs_logit_delta"]})
-                if s3_uri:
-                    mlflow.set_tag("s3_uri", s3_uri)
-                info = mlflow.pytorch.log_model(
-                    student, name="student", serialization_format="pickle", registered_model_name=name,
-                    code_paths=[str(Path(qimera.__file__).parent)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
-                )
+            verification = export_deployables(
+                student, EXPORT_DIR, run.prep.eval_data.loader, arch=record["arch"],
+                arch_kwargs={"num_classes": record["num_classes"]}, input_size=record["input_size"],
+                opset=options["onnx_opset"], verify_samples=options["verify_samples"], metadata={
+                    "qimera.registered_model": name, "qimera.bits": bits_tag(cfg),
+                    "qimera.teacher": f"{record['source']}:{record['name']}", "qimera.input_size": record["input_size"],
+                    "qimera.mean": record["mean"], "qimera.std": record["std"], "qimera.mlflow_run_id": run_id})
+            shutil.copyfile(RUN_CONFIG, EXPORT_DIR / EXPORT_CONFIG)
+            (EXPORT_DIR / MODEL_CARD).write_text(render_model_card(
+                name=name, config=read_yaml(RUN_CONFIG), teacher=record, metrics=metrics, version=None,
+                verification=verification))
+            s3_uri = _upload(options["s3_prefix"], name, run_id, cfg) if options["s3_prefix"] else None
+            info = _log_and_register(student, name, run_id, verification, s3_uri)
             version = str(info.registered_model_version)
             for key, value in version_tags(cfg, record, top1, verification, s3_uri).items():
                 client.set_model_version_tag(name, version, key, value)
             moved, champion = promote_if_better(client, name, version, top1)
-            write_json(EXPORT_DIR / "model.json", {
+            write_json(EXPORT_DIR / MODEL_RECORD, {
                 "mlflow_run_id": run_id, "model_uri": info.model_uri, "registered_model": name,
                 "registered_version": version, "champion": moved, "champion_version": champion,
-                "s3_uri": s3_uri, "student_sha256": sha256_file(EXPORT_DIR / "student.pt"),
+                "s3_uri": s3_uri, "student_sha256": sha256_file(EXPORT_DIR / STUDENT_FILE),
             })
     except BaseException:
         tracking.terminate(client, run_id, "FAILED")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import EXPORT_DIR, METRICS, RUN_CONFIG, read_json, read_yaml
+from .common import EXPORT_DIR, METRICS, MODEL_RECORD, RUN_CONFIG, read_json, read_yaml
 
 METHOD_NAMES = {"qimera": "Qimera", "gdfq": "GDFQ"}
 
@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
 
 def exports_line(export_dir: Path = EXPORT_DIR) -> str:
     """One paragraph on the exported files, or a hint when export has not run."""
-    v_path, m_path = export_dir / "verification.json", export_dir / "model.json"
+    from qimera.export import VERIFICATION_FILE
+
+    v_path, m_path = export_dir / VERIFICATION_FILE, export_dir / MODEL_RECORD
     if not (v_path.is_file() and m_path.is_file()):
         return "no export yet (outputs/export): run the export stage"
     v, m = read_json(v_path), read_json(m_path)

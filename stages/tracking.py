@@ -308,9 +308,8 @@ class TrainedRun:
     teacher (and evaluation data when asked), the final checkpoint and the open MLflow run."""
 
     def __init__(self, *, with_data: bool):
-        import torch
-
         from qimera.api import prepare
+        from qimera.trainer import read_checkpoint
 
         from .common import TRAIN_DIR, load_params, load_run_config, root_relative, workspace_teacher_config
 
@@ -322,14 +321,13 @@ class TrainedRun:
         self.prep = prepare(workspace_teacher_config(self.cfg), with_data=with_data)
         #: the config with paths made relative to the repository root (for model building)
         self.root_cfg = root_relative(self.cfg, self.root)
-        self.state = torch.load(TRAIN_DIR / "checkpoint.pt", map_location="cpu", weights_only=True)
+        self.state = read_checkpoint(TRAIN_DIR)
         self.run_id = current_run(self.client, self.uri, experiment_name(self.params, self.cfg), self.cfg,
                                   run_tags(self.cfg, self.prep.device))
 
     def student(self):
         """The final epoch's fake-quantized student, ranges frozen, in eval mode (on CPU)."""
-        from qimera.quant import set_calibrating
-        from qimera.trainer import build_student
+        from qimera.quant import build_student, set_calibrating
 
         student = build_student(self.root_cfg, self.prep.teacher).cpu()
         student.load_state_dict(self.state["student"])

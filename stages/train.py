@@ -3,17 +3,21 @@
 Validates everything first (config, the workspace teacher, the evaluation data, the
 generator's K against the teacher's classes, the MLflow store); only then does it open
 the MLflow run and train. ``outputs/train`` is a persistent DVC output: the trainer
-writes ``checkpoint.pt`` and ``history.jsonl`` there after every epoch, and a rerun after
-a kill **resumes** from the last finished epoch, reopening the same MLflow run. A
-checkpoint of another configuration, teacher or embedding table (or of more epochs than
-asked) is discarded and training starts over.
+writes its checkpoint and ``history.jsonl`` there after every epoch, and a rerun after a
+kill **resumes** from the last finished epoch, reopening the same MLflow run. Whether a
+checkpoint may be continued is the trainer's decision (:meth:`qimera.trainer.Trainer.
+resume_status`): its fingerprint covers the configuration plus what this stage adds (the
+workspace teacher's and the embedding table's sha256, the library's source). A checkpoint
+of anything else (or of more epochs than asked) is discarded, with a line that says why,
+and training starts over.
 
-Outputs: ``outputs/train/`` (checkpoint.pt, history.jsonl, inputs.json, train.json,
-mlflow_run.json) and ``outputs/history.csv`` (one row per epoch, for ``dvc plots``).
+Outputs: ``outputs/train/`` (checkpoint, history.jsonl, train.json, mlflow_run.json) and
+``outputs/history.csv`` (one row per epoch, for ``dvc plots``).
 
-Test hook (used by tests/pipeline): with ``QIMERA_TEST_KILL_AFTER_EPOCH=N`` in the
-environment the process sends itself SIGKILL right after epoch N's checkpoint has been
-written and logged: a real, uncatchable kill at a deterministic point.
+Setting: ``QIMERA_EPOCH_HOOK=package.module:callable`` in the environment adds a callback
+that is called with each epoch's record (a dict: epoch, losses, top-1, ...) after that
+epoch's checkpoint is written and logged, e.g. to notify someone. The tests use it to kill
+the stage at a deterministic point.
 """
 
 from __future__ import annotations
@@ -21,18 +25,18 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import signal
 import time
 
 from .common import (
     EMBEDDINGS,
     HISTORY_COLUMNS,
     HISTORY_CSV,
+    MLFLOW_RUN,
     RUN_CONFIG,
     TEACHER_RECORD,
     TRAIN_DIR,
     TRAIN_RECORD,
+    PipelineError,
     input_errors,
     load_params,
     load_run_config,
@@ -47,8 +51,7 @@ from .common import (
 )
 from . import tracking
 
-INPUTS = TRAIN_DIR / "inputs.json"
-KILL_HOOK = "QIMERA_TEST_KILL_AFTER_EPOCH"
+EPOCH_HOOK = "QIMERA_EPOCH_HOOK"
 
 
 def history_csv(history: list[dict]) -> str:
@@ -80,91 +83,99 @@ def library_hash() -> str:
     return digest.hexdigest()
 
 
-def _clear_stale(reason: str) -> None:
-    print(f"train: starting over ({reason})")
-    for name in ("checkpoint.pt", "history.jsonl", "inputs.json", "train.json", "mlflow_run.json"):
-        (TRAIN_DIR / name).unlink(missing_ok=True)
+def epoch_hook():
+    """The callback that ``QIMERA_EPOCH_HOOK`` names, or None."""
+    import os
+
+    from qimera._registry import import_callable
+
+    spec = os.environ.get(EPOCH_HOOK)
+    return import_callable(spec, EPOCH_HOOK, PipelineError) if spec else None
 
 
-def _resumable(expected: dict, cfg) -> list[dict] | None:
-    """The history of the checkpoint in ``outputs/train`` when this run may continue it,
-    else None (after clearing what is there)."""
-    import torch
-
-    ckpt = TRAIN_DIR / "checkpoint.pt"
-    if not cfg.train.resume:
-        _clear_stale("train.resume is false")
-        return None
-    if not ckpt.is_file():
-        if any(TRAIN_DIR.iterdir()):
-            _clear_stale("no checkpoint")
-        return None
-    try:
-        inputs = read_json(INPUTS)
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable leftovers are not resumable
-        _clear_stale(f"unreadable checkpoint or inputs.json: {type(exc).__name__}")
-        return None
-    if inputs != expected or state.get("fingerprint") != expected["fingerprint"]:
-        _clear_stale("the checkpoint belongs to another configuration, teacher, embedding table or library version")
-        return None
-    if int(state.get("epoch", 0)) > cfg.train.epochs:
-        _clear_stale(f"the checkpoint has {state['epoch']} epochs, more than train.epochs={cfg.train.epochs}")
-        return None
-    return list(state.get("history", []))
-
-
-def main() -> None:
-    import torch
-
+def _prepare(cfg):
+    """The workspace teacher and the evaluation data, checked; a failed check removes the
+    ``outputs/train`` this call would otherwise leave empty."""
     from qimera.api import prepare
-    from qimera.runtime import tune_cpu_allocator
-    from qimera.teachers import sha256_file
-    from qimera.trainer import RESUME_MAY_CHANGE, Trainer
-
-    tune_cpu_allocator()
-    root = repo_root()
-    params = load_params()
-    cfg = load_run_config()
-    uri = tracking.tracking_uri(params, root)
-    client = tracking.connect(uri)
 
     created = not TRAIN_DIR.exists()
     try:
-        prep = prepare(workspace_teacher_config(cfg))
+        return prepare(workspace_teacher_config(cfg))
     except input_errors():
         if created and TRAIN_DIR.is_dir() and not any(TRAIN_DIR.iterdir()):
             TRAIN_DIR.rmdir()
         raise
-    table = torch.load(EMBEDDINGS, map_location="cpu", weights_only=True)["embeddings"]
-    # the trainer gets the preset's teacher spec (for its fingerprint and the record) and
-    # the teacher object loaded from the workspace copy
-    tcfg = root_relative(cfg, root)
-    record = read_json(TEACHER_RECORD)
-    expected = {"fingerprint": tcfg.fingerprint(ignore=RESUME_MAY_CHANGE), "library": library_hash(),
-                "teacher_sha256": record["sha256"], "embeddings_sha256": sha256_file(EMBEDDINGS)}
-    previous = _resumable(expected, cfg)
-    resume = previous is not None
 
+
+def _trainer(cfg, prep, root):
+    """The trainer, with what its checkpoint must have been trained from: the preset's
+    config (whose teacher section is the fingerprint's), the workspace teacher's and the
+    embedding table's hashes, the library's source."""
+    import torch
+
+    from qimera._files import sha256_file
+    from qimera.trainer import Trainer
+
+    table = torch.load(EMBEDDINGS, map_location="cpu", weights_only=True)["embeddings"]
+    return Trainer(root_relative(cfg, root), prep.teacher, prep.eval_data, initial_embeddings=table,
+                   extra_fingerprint={"library": library_hash(), "teacher_sha256": read_json(TEACHER_RECORD)["sha256"],
+                                      "embeddings_sha256": sha256_file(EMBEDDINGS)})
+
+
+def _resume_or_start_over(trainer):
+    """The trainer's answer on resuming; when it says no, everything of the old run goes."""
+    status = trainer.resume_status()
+    if not status.resumable:
+        if status.found:
+            print(f"train: starting over ({status.reason})")
+        trainer.discard_checkpoint()
+        TRAIN_RECORD.unlink(missing_ok=True)
+        MLFLOW_RUN.unlink(missing_ok=True)
+    return status
+
+
+def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
+    """The MLflow run of this pipeline execution (reopened on resume), tagged and with the
+    config logged."""
+    record = read_json(TEACHER_RECORD)
     tags = tracking.run_tags(cfg, prep.device, {"teacher.sha256": record["sha256"],
                                                 "teacher.top1": f"{record['top1']:.4f}"})
     exp_name = tracking.experiment_name(params, cfg)
-    run_id = tracking.open_run(client, uri, exp_name, cfg, resume=resume, tags=tags, name=tracking.run_name(cfg))
+    run_id = tracking.open_run(client, uri, exp_name, cfg, resume=status.resumable, tags=tags,
+                               name=tracking.run_name(cfg))
     try:
         tracking.log_tags(client, run_id, tags)
         flat = tracking.flatten(cfg.resolved())
         flat["preset_file"] = preset_file(root, cfg.preset, cfg.quant.w_bits, cfg.quant.a_bits).name
         tracking.log_params(client, run_id, flat)
         client.log_artifact(run_id, str(RUN_CONFIG), "config")
-        if not resume:
-            write_json(INPUTS, expected)
+        if status.resumable:
+            tracking.log_missing_epochs(client, run_id, status.history)
+    except BaseException:
+        tracking.terminate(client, run_id, "FAILED")
+        raise
+    print(f"train: MLflow run {run_id} in experiment {exp_name!r} at {tracking.redact(uri)}")
+    return run_id
 
-        trainer = Trainer(tcfg, prep.teacher, prep.eval_data, initial_embeddings=table,
-                          callbacks=(lambda rec: tracking.log_epoch(client, run_id, rec), _kill_hook()))
-        if resume:
-            tracking.log_missing_epochs(client, run_id, previous)
-            print(f"train: resuming after epoch {len(previous)}/{cfg.train.epochs}")
-        print(f"train: MLflow run {run_id} in experiment {exp_name!r} at {tracking.redact(uri)}")
+
+def main() -> None:
+    from qimera.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    root, params, cfg = repo_root(), load_params(), load_run_config()
+    uri = tracking.tracking_uri(params, root)
+    client = tracking.connect(uri)
+    hook = epoch_hook()
+    prep = _prepare(cfg)
+    trainer = _trainer(cfg, prep, root)
+    status = _resume_or_start_over(trainer)
+    run_id = _open_run(client, uri, params, cfg, prep, status, root)
+    trainer.callbacks.append(lambda rec: tracking.log_epoch(client, run_id, rec))
+    if hook is not None:
+        trainer.callbacks.append(hook)
+    if status.resumable:
+        print(f"train: resuming after epoch {status.epoch}/{cfg.train.epochs}")
+    try:
         result = trainer.fit()
     except KeyboardInterrupt:
         tracking.terminate(client, run_id, "KILLED")
@@ -181,20 +192,8 @@ def main() -> None:
     })
     tracking.log_tags(client, run_id, {"resumed_from_epoch": str(result.resumed_from_epoch)})
     client.log_artifact(run_id, str(HISTORY_CSV), "training")
-    final = result.final
     print(f"train: {cfg.train.epochs} epochs done (resumed from {result.resumed_from_epoch}); "
-          f"student top-1 {final.get('top1', float('nan')):.2f}%")
-
-
-def _kill_hook():
-    after = os.environ.get(KILL_HOOK)
-
-    def hook(record: dict) -> None:
-        if after and int(record["epoch"]) == int(after):
-            print(f"train: {KILL_HOOK}={after}: killing this process now", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
+          f"student top-1 {result.final.get('top1', float('nan')):.2f}%")
 
 
 if __name__ == "__main__":

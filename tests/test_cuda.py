@@ -8,7 +8,7 @@ from qimera.baselines import calibrate, gaussian_batches
 from qimera.config import load_config
 from qimera.data import load_eval_data
 from qimera.evaluate import evaluate
-from qimera.quant import quantize_model
+from qimera.quant import QuantRecipe, quantize_model
 from qimera.quant.functional import fake_quant, fake_quant_reference, per_channel_minmax
 from qimera.trainer import CHECKPOINT_NAME, Trainer
 
@@ -50,7 +50,7 @@ def test_bf16_training_on_cuda_resumes_and_exports_on_cpu(tiny_config, tiny_teac
     from qimera.export import export_integer, load_integer
 
     export_integer(student, tmp_path / "int", arch=tiny_config["teacher"]["arch"],
-                   arch_kwargs={"num_classes": 10}, w_bits=4, a_bits=4)
+                   arch_kwargs={"num_classes": 10})
     x, _ = next(iter(data.loader))
     with torch.no_grad():
         assert (load_integer(tmp_path / "int")(x) - student(x)).abs().max() <= 1e-5
@@ -60,7 +60,7 @@ def test_calibration_on_cuda_matches_cpu(tiny_teacher):
     noise = list(gaussian_batches(2, 32, (1, 8, 8), seed=5))  # the same images on both devices
     ranges = []
     for device in ("cpu", "cuda"):
-        student, _ = quantize_model(tiny_teacher.model, 4, 4)
+        student, _ = quantize_model(tiny_teacher.model, QuantRecipe(4, 4))
         calibrate(student.to(device), [b.to(device) for b in noise])
         ranges.append(torch.stack([torch.stack(m.range) for n, m in student.named_modules()
                                    if n.startswith("act_quant")]).cpu())

@@ -10,7 +10,7 @@ from qimera.data import load_eval_data
 from qimera.export import ExportError, export_integer, load_integer, pack_int4, unpack_int4
 from qimera.models.cifar_resnet import resnet20
 from qimera.models.digits_cnn import DigitsCNN
-from qimera.quant import quantize_model
+from qimera.quant import QuantRecipe, quantize_model
 
 
 def test_pack_unpack_roundtrip():
@@ -24,7 +24,7 @@ def test_pack_unpack_roundtrip():
 
 
 def _student(model, w_bits, a_bits, inputs):
-    student, _ = quantize_model(model, w_bits, a_bits)
+    student, _ = quantize_model(model, QuantRecipe(w_bits, a_bits))
     calibrate(student, inputs)
     return student
 
@@ -41,7 +41,7 @@ def test_reloaded_logits_equal_fake_quant_student(tmp_path, w_bits, a_bits):
     x, _ = next(iter(data.loader))
     student = _student(model, w_bits, a_bits, [x[:256]])
     qmap = export_integer(student, tmp_path / "int", arch="qimera.models.digits_cnn:DigitsCNN",
-                          arch_kwargs={"num_classes": 10}, w_bits=w_bits, a_bits=a_bits)
+                          arch_kwargs={"num_classes": 10})
     rebuilt = load_integer(tmp_path / "int")
     with torch.no_grad():
         delta = (rebuilt(x) - student(x)).abs().max().item()
@@ -57,7 +57,7 @@ def test_resnet20_export_is_packed_and_exact(tmp_path):
     x = torch.randn(16, 3, 32, 32)
     student = _student(resnet20(), 4, 4, [x])
     export_integer(student, tmp_path / "r20", arch="qimera.models.cifar_resnet:resnet20",
-                   arch_kwargs={"num_classes": 10}, w_bits=4, a_bits=4)
+                   arch_kwargs={"num_classes": 10})
     from safetensors.torch import load_file
 
     tensors = load_file(str(tmp_path / "r20" / "student.safetensors"))
@@ -70,9 +70,24 @@ def test_resnet20_export_is_packed_and_exact(tmp_path):
 
 
 def test_unfrozen_student_and_bad_dirs_refused(tmp_path):
-    student, _ = quantize_model(DigitsCNN(10).eval(), 4, 4)
+    student, _ = quantize_model(DigitsCNN(10).eval(), QuantRecipe(4, 4))
     with pytest.raises(ExportError, match="not frozen"):
-        export_integer(student, tmp_path / "x", arch="qimera.models.digits_cnn:DigitsCNN", w_bits=4, a_bits=4)
+        export_integer(student, tmp_path / "x", arch="qimera.models.digits_cnn:DigitsCNN")
     assert not (tmp_path / "x").exists()
     with pytest.raises(ExportError, match="not an integer export"):
         load_integer(tmp_path)
+
+
+def test_format_1_maps_still_load(tmp_path):
+    """Exports written before the recipe object (bit options at the map's top level)."""
+    torch.manual_seed(2)
+    x = torch.randn(8, 1, 8, 8)
+    student = _student(DigitsCNN(10).eval(), 5, 4, [x])
+    qmap = export_integer(student, tmp_path / "int", arch="qimera.models.digits_cnn:DigitsCNN",
+                          arch_kwargs={"num_classes": 10})
+    assert qmap["format_version"] == 2 and qmap["recipe"]["w_bits"] == 5 and qmap["recipe"]["a_bits"] == 4
+    old = {k: v for k, v in qmap.items() if k != "recipe"}
+    old.update(format_version=1, w_bits=5, a_bits=4, first_last_bits=None, exclude=[])
+    (tmp_path / "int" / "quant_map.json").write_text(json.dumps(old))
+    with torch.no_grad():
+        assert (load_integer(tmp_path / "int")(x) - student(x)).abs().max().item() <= 1e-5

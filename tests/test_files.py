@@ -11,7 +11,7 @@ from qimera._files import default_permissions
 from qimera.baselines import calibrate
 from qimera.export import export_integer
 from qimera.models.digits_cnn import DigitsCNN
-from qimera.quant import quantize_model
+from qimera.quant import QuantRecipe, quantize_model
 
 
 @pytest.fixture
@@ -37,8 +37,8 @@ def test_temporary_files_and_dirs_get_the_umask_permissions(tmp_path, umask_022)
 
 
 def test_integer_export_is_readable_by_the_team(tmp_path, umask_022):
-    student, _ = quantize_model(DigitsCNN(10).eval(), 4, 4)
+    student, _ = quantize_model(DigitsCNN(10).eval(), QuantRecipe(4, 4))
     calibrate(student, [torch.randn(8, 1, 8, 8)])
-    export_integer(student, tmp_path / "int", arch="qimera.models.digits_cnn:DigitsCNN", w_bits=4, a_bits=4)
+    export_integer(student, tmp_path / "int", arch="qimera.models.digits_cnn:DigitsCNN")
     assert _mode(tmp_path / "int") == 0o755
     assert all(_mode(p) == 0o644 for p in (tmp_path / "int").iterdir())

@@ -14,7 +14,7 @@ from qimera.evaluate import evaluate  # noqa: E402
 from qimera.export import ExportError, export_integer, load_integer  # noqa: E402
 from qimera.models.digits_cnn import DigitsCNN  # noqa: E402
 from qimera.onnx_export import OnnxRuntimeModel, _integer_form, export_onnx, qdq_model  # noqa: E402
-from qimera.quant import quantize_model  # noqa: E402
+from qimera.quant import QuantRecipe, quantize_model  # noqa: E402
 
 from qtest_paths import R20_ARCH, needs_shared, shared_r20_config  # noqa: E402
 
@@ -24,7 +24,7 @@ def _digits_student(w_bits, a_bits, seed=0):
     model = DigitsCNN(10).eval()
     data = load_eval_data("digits", batch_size=540)
     x, _ = next(iter(data.loader))
-    student, _ = quantize_model(model, w_bits, a_bits)
+    student, _ = quantize_model(model, QuantRecipe(w_bits, a_bits))
     calibrate(student, [x[:256]])
     return student, data
 
@@ -111,7 +111,7 @@ def test_ranges_no_8bit_zero_point_holds_stay_exact_float(tmp_path):
 
 
 def test_unfrozen_student_refused_and_nothing_written(tmp_path):
-    student, _ = quantize_model(DigitsCNN(10).eval(), 4, 4)
+    student, _ = quantize_model(DigitsCNN(10).eval(), QuantRecipe(4, 4))
     with pytest.raises(ExportError, match="not frozen"):
         export_onnx(student, tmp_path / "m.onnx", input_size=(1, 8, 8))
     assert list(tmp_path.iterdir()) == []
@@ -122,7 +122,7 @@ def test_shared_resnet20_onnx_and_integer_agree_with_student(tmp_path):
     prep = qimera.prepare(shared_r20_config(tmp_path / "run"))
     student = naive_student(prep.cfg, prep.teacher)
     loader = prep.eval_data.loader
-    export_integer(student, tmp_path / "int", arch=R20_ARCH, arch_kwargs={"num_classes": 10}, w_bits=4, a_bits=4)
+    export_integer(student, tmp_path / "int", arch=R20_ARCH, arch_kwargs={"num_classes": 10})
     report = export_onnx(student, tmp_path / "r20.onnx", input_size=(3, 32, 32))
     assert report.qdq_weights == 20 and report.qdq_activations == 19
     rebuilt = load_integer(tmp_path / "int")

@@ -170,3 +170,37 @@ def test_amp_auto_resolves_per_device(tiny_config, tiny_teacher, monkeypatch):
     assert tr.amp == "bf16" and tr.channels_last
     res = tr.fit()  # one bf16 epoch runs end to end
     assert torch.isfinite(torch.tensor(res.history[-1]["loss_s"]))
+
+
+def test_resume_status_is_the_one_answer_to_may_this_run_continue(tiny_config, tiny_teacher, tmp_path):
+    out = tmp_path / "r"
+    cfg = load_config(tiny_config, [f"train.out_dir={out}", "train.epochs=1"])
+    extra = {"teacher_sha256": "aaa"}
+    trainer = Trainer(cfg, tiny_teacher, extra_fingerprint=extra)
+    assert trainer.resume_status().state == "none" and not trainer.resume_status().found
+    trainer.fit()
+
+    again = Trainer(cfg, tiny_teacher, extra_fingerprint=extra).resume_status()
+    assert again.resumable and again.epoch == 1 and [r["epoch"] for r in again.history] == [1]
+    fewer = load_config(tiny_config, [f"train.out_dir={out}", "train.epochs=1"])
+    more = load_config(tiny_config, [f"train.out_dir={out}", "train.epochs=3"])
+    assert Trainer(more, tiny_teacher, extra_fingerprint=extra).resume_status().resumable
+    assert Trainer(fewer, tiny_teacher, extra_fingerprint={"teacher_sha256": "bbb"}).resume_status().state == "mismatch"
+    other_seed = load_config(tiny_config, [f"train.out_dir={out}", "train.epochs=1", "train.seed=9"])
+    assert Trainer(other_seed, tiny_teacher, extra_fingerprint=extra).resume_status().state == "mismatch"
+    no_resume = load_config(tiny_config, [f"train.out_dir={out}", "train.resume=false"])
+    assert Trainer(no_resume, tiny_teacher, extra_fingerprint=extra).resume_status().state == "disabled"
+
+    # a checkpoint of more epochs than asked is reported as such
+    ahead = Trainer(more, tiny_teacher, extra_fingerprint=extra)
+    ahead.fit()
+    status = Trainer(fewer, tiny_teacher, extra_fingerprint=extra).resume_status()
+    assert status.state == "ahead" and "3 epochs, more than train.epochs=1" in status.reason
+
+    # an unreadable checkpoint; discard_checkpoint leaves nothing to resume
+    tr = Trainer(fewer, tiny_teacher, extra_fingerprint=extra)
+    tr.checkpoint_path.write_bytes(b"not a checkpoint")
+    assert tr.resume_status().state == "unreadable"
+    tr.discard_checkpoint()
+    assert not tr.checkpoint_path.exists() and not tr.history_path.exists()
+    assert tr.resume_status().state == "none"

@@ -1,6 +1,15 @@
-"""Thin fake-quantized modules: weight-quantized Conv2d/Linear and activation quantizers."""
+"""Thin fake-quantized modules: weight-quantized Conv2d/Linear and activation quantizers.
+
+Weight-quantized layers are found through :data:`WEIGHT_QUANT_REGISTRY`, filled by the
+:func:`register_weight_module` decorator (the role of optimum-quanto's
+``register_qmodule``): ``@register_weight_module(nn.Conv2d)`` on a class with a
+``from_float(module, bits)`` classmethod makes :func:`qimera.quant.quantize_model` swap
+every ``nn.Conv2d`` for it.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -66,7 +75,29 @@ class ActQuantizer(nn.Module):
         self._frozen_checked = False
 
 
-class _WeightQuantMixin:
+#: float module type (matched exactly, not by subclass) -> its weight-quantized class
+WEIGHT_QUANT_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_weight_module(float_type: type[nn.Module]) -> Callable[[type], type]:
+    """Class decorator: ``float_type`` modules are replaced by the decorated class's
+    ``from_float(module, bits)`` when a model is quantized."""
+
+    def register(cls: type) -> type:
+        if not callable(getattr(cls, "from_float", None)):
+            raise TypeError(f"{cls.__name__} needs a from_float(module, bits) classmethod to be registered")
+        WEIGHT_QUANT_REGISTRY[float_type] = cls
+        return cls
+
+    return register
+
+
+def weight_quant_types() -> tuple[type[nn.Module], ...]:
+    """The registered weight-quantized classes (for ``isinstance`` checks)."""
+    return tuple(WEIGHT_QUANT_REGISTRY.values())
+
+
+class WeightQuantMixin:
     """Shared by the weight-quantized layers: bit width, repr and the quantized weight."""
 
     w_bits: int
@@ -84,7 +115,8 @@ class _WeightQuantMixin:
         return fake_quant_weight(self.weight, self.w_bits)
 
 
-class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+@register_weight_module(nn.Conv2d)
+class QuantConv2d(WeightQuantMixin, nn.Conv2d):
     """Conv2d whose weight is fake-quantized per output channel at every forward."""
 
     @classmethod
@@ -100,7 +132,8 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantLinear(_WeightQuantMixin, nn.Linear):
+@register_weight_module(nn.Linear)
+class QuantLinear(WeightQuantMixin, nn.Linear):
     """Linear whose weight is fake-quantized per output row at every forward."""
 
     @classmethod

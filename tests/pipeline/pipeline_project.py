@@ -34,7 +34,7 @@ TINY_PARAMS = {
 }
 #: variables of the caller's environment that would leak into the project's runs
 _SCRUB = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT",
-          "DVC_STAGE", "PREFECT__FLOW_RUN_ID", "QIMERA_TEST_KILL_AFTER_EPOCH", "VIRTUAL_ENV",
+          "DVC_STAGE", "PREFECT__FLOW_RUN_ID", "QIMERA_EPOCH_HOOK", "VIRTUAL_ENV",
           # Python writes bytecode next to the sources, as on a user's machine: .dvcignore
           # must keep it from changing the `qimera` dependency's hash
           "PYTHONDONTWRITEBYTECODE")

@@ -14,6 +14,7 @@ import time
 import pytest
 import yaml
 
+import epoch_hooks
 from pipeline_project import DvcProject, make_dvc_project
 
 pytestmark = pytest.mark.slow
@@ -198,7 +199,7 @@ def test_a_bits_reruns_train_evaluate_export_but_not_the_teacher(copy_of_built):
 def test_killed_train_resumes_on_rerun(copy_of_built):
     project = copy_of_built
     project.set_params({"train.seed": 7, "train.epochs": 3})  # another config: training starts over
-    res = project.dvc("repro", env={"QIMERA_TEST_KILL_AFTER_EPOCH": "1"}, timeout=600)
+    res = project.dvc("repro", env=epoch_hooks.env(), timeout=600)
     assert res.returncode != 0 and "killing this process" in res.stdout, res.stdout[-4000:]
     history = (project.path / "outputs/train/history.jsonl").read_text().splitlines()
     assert [json.loads(h)["epoch"] for h in history] == [1]

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from qimera.quant import ActQuantizer, QuantConv2d, QuantLinear, act_quantizers, quantize_model, set_calibrating
+from qimera.quant import ActQuantizer, QuantConv2d, QuantLinear, QuantRecipe, act_quantizers, quantize_model, set_calibrating
 from qimera.models.cifar_resnet import resnet20
 
 
@@ -29,7 +29,7 @@ def _count(model):
     ids=["resnet18", "mobilenet_v2", "inception_v3", "resnet20_F_relu"],
 )
 def test_activation_site_counts(factory, sites, weights):
-    q, report = quantize_model(factory(), 4, 4)
+    q, report = quantize_model(factory(), QuantRecipe(4, 4))
     assert report.traced
     assert _count(q) == sites == len(report.act_sites)
     assert len(report.weight_layers) == weights
@@ -61,7 +61,7 @@ class _Funky(nn.Module):
 
 def test_every_functional_form_and_shared_module_gets_its_own_quantizer():
     model = _Funky().eval()
-    q, report = quantize_model(model, 4, 2)
+    q, report = quantize_model(model, QuantRecipe(4, 2))
     assert _count(q) == 7
     x = torch.randn(8, 1, 6, 6) * 10
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_in_place_site_is_quantized_on_its_later_use():
             F.relu_(y)
             return y + 0.0
 
-    q, _ = quantize_model(M(), 4, 2)
+    q, _ = quantize_model(M(), QuantRecipe(4, 2))
     x = torch.linspace(-1, 3, 100).reshape(1, 1, 10, 10)
     with torch.no_grad():
         out = q(x)
@@ -92,19 +92,19 @@ def test_in_place_site_is_quantized_on_its_later_use():
 def test_original_model_untouched_and_student_eval():
     m = resnet20()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    q, _ = quantize_model(m, 4, 4)
+    q, _ = quantize_model(m, QuantRecipe(4, 4))
     assert not any(isinstance(x, ActQuantizer) for x in m.modules())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert not q.training
 
 
 def test_first_last_8bit_and_exclude():
-    q, report = quantize_model(resnet20(), 4, 4, first_last_bits=8)
+    q, report = quantize_model(resnet20(), QuantRecipe(4, 4, first_last_bits=8))
     bits = report.weight_bits
     order = report.weight_layers
     assert bits[order[0]] == 8 and bits[order[-1]] == 8
     assert all(bits[n] == 4 for n in order[1:-1])
-    q2, report2 = quantize_model(resnet20(), 4, 4, exclude=["linear", "layer3.*"])
+    q2, report2 = quantize_model(resnet20(), QuantRecipe(4, 4, exclude=("linear", "layer3.*")))
     assert "linear" not in report2.weight_layers
     assert not any(n.startswith("layer3.") for n in report2.weight_layers)
     assert isinstance(q2.get_submodule("linear"), nn.Linear) and not isinstance(q2.get_submodule("linear"), QuantLinear)
@@ -113,7 +113,7 @@ def test_first_last_8bit_and_exclude():
 @pytest.mark.parametrize("bad", [1, 9, 0, "4", 4.0])
 def test_bits_out_of_range(bad):
     with pytest.raises(ValueError, match="2..8"):
-        quantize_model(resnet20(), bad, 4)
+        quantize_model(resnet20(), QuantRecipe(bad, 4))
 
 
 def test_untraceable_model_falls_back_with_warning():
@@ -129,5 +129,5 @@ def test_untraceable_model_falls_back_with_warning():
             return self.act(self.conv(x))
 
     with pytest.warns(UserWarning, match="could not trace"):
-        q, report = quantize_model(Dynamic(), 4, 4)
+        q, report = quantize_model(Dynamic(), QuantRecipe(4, 4))
     assert not report.traced and _count(q) == 1
