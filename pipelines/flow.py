@@ -29,18 +29,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-# Presets that ``params.yaml`` accepts (``dvc exp run -S preset=…``), as in the project's
-# configs/ (``<name>.yaml`` or ``<name>-w4a4.yaml``; see ``available_presets``). ``imagenet``
-# is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher.
-PRESETS = (
-    "demo",
-    "cifar10",
-    "cifar10-shared",
-    "cifar100",
-    "imagenet-resnet18",
-    "imagenet-resnet50",
-    "imagenet-mobilenetv2",
-)
+# The flow runs in a checkout of the project (prefect.yaml copies no code anywhere). Its
+# ``stages`` package owns the pipeline's presets and file names; make it importable
+# whatever directory the worker was started from.
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+if str(PROJECT_DIR) not in sys.path:
+    sys.path.insert(0, str(PROJECT_DIR))
+
+from stages.common import METRICS, MLFLOW_RUN, available_presets  # noqa: E402
+
+# ``imagenet`` is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher.
 IMAGENET_MODELS = {
     "resnet18": "imagenet-resnet18",
     "resnet50": "imagenet-resnet50",
@@ -48,31 +46,23 @@ IMAGENET_MODELS = {
 }
 Model = Literal["resnet18", "resnet50", "mobilenetv2"]
 Bits = Annotated[int, Field(ge=2, le=8)]
-
-# Where the pipeline leaves its results, relative to the project directory (the contract
-# in stages/__init__.py): metrics.json carries "mlflow_run_id"; the train stage also records
-# the run in outputs/train/mlflow_run.json.
-METRICS_FILE = "metrics.json"
-MLFLOW_RUN_FILE = "outputs/train/mlflow_run.json"
-
-# Retry policy of the pipeline task: two retries, 30 s then 120 s later. The environment
-# variable exists so that tests (and impatient users) can shorten the delays.
-RETRIES = 2
-RETRY_DELAYS = [int(s) for s in os.environ.get("QIMERA_RETRY_DELAYS", "30,120").split(",")]
+#: the pipeline task's default retry policy: one retry after each delay (seconds)
+RETRY_DELAYS = (30, 120)
+RetryDelays = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=10)]
 
 # Tag of the pipeline task. A tag concurrency limit on it serialises training across
 # workers that share one checkout: ``prefect concurrency-limit create qimera-train 1``.
 TRAIN_TAG = "qimera-train"
 
 
-class PipelineError(RuntimeError):
+class FlowRunError(RuntimeError):
     """``dvc exp run`` failed in a way that may succeed when tried again."""
 
     transient = True
 
 
-class PipelineConfigError(PipelineError):
-    """``dvc exp run`` failed because of its input: retrying cannot help."""
+class FlowInputError(FlowRunError):
+    """The flow's or ``dvc exp run``'s input is wrong: retrying cannot help."""
 
     transient = False
 
@@ -82,32 +72,17 @@ class PipelineConfigError(PipelineError):
 # --------------------------------------------------------------------------------------
 
 
-def available_presets(project: Path | None = None) -> tuple[str, ...]:
-    """Presets of the project: ``configs/<name>.yaml`` and ``configs/<name>-w4a4.yaml``."""
-    configs = Path(project) / "configs" if project is not None else None
-    if configs is None or not configs.is_dir():
-        return PRESETS
-    names = set()
-    for path in configs.glob("*.yaml"):
-        stem = path.stem
-        if stem.endswith("-w4a4"):
-            names.add(stem[: -len("-w4a4")])
-        elif not re.search(r"-w\da\d$", stem):
-            names.add(stem)
-    return tuple(sorted(names)) or PRESETS
-
-
 def resolve_preset(preset: str, model: str = "resnet18", project: Path | None = None) -> str:
     """The ``params.yaml`` preset for the flow's ``preset``/``model`` parameters."""
     if preset == "imagenet":
         if model not in IMAGENET_MODELS:
-            raise PipelineConfigError(
+            raise FlowInputError(
                 f"model={model!r} is not an ImageNet teacher; allowed: {', '.join(IMAGENET_MODELS)}"
             )
         return IMAGENET_MODELS[model]
-    allowed = available_presets(project)
+    allowed = available_presets(Path(project) if project is not None else PROJECT_DIR)
     if preset not in allowed:
-        raise PipelineConfigError(
+        raise FlowInputError(
             f"preset={preset!r} is unknown; allowed: imagenet, {', '.join(allowed)}"
         )
     return preset
@@ -139,9 +114,9 @@ def dvc_command(
     extra: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
-            raise PipelineConfigError(f"override key {key!r} is not a dotted params.yaml key")
+            raise FlowInputError(f"override key {key!r} is not a dotted params.yaml key")
         if key in ("preset", "quant.w_bits", "quant.a_bits"):
-            raise PipelineConfigError(
+            raise FlowInputError(
                 f"override {key!r} is a flow parameter; set it as a parameter instead"
             )
         extra[key] = value
@@ -176,8 +151,8 @@ _CONFIG = re.compile(
 _STAGE_EXIT = re.compile(r"exited with (-?\d+)")
 
 
-def classify_failure(returncode: int, output: str) -> type[PipelineError]:
-    """:class:`PipelineError` (retry) or :class:`PipelineConfigError` (fail fast).
+def classify_failure(returncode: int, output: str) -> type[FlowRunError]:
+    """:class:`FlowRunError` (retry) or :class:`FlowInputError` (fail fast).
 
     Signals (a negative return code, 137/143) and the patterns in ``_TRANSIENT`` are
     transient. A stage that exits with status 2 (the project's "bad input" status, as
@@ -185,30 +160,30 @@ def classify_failure(returncode: int, output: str) -> type[PipelineError]:
     configuration error. Anything else is retried.
     """
     if returncode < 0 or returncode in (137, 143):
-        return PipelineError
+        return FlowRunError
     tail = output[-20000:]
     if _TRANSIENT.search(tail):
-        return PipelineError
+        return FlowRunError
     stage_codes = [int(c) for c in _STAGE_EXIT.findall(tail)]
     if stage_codes:
         code = stage_codes[-1]
         if code < 0 or code in (137, 143):
-            return PipelineError
+            return FlowRunError
         if code == 2:
-            return PipelineConfigError
+            return FlowInputError
     if returncode == 2 or _CONFIG.search(tail):
-        return PipelineConfigError
-    return PipelineError
+        return FlowInputError
+    return FlowRunError
 
 
 def collect_results(project: Path) -> tuple[str | None, dict[str, Any]]:
     """The MLflow run id and the metrics that the pipeline left in ``project``."""
-    metrics_path = project / METRICS_FILE
+    metrics_path = project / METRICS
     if not metrics_path.is_file():
-        raise PipelineError(f"the pipeline finished but wrote no {METRICS_FILE} in {project}")
+        raise FlowRunError(f"the pipeline finished but wrote no {METRICS} in {project}")
     metrics = json.loads(metrics_path.read_text())
     run_id = metrics.get("mlflow_run_id") if isinstance(metrics, dict) else None
-    run_file = project / MLFLOW_RUN_FILE
+    run_file = project / MLFLOW_RUN
     if not run_id and run_file.is_file():
         run_id = json.loads(run_file.read_text()).get("run_id")
     return run_id, metrics
@@ -233,12 +208,12 @@ def _dvc_executable() -> str:
 
 
 def _retry_unless_config_error(task_, task_run, state) -> bool:
-    """``retry_condition_fn``: no retry for :class:`PipelineConfigError`."""
+    """``retry_condition_fn``: no retry for :class:`FlowInputError`."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the result could not be loaded: keep the default (retry)
         return True
-    return not (isinstance(exc, PipelineError) and not exc.transient)
+    return not (isinstance(exc, FlowRunError) and not exc.transient)
 
 
 # --------------------------------------------------------------------------------------
@@ -248,8 +223,8 @@ def _retry_unless_config_error(task_, task_run, state) -> bool:
 
 @task(
     name="dvc-exp-run",
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=list(RETRY_DELAYS),
     retry_condition_fn=_retry_unless_config_error,
     tags=[TRAIN_TAG],
     cache_policy=None,
@@ -288,7 +263,7 @@ def run_pipeline(cmd: list[str], project: str) -> dict[str, Any]:
     if returncode != 0:
         output = "\n".join(tail)
         kind = classify_failure(returncode, output)
-        what = "configuration error, not retried" if kind is PipelineConfigError else "may be retried"
+        what = "configuration error, not retried" if kind is FlowInputError else "may be retried"
         last = "\n".join(list(tail)[-15:])
         raise kind(f"`dvc exp run` exited with status {returncode} ({what}). Last lines:\n{last}")
     run_id, metrics = collect_results(project_dir)
@@ -325,6 +300,7 @@ def qimera_flow(
     a_bits: Bits = 4,
     model: Model = "resnet18",
     overrides: dict[str, Any] | None = None,
+    retry_delays: RetryDelays = list(RETRY_DELAYS),
 ) -> dict[str, Any]:
     """Quantize a preset's teacher with Qimera through the DVC pipeline.
 
@@ -337,18 +313,21 @@ def qimera_flow(
             mobilenetv2. Ignored for the other presets.
         overrides: extra ``params.yaml`` values, ``{"train.epochs": 2, "generator.p": 0.25}``,
             passed as ``dvc exp run -S ++key=value`` (keys params.yaml lacks are added).
+        retry_delays: seconds to wait before each retry of a transient failure (one retry
+            per entry; ``[]`` for none). Input errors are never retried.
     """
     logger = get_run_logger()
     project = Path.cwd()
     if not (project / "dvc.yaml").is_file():
-        raise PipelineConfigError(
+        raise FlowInputError(
             f"{project} has no dvc.yaml: the deployment's working directory is not the qimera "
             "project (run `prefect deploy` from the repository root)"
         )
     resolved = resolve_preset(preset, model, project)
     cmd = dvc_command(_dvc_executable(), resolved, w_bits, a_bits, overrides)
     logger.info("preset %s at %dw%da in %s", resolved, w_bits, a_bits, project)
-    out = run_pipeline(cmd, str(project))
+    pipeline = run_pipeline.with_options(retries=len(retry_delays), retry_delay_seconds=list(retry_delays))
+    out = pipeline(cmd, str(project))
     result = {
         "preset": resolved,
         "w_bits": w_bits,

@@ -56,7 +56,6 @@ def prefect_env(tmp_path_factory):
         "PREFECT_CLI_PROMPT": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
         "DO_NOT_TRACK": "1",
-        "QIMERA_RETRY_DELAYS": "2",  # the flow's retry delays, shortened
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
     env.update(settings, PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
@@ -212,8 +211,8 @@ def probe():
     for code in (2, 1):
         counter.write_text("")
         try:
-            q.run_pipeline(attempt(code), sys.argv[1])
-        except q.PipelineError as exc:
+            q.run_pipeline.with_options(retry_delay_seconds=[2, 2])(attempt(code), sys.argv[1])
+        except q.FlowRunError as exc:
             out[code] = [type(exc).__name__, len(counter.read_text())]
     return out
 
@@ -231,4 +230,4 @@ def test_task_retries_transient_failures_only(prefect_env, tmp_path):
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("OUT=")]
     assert line, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(line[0][4:])
-    assert out == {"2": ["PipelineConfigError", 1], "1": ["PipelineError", 3]}, out
+    assert out == {"2": ["FlowInputError", 1], "1": ["FlowRunError", 3]}, out

@@ -24,17 +24,17 @@ def test_presets_and_imagenet_models():
     assert q.resolve_preset("imagenet", "resnet50") == "imagenet-resnet50"
     assert q.resolve_preset("imagenet", "mobilenetv2") == "imagenet-mobilenetv2"
     assert q.resolve_preset("imagenet-resnet50") == "imagenet-resnet50"
-    with pytest.raises(q.PipelineConfigError, match="preset='cifar1000'"):
+    with pytest.raises(q.FlowInputError, match="preset='cifar1000'"):
         q.resolve_preset("cifar1000")
-    with pytest.raises(q.PipelineConfigError, match="model='vgg16'"):
+    with pytest.raises(q.FlowInputError, match="model='vgg16'"):
         q.resolve_preset("imagenet", "vgg16")
 
 
 def test_presets_match_the_config_files():
-    assert q.available_presets(REPO) == tuple(sorted(q.PRESETS))
-    assert q.available_presets(None) == q.PRESETS
+    assert q.available_presets(REPO) == ["cifar10", "cifar10-shared", "cifar100", "demo", "imagenet-mobilenetv2",
+                                         "imagenet-resnet18", "imagenet-resnet50"]
     assert q.resolve_preset("cifar10-shared", project=REPO) == "cifar10-shared"
-    with pytest.raises(q.PipelineConfigError, match="allowed: imagenet, cifar10, "):
+    with pytest.raises(q.FlowInputError, match="allowed: imagenet, cifar10, "):
         q.resolve_preset("nope", project=REPO)
 
 
@@ -50,37 +50,37 @@ def test_dvc_command():
                 "data.path='x,y'"]  # quoted: a bare comma would make a DVC sweep
     settings[3:] = ["++" + s for s in settings[3:]]  # overrides may add keys params.yaml lacks
     assert cmd == ["dvc", "exp", "run"] + [a for s in settings for a in ("-S", s)]
-    with pytest.raises(q.PipelineConfigError, match="flow parameter"):
+    with pytest.raises(q.FlowInputError, match="flow parameter"):
         q.dvc_command("dvc", "demo", 4, 4, {"quant.w_bits": 5})
-    with pytest.raises(q.PipelineConfigError, match="dotted"):
+    with pytest.raises(q.FlowInputError, match="dotted"):
         q.dvc_command("dvc", "demo", 4, 4, {"train epochs": 5})
 
 
 @pytest.mark.parametrize("code, output, kind", [
     (255, "ERROR: failed to reproduce 'train': failed to run: python stages/train.py, exited with 2",
-     q.PipelineConfigError),
-    (255, "qimera: error: quant.w_bits=9 is not allowed (2..8)", q.PipelineConfigError),
-    (255, "qimera stage resolve: error: preset='x' is not a preset", q.PipelineConfigError),
-    (255, "ERROR: Could not override 'trian.epochs'", q.PipelineConfigError),
-    (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", q.PipelineError),
+     q.FlowInputError),
+    (255, "qimera: error: quant.w_bits=9 is not allowed (2..8)", q.FlowInputError),
+    (255, "qimera stage resolve: error: preset='x' is not a preset", q.FlowInputError),
+    (255, "ERROR: Could not override 'trian.epochs'", q.FlowInputError),
+    (255, "ERROR: Unable to acquire lock. Most likely another DVC process is running", q.FlowRunError),
     (255, "qimera: error: teacher download failed: <urlopen error [Errno -3] Temporary failure in "
-          "name resolution>\nexited with 2", q.PipelineError),
-    (255, "ERROR: failed to run: python stages/train.py, exited with -9", q.PipelineError),
+          "name resolution>\nexited with 2", q.FlowRunError),
+    (255, "ERROR: failed to run: python stages/train.py, exited with -9", q.FlowRunError),
     (255, "qimera stage resolve: error: MLflow tracking store 'http://127.0.0.1:9' is not usable: "
-          "[Errno 111] Connection refused. Start the server\nexited with 2", q.PipelineError),
+          "[Errno 111] Connection refused. Start the server\nexited with 2", q.FlowRunError),
     (255, "qimera stage fetch_teacher: error: teacher.source pytorchcv: teacher.name 'resnet18': "
-          "download failed (OSError). On an offline machine\nexited with 2", q.PipelineError),
-    (-9, "", q.PipelineError),
-    (1, "RuntimeError: something odd", q.PipelineError),
+          "download failed (OSError). On an offline machine\nexited with 2", q.FlowRunError),
+    (-9, "", q.FlowRunError),
+    (1, "RuntimeError: something odd", q.FlowRunError),
 ])
 def test_classify_failure(code, output, kind):
     assert q.classify_failure(code, output) is kind
 
 
 def test_retry_condition():
-    assert q._retry_unless_config_error(None, None, Failed(data=q.PipelineError("x"))) is True
+    assert q._retry_unless_config_error(None, None, Failed(data=q.FlowRunError("x"))) is True
     assert q._retry_unless_config_error(None, None, Failed(data=RuntimeError("x"))) is True
-    assert q._retry_unless_config_error(None, None, Failed(data=q.PipelineConfigError("x"))) is False
+    assert q._retry_unless_config_error(None, None, Failed(data=q.FlowInputError("x"))) is False
 
 
 @pytest.fixture
@@ -107,20 +107,20 @@ def test_run_pipeline_streams_output_and_collects_results(tmp_path, plain_logger
 
 
 def test_run_pipeline_failures(tmp_path, plain_logger):
-    with pytest.raises(q.PipelineConfigError, match="status 2"):
+    with pytest.raises(q.FlowInputError, match="status 2"):
         q.run_pipeline.fn(_script("import sys; print('qimera: error: bad'); sys.exit(2)"), str(tmp_path))
-    with pytest.raises(q.PipelineError, match="status 1") as info:
+    with pytest.raises(q.FlowRunError, match="status 1") as info:
         q.run_pipeline.fn(_script("raise SystemExit(1)"), str(tmp_path))
-    assert info.type is q.PipelineError
-    with pytest.raises(q.PipelineError, match="no metrics.json"):
+    assert info.type is q.FlowRunError
+    with pytest.raises(q.FlowRunError, match="no metrics.json"):
         q.run_pipeline.fn(_script("pass"), str(tmp_path))
 
 
 def test_run_id_from_the_train_record(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"student": {"top1": 80.0, "top5": 99.0}}))
     assert q.collect_results(tmp_path) == (None, {"student": {"top1": 80.0, "top5": 99.0}})
-    (tmp_path / q.MLFLOW_RUN_FILE).parent.mkdir(parents=True)
-    (tmp_path / q.MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": "r1", "experiment_id": "1"}))
+    (tmp_path / q.MLFLOW_RUN).parent.mkdir(parents=True)
+    (tmp_path / q.MLFLOW_RUN).write_text(json.dumps({"run_id": "r1", "experiment_id": "1"}))
     assert q.collect_results(tmp_path)[0] == "r1"
     assert "| student | 80.0 | 99.0 |" in q.metrics_table(q.collect_results(tmp_path)[1])
 
@@ -135,7 +135,7 @@ def test_run_pipeline_puts_params_yaml_back(tmp_path, plain_logger):
             "json.dump({'mlflow_run_id': 'r'}, open('metrics.json', 'w'))\n")
     q.run_pipeline.fn(_script(body), str(tmp_path))
     assert params.read_text() == "# comment\npreset: demo\n"
-    with pytest.raises(q.PipelineError):
+    with pytest.raises(q.FlowRunError):
         q.run_pipeline.fn(_script("import os; os.remove('params.yaml'); raise SystemExit(3)"),
                           str(tmp_path))
     assert params.read_text() == "# comment\npreset: demo\n"
