@@ -56,6 +56,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         raise
 
 
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}-"
+
+
+def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories that :func:`atomic_dir` left beside ``dest`` when
+    its process was killed (SIGKILL gives it no chance to clean up). Only for a ``dest``
+    that one process at a time writes (a pipeline stage's output). Returns what went."""
+    dest = Path(dest)
+    gone = [p for p in dest.parent.glob(_temp_prefix(dest) + "*") if p.is_dir()] if dest.parent.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 @contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest`` to fill; when the block succeeds it
@@ -63,7 +78,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     is removed and ``dest`` is untouched."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
     try:
         yield tmp
         for item in [*tmp.rglob("*"), tmp]:  # some writers (safetensors) make 0600 files

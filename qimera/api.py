@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +39,8 @@ class Prepared:
     eval_data: Optional[EvalData]
     device: torch.device
     out_dir: Path
+    #: whether ``out_dir`` was there before :func:`prepare` (a failed run removes an empty one it made)
+    out_dir_existed: bool = True
 
 
 @dataclass
@@ -72,10 +75,27 @@ class RunResult:
         }
 
 
+@contextmanager
+def _no_empty_dir_left(path: Path, existed: bool):
+    """Remove ``path`` when the block fails, if this call created it and it is still empty."""
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
 def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_data: bool = True) -> Prepared:
     """Validate everything a run needs, load the teacher and the evaluation data."""
     cfg = load_config(config, overrides)
+    existed = Path(cfg.train.out_dir).exists()
     out_dir = check_out_dir(cfg.train.out_dir)
+    with _no_empty_dir_left(out_dir, existed):
+        return _prepare(cfg, out_dir, existed, with_data)
+
+
+def _prepare(cfg: Config, out_dir: Path, existed: bool, with_data: bool) -> Prepared:
     try:
         device = resolve_device(cfg.train.device)
     except ValueError as exc:
@@ -97,7 +117,7 @@ def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_dat
     if with_data:
         eval_data = load_eval_data(cfg.data, default_mean=teacher.mean, default_std=teacher.std)
         check_fits_teacher(eval_data, teacher.input_size, teacher.num_classes)
-    return Prepared(cfg, teacher, eval_data, device, out_dir)
+    return Prepared(cfg, teacher, eval_data, device, out_dir, existed)
 
 
 def _evaluate(model: nn.Module, prep: Prepared) -> EvalResult | None:
@@ -122,6 +142,11 @@ def run(
     writes ``summary.json`` into ``train.out_dir``.
     """
     prep = prepared or prepare(config, overrides)
+    with _no_empty_dir_left(prep.out_dir, prep.out_dir_existed):
+        return _run(prep, callbacks, initial_embeddings)
+
+
+def _run(prep: Prepared, callbacks: tuple[EpochCallback, ...], initial_embeddings: torch.Tensor | None) -> RunResult:
     cfg = prep.cfg
     start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)

@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     from .api import prepare, run
     from .config import ConfigError
     from .data import DataError
+    from .evaluate import NonFiniteError
+    from .export import ExportError
+    from .runtime import machine_fault
     from .teachers import TeacherError
+    from .trainer import CheckpointError, TrainingDiverged
 
     try:
         if args.command == "check":
@@ -36,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(prep.cfg.resolved(), indent=2))
             return 0
         result = run(args.config, args.overrides)
-    except (ConfigError, TeacherError, DataError) as exc:
+    except (ConfigError, TeacherError, DataError, CheckpointError, TrainingDiverged, NonFiniteError,
+            ExportError) as exc:
         print(f"qimera: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qimera: interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError, OSError) as exc:
+        message = machine_fault(exc)
+        if message is None:
+            raise
+        print(f"qimera: error: {message}", file=sys.stderr)
+        return 1
     print(json.dumps(result.summary()), flush=True)
     return 0
 

@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key refuses NaN and ±inf (a run with lr .inf
+    # trains a student of NaNs)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 Bits = Field(ge=2, le=8)
@@ -188,9 +190,23 @@ class TrainConfig(_Section):
     @field_validator("lr_milestones")
     @classmethod
     def _milestones(cls, v: list[int]) -> list[int]:
-        if any(m < 1 for m in v) or sorted(v) != v:
-            raise ValueError("must be increasing positive epoch numbers")
+        if any(m < 1 for m in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be strictly increasing positive epoch numbers")
         return v
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs={self.warmup_epochs} must be below train.epochs={self.epochs}: the student "
+                "is trained only after the warm-up, so it would never be trained")
+        late = [m for m in self.lr_milestones if m > self.epochs]
+        if late:
+            raise ValueError(
+                f"train.lr_milestones={self.lr_milestones} has {late} beyond the last epoch (train.epochs="
+                f"{self.epochs}), where it would never take effect; use milestones up to {self.epochs} "
+                "(e.g. scaled with the epochs) or []")
+        return self
 
 
 class NaiveConfig(_Section):
@@ -263,7 +279,8 @@ def _format_errors(err: ValidationError, data: dict) -> str:
             msg = msg[len("Value error, "):]
         value = e.get("input")
         if isinstance(value, dict):
-            lines.append(f"{loc or 'config'}: {msg}" if loc else msg)
+            # a section's own check names its keys already ("train.warmup_epochs=…")
+            lines.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}.") else msg)
         else:
             lines.append(f"{loc}={value!r}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -10,7 +10,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "NonFiniteError", "check_finite_parameters", "evaluate"]
+
+
+class NonFiniteError(ValueError):
+    """A model has non-finite parameters or produces non-finite logits (a diverged
+    student, typically): its accuracy means nothing and it must not be published."""
+
+
+def check_finite_parameters(model: nn.Module, what: str = "model") -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter or buffer of ``model``
+    that holds a NaN or an infinity."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if tensors and bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"the {what}'s {name} holds {bad} non-finite value(s) of {t.numel()} "
+                                 "(a diverged training run?); it is not evaluated or exported")
 
 
 @dataclass
@@ -73,6 +91,7 @@ def evaluate(
 
     Raises:
         ValueError: the loader is empty, or a label lies outside ``[0, num_classes)``.
+        NonFiniteError: a logit is NaN or infinite.
     """
     dev = torch.device(device)
     if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
@@ -97,7 +116,7 @@ def evaluate(
             if classes is None:
                 classes = int(num_classes) if num_classes is not None else int(logits.shape[1])
                 zeros = torch.zeros((), dtype=torch.int64, device=dev)
-                top1, top5 = zeros.clone(), zeros.clone()
+                top1, top5, nonfinite = zeros.clone(), zeros.clone(), zeros.clone()
                 per_class_correct = torch.zeros(classes, dtype=torch.int64, device=dev)
                 per_class_count = torch.zeros(classes, dtype=torch.int64, device=dev)
                 class_ids = torch.arange(classes, device=dev)
@@ -106,6 +125,7 @@ def evaluate(
             hit5 = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
             top1 += hit1.sum()
             top5 += hit5.sum()
+            nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
             # one-hot comparison instead of bincount: static shapes, no host sync, deterministic
             onehot = labels.unsqueeze(1) == class_ids.unsqueeze(0)
             per_class_count += onehot.sum(dim=0)
@@ -118,11 +138,14 @@ def evaluate(
     if total == 0 or classes is None:
         raise ValueError("evaluate: the loader yielded no samples")
     # the single host synchronisation
-    packed = torch.cat([top1.view(1), top5.view(1), per_class_count, per_class_correct])
+    packed = torch.cat([top1.view(1), top5.view(1), nonfinite.view(1), per_class_count, per_class_correct])
     stats = packed.cpu().tolist()
-    correct1, correct5 = stats[0], stats[1]
-    counts = stats[2 : 2 + classes]
-    correct = stats[2 + classes :]
+    correct1, correct5, bad = stats[0], stats[1], stats[2]
+    counts = stats[3 : 3 + classes]
+    correct = stats[3 + classes :]
+    if bad:
+        raise NonFiniteError(f"evaluate: the model's logits are NaN or infinite on {bad} of {total} images "
+                             "(a diverged student?); its accuracy would mean nothing")
     if sum(counts) != total:
         raise ValueError(
             f"evaluate: {total - sum(counts)} of {total} labels lie outside [0, {classes}) "

@@ -262,13 +262,14 @@ def load_integer(path: str | os.PathLike) -> nn.Module:
 def check_verification(v: dict) -> None:
     """Raise :class:`ExportError` when an exported model does not reproduce the student
     within :data:`INTEGER_MAX_DELTA` (logits) and :data:`ONNX_MAX_TOP1_GAP` (top-1)."""
-    if "integer_max_abs_logit_delta" in v and v["integer_max_abs_logit_delta"] > INTEGER_MAX_DELTA:
+    # written as "not (x <= bound)" so that NaN fails too
+    if "integer_max_abs_logit_delta" in v and not v["integer_max_abs_logit_delta"] <= INTEGER_MAX_DELTA:
         raise ExportError(
             f"export: the reloaded integer model's logits differ from the student's by "
             f"{v['integer_max_abs_logit_delta']:.3g} (> {INTEGER_MAX_DELTA}); see outputs of qimera.export")
     if "onnx_top1" in v:
         gap = abs(v["onnx_top1"] - v["student_top1"])
-        if gap > ONNX_MAX_TOP1_GAP:
+        if not gap <= ONNX_MAX_TOP1_GAP:
             raise ExportError(
                 f"export: onnxruntime top-1 {v['onnx_top1']:.2f}% differs from the student's "
                 f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP})")
@@ -296,8 +297,10 @@ def export_deployables(
     ONNX report under ``"onnx"``) after :func:`check_verification` passed. Needs the
     ``onnx`` extra.
     """
+    from .evaluate import check_finite_parameters
     from .onnx_export import DEFAULT_OPSET, export_onnx, verify_exports
 
+    check_finite_parameters(student, "student")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}

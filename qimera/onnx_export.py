@@ -347,11 +347,16 @@ def verify_exports(
         images = images.cpu().float()
         labels = labels.cpu().long().view(-1)
         ref = student(images).float()
+        if not bool(torch.isfinite(ref).all()):
+            raise ExportError("verify_exports: the student's logits are NaN or infinite (a diverged student?); "
+                              "nothing to verify against")
         pred = ref.argmax(1)
         correct["student"] += int((pred == labels).sum())
         for key, model in models.items():
             out = model(images).float()
-            delta[key] = max(delta[key], float((out - ref).abs().max()))
+            # NaN-safe: a non-finite export output counts as an infinite difference
+            gap = float((out - ref).abs().max()) if bool(torch.isfinite(out).all()) else float("inf")
+            delta[key] = max(delta[key], gap)
             agree[key] += int((out.argmax(1) == pred).sum())
             correct[key] += int((out.argmax(1) == labels).sum())
         seen += len(labels)

@@ -11,13 +11,18 @@ process does not shrink its resident memory after a peak.
 
 It is called by the ``qimera`` console script and the benchmarks; library users may call
 it themselves. ``QIMERA_DEFAULT_MALLOC=1`` in the environment turns it off.
+
+:func:`machine_fault` turns an out-of-memory or a full-disk error into one line with a
+remedy, for the CLI and the pipeline stages.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import re
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -43,3 +48,28 @@ def tune_cpu_allocator() -> bool:
         return False
     _done = ok
     return ok
+
+
+_OOM = re.compile(r"can't allocate memory|out of memory|not enough memory|Cannot allocate memory", re.IGNORECASE)
+#: errno values that mean "the machine's storage", not the program
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+
+
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    text = (str(exc).strip().splitlines() or [""])[-1 if "enforce fail" in str(exc) else 0]
+    return text[:limit]
+
+
+def machine_fault(exc: BaseException) -> str | None:
+    """One line with a remedy for a fault of the machine rather than of the input (memory
+    that cannot be had, a full or failing disk), or ``None`` for anything else. The CLI
+    and the pipeline stages print it instead of a traceback and exit with status 1."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+            isinstance(exc, RuntimeError) and _OOM.search(str(exc))):
+        return (f"out of memory ({_first_line(exc)}); lower train.batch_size (or data.batch_size for "
+                "evaluation), or free memory on this machine, and rerun")
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        where = f" {exc.filename}" if exc.filename else ""
+        return (f"cannot write{where}: {exc.strerror or exc}; free space (or fix the disk) and rerun the same "
+                "command: training resumes from the last checkpoint")
+    return None

@@ -49,12 +49,41 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.progress", "train.log_every", "train
 EpochCallback = Callable[[dict], None]
 
 
+#: the losses of an iteration, what they are, and the settings that most likely make each
+#: of them blow up (named in the divergence message with their values)
+LOSS_NAMES = {"loss_g_ce": "the generator's cross-entropy", "loss_g_bns": "the generator's BN-statistics loss",
+              "loss_g": "the generator's loss", "loss_s": "the student's distillation loss"}
+LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "loss_g_ce": ("train.lr_generator", "generator.noise_scale"),
+    "loss_g_bns": ("train.lr_generator", "generator.noise_scale", "train.bns_weight"),
+    "loss_g": ("train.lr_generator", "generator.noise_scale", "train.bns_weight"),
+    "loss_s": ("train.lr_student", "train.kd_temperature"),
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or a parameter became non-finite. Training stopped before writing anything
+    of that epoch; the message names the epoch, the iteration, the loss and the settings
+    that most likely caused it."""
+
+
+class CheckpointError(ValueError):
+    """``train.out_dir`` holds a checkpoint this run cannot continue (unreadable, another
+    configuration, more epochs than asked); the message names the choices."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         "use 'cuda', 'cuda:0', ... or 'auto'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={name!r}: MPS (Apple GPU) is not available on this machine; "
+                         "use 'auto' or 'cpu'")
     return dev
 
 
@@ -266,7 +295,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self._fingerprint:
-            raise ValueError(
+            raise CheckpointError(
                 f"train.out_dir={str(self.out_dir)!r} holds a checkpoint of a different configuration; "
                 "use another out_dir, or train.resume=false to start over"
             )
@@ -320,10 +349,22 @@ class Trainer:
         self.history_path.unlink(missing_ok=True)
 
     def maybe_resume(self) -> bool:
-        if not (self.tc.resume and self.checkpoint_path.is_file()):
+        """Continue the checkpoint in ``out_dir`` when there is one and ``train.resume``
+        allows it. Never starts over silently: a checkpoint that cannot be continued
+        (unreadable, another configuration, more epochs than ``train.epochs``) raises
+        :class:`CheckpointError` naming the choices."""
+        status = self.resume_status()
+        if status.state in ("none", "disabled"):
             return False
+        where = f"train.out_dir={str(self.out_dir)!r}"
+        if status.state == "unreadable":
+            raise CheckpointError(f"{where} holds a corrupt or truncated {CHECKPOINT_NAME} ({status.reason}); "
+                                  f"set train.resume=false to start over, or delete {self.checkpoint_path}")
+        if status.state == "ahead":
+            raise CheckpointError(f"{where}: {status.reason}; raise train.epochs to at least {status.epoch} to "
+                                  "keep training it, or use another out_dir (train.resume=false starts over)")
         # load on the CPU: load_state_dict copies parameters and optimiser state to the
-        # modules' device, and the RNG states must stay on the CPU
+        # modules' device, and the RNG states must stay on the CPU (a mismatch raises)
         self.load_state_dict(read_checkpoint(self.out_dir))
         return True
 
@@ -384,21 +425,30 @@ class Trainer:
         set_calibrating(self.student, calibrate)
         self.generator.train()
         sums: dict[str, torch.Tensor] = {}
+        window: list[dict[str, torch.Tensor]] = []  # the losses since the last finiteness check
         bar = self._progress(epoch)
         start = time.perf_counter()
-        for it in range(self.tc.iters_per_epoch):
-            losses = self.train_step(calibrate=calibrate, train_student=train_student)
-            for k, v in losses.items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
-            if bar is not None and ((it + 1) % self.tc.log_every == 0 or it + 1 == self.tc.iters_per_epoch):
-                n = it + 1
-                bar.set_postfix({k: f"{float(v) / n:.3f}" for k, v in sums.items()}, refresh=False)
-                bar.update(n - bar.n)
+        try:
+            for it in range(self.tc.iters_per_epoch):
+                losses = self.train_step(calibrate=calibrate, train_student=train_student)
+                window.append(losses)
+                for k, v in losses.items():
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                if (it + 1) % self.tc.log_every == 0 or it + 1 == self.tc.iters_per_epoch:
+                    # the one host synchronisation every log_every iterations
+                    self._check_losses(window, first_iteration=it + 2 - len(window))
+                    window.clear()
+                    if bar is not None:
+                        n = it + 1
+                        bar.set_postfix({k: f"{float(v) / n:.3f}" for k, v in sums.items()}, refresh=False)
+                        bar.update(n - bar.n)
+            self._check_parameters()
+        finally:
+            if bar is not None:
+                bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
         self.sched_g.step()
         with warnings.catch_warnings():
             # during warm-up the student optimiser has not stepped yet; its schedule
@@ -422,6 +472,43 @@ class Trainer:
                 self.final_eval = res  # the whole result (per-class too) of the final student
         self.history.append(record)
         return record
+
+    # -- divergence ------------------------------------------------------------------------
+    def _diverged(self, what: str, iteration: int | None, keys: tuple[str, ...]) -> TrainingDiverged:
+        where = f"epoch {self.epoch + 1}" + (f", iteration {iteration}/{self.tc.iters_per_epoch}" if iteration else "")
+        settings = ", ".join(f"{k}={self._setting(k)}" for k in keys)
+        done = (f"the checkpoint of epoch {self.epoch} stays in {self.out_dir}" if self.epoch
+                else "no checkpoint was written")
+        return TrainingDiverged(f"training diverged in {where}: {what}; likely cause: {settings} (too large?). "
+                                f"Nothing of this epoch was written; {done}")
+
+    def _setting(self, dotted: str):
+        section, _, key = dotted.partition(".")
+        return getattr(self.gc if section == "generator" else getattr(self.cfg, section), key)
+
+    def _check_losses(self, window: list[dict[str, torch.Tensor]], first_iteration: int) -> None:
+        """Raise :class:`TrainingDiverged` at the first non-finite loss in ``window`` (the
+        iterations from ``first_iteration`` on); one host synchronisation."""
+        if not window:
+            return
+        keys = [k for k in LOSS_SETTINGS if k in window[0]]
+        values = torch.stack([torch.stack([w[k].float() for k in keys]) for w in window])
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return
+        row, col = (~finite).nonzero()[0].tolist()
+        key = keys[col]
+        raise self._diverged(f"{key} is {float(values[row, col])} ({LOSS_NAMES[key]})", first_iteration + row,
+                             LOSS_SETTINGS[key])
+
+    def _check_parameters(self) -> None:
+        """Raise :class:`TrainingDiverged` when a student or generator parameter is not finite."""
+        for name, model, keys in (("student", self.student, ("train.lr_student", "train.momentum")),
+                                  ("generator", self.generator, ("train.lr_generator",))):
+            params = [p for p in model.parameters()]
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                bad = next(n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all()))
+                raise self._diverged(f"the {name}'s parameter {bad} is not finite", None, keys)
 
     def close(self) -> None:
         """Remove the BN-statistics hooks from the teacher."""

@@ -36,8 +36,9 @@ def tiny_config(tiny_weights, tmp_path) -> dict:
         "data": {"name": "digits", "batch_size": 256},
         "quant": {"w_bits": 4, "a_bits": 4},
         "generator": {"p": 0.5, "k": 2, "dm_layers": 1, "embedding_init": "teacher_fc"},
-        "train": {"epochs": 3, "iters_per_epoch": 3, "batch_size": 16, "warmup_epochs": 1,
-                  "calibration_epochs": 1, "lr_milestones": [2], "seed": 3, "progress": False,
+        # warm-up 0 and a milestone at 1, so that one-epoch runs (train.epochs=1) are valid
+        "train": {"epochs": 3, "iters_per_epoch": 3, "batch_size": 16, "warmup_epochs": 0,
+                  "calibration_epochs": 1, "lr_milestones": [1], "seed": 3, "progress": False,
                   "out_dir": str(tmp_path / "run")},
         "naive": {"batches": 2, "batch_size": 16},
     }
