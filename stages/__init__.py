@@ -71,11 +71,21 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
 
 MLflow: one run per pipeline execution in the experiment named after the preset
 (``mlflow.experiment`` overrides), created by ``train`` and closed by ``export``; see
-:mod:`stages.tracking`.
+:mod:`stages.tracking`. Its status says who holds it: RUNNING while a live stage process
+works on it (tagged ``qimera.pid``, ``qimera.host``, ``qimera.workspace``), SCHEDULED
+between stages (after ``train`` and ``evaluate``), FINISHED after ``export``, KILLED when a
+stage was interrupted (Ctrl-C, SIGTERM, SIGHUP) and FAILED when it failed. A run left
+RUNNING by a process that was killed outright (SIGKILL) is marked KILLED by the next
+stage that opens the store in this workspace on this host; a rerun of ``train`` that
+resumes from the checkpoint reopens it, one that starts over opens a new run. A new SQLite
+store may be opened by several stages at once (it is created under a lock,
+``mlflow.db.lock``).
 
 Exit status: 0 on success; 2 for bad input (unknown preset, invalid value, missing file,
 unreachable MLflow server, an S3 bucket, object, credential or endpoint problem), one line on stderr before any training and before any output
-is written; 1 with a traceback for anything else.
+is written; 130 for Ctrl-C, 143 for SIGTERM and 129 for SIGHUP, one line; 1 with one line
+when the MLflow tracking server stops answering during a stage (rerun once it is back:
+``train`` resumes from its last checkpoint); 1 with a traceback for anything else.
 
 Speed: on a machine whose cores are busy with other work, torch's default of one thread
 per core makes small models crawl (threads wait on each other); ``OMP_NUM_THREADS=1``

@@ -11,7 +11,9 @@ import copy
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -311,22 +313,57 @@ def input_errors() -> tuple[type[BaseException], ...]:
     never imported cannot have been raised, and the stage need not pay for the import."""
     errors: list[type[BaseException]] = [PipelineError]
     for module, name in (("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"),
-                         ("qimera.data", "DataError"), ("qimera.export", "ExportError")):
+                         ("qimera.data", "DataError"), ("qimera.export", "ExportError"),
+                         ("qimera.trainer", "TrainingDiverged"), ("qimera.trainer", "CheckpointError"),
+                         ("qimera.evaluate", "NonFiniteError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; bad input exits with status 2 and one message on stderr."""
+    """Run a stage's ``main``; every ending but success is one line on stderr and a status.
+
+    Bad input: status 2. Ctrl-C: 130. SIGTERM and SIGHUP raise KeyboardInterrupt in the
+    stage (so that it closes its MLflow run as KILLED; later signals are ignored while it
+    does) and exit with 128 + the signal (143, 129). The MLflow tracking server that
+    stops answering mid-stage, memory that cannot be had or a full disk
+    (:func:`qimera.runtime.machine_fault`): one line, status 1. Anything else: its
+    traceback and status 1.
+    """
+    received: list[int] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in filter(None, (signal.SIGTERM, getattr(signal, "SIGHUP", None))):  # no SIGHUP on Windows
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         main()
     except KeyboardInterrupt:
+        if received:
+            print(f"qimera stage {name}: stopped by {signal.Signals(received[0]).name}; rerun to continue",
+                  file=sys.stderr, flush=True)
+            sys.exit(128 + received[0])
         print(f"qimera stage {name}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - bad input: one line; anything else: the traceback
         if isinstance(exc, input_errors()):
             print(f"qimera stage {name}: error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
+        tracking = sys.modules.get(f"{__package__}.tracking")
+        runtime = sys.modules.get("qimera.runtime")
+        fault = ((tracking.outage_message(exc, name) if tracking is not None else None)
+                 or (runtime.machine_fault(exc) if runtime is not None else None))
+        if fault:  # a fault of the machine (server gone, memory, disk): one line, status 1
+            print(f"qimera stage {name}: error: {fault}", file=sys.stderr, flush=True)
+            sys.exit(1)
         traceback.print_exc()
         sys.exit(1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -5,7 +5,8 @@ them on the same evaluation data). The naive baseline is the same quantization w
 activation ranges calibrated on Gaussian noise; the student is the final epoch's
 checkpoint. Also draws the class × class grid of generated samples and the training
 curves (``outputs/figures``) and logs metrics, figures and metrics.json into the
-pipeline's MLflow run.
+pipeline's MLflow run: RUNNING while this stage works on it, SCHEDULED (for ``export``)
+when it is done, KILLED when interrupted (Ctrl-C, SIGTERM, SIGHUP), FAILED on an error.
 """
 
 from __future__ import annotations
@@ -35,13 +36,23 @@ def _scores(res) -> dict | None:
 
 
 def main() -> None:
+    run = tracking.TrainedRun(with_data=True)
+    tracking.claim(run.client, run.run_id)
+    try:
+        _evaluate(run)
+        tracking.hand_over(run.client, run.run_id)  # SCHEDULED: export takes it next
+    except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM, SIGHUP): KILLED; an error: FAILED
+        tracking.fail(run.client, run.run_id, exc)
+        raise
+
+
+def _evaluate(run) -> None:
     import torch
 
     from qimera.baselines import naive_student
     from qimera.evaluate import evaluate
     from qimera.generators import build_generator
 
-    run = tracking.TrainedRun(with_data=True)
     cfg, prep, state, client, run_id, tcfg = run.cfg, run.prep, run.state, run.client, run.run_id, run.root_cfg
     teacher, device = prep.teacher, prep.device
 
@@ -78,17 +89,13 @@ def main() -> None:
              "student_top1": student_res.top1, "student_top5": student_res.top5}
     if naive is not None:
         final.update(naive_top1=naive.top1, naive_top5=naive.top5)
-    try:
-        with all_or_nothing(METRICS, FIGURES_DIR):
-            figures.save_sample_grid(FIGURES_DIR / "samples.png", grid, classes)
-            figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
-            write_json(METRICS, metrics)
-            tracking.log_metrics(client, run_id, final, step=int(state["epoch"]))
-            client.log_artifact(run_id, str(METRICS), "evaluation")
-            client.log_artifacts(run_id, str(FIGURES_DIR), "figures")
-    except BaseException:
-        tracking.terminate(client, run_id, "FAILED")
-        raise
+    with all_or_nothing(METRICS, FIGURES_DIR):
+        figures.save_sample_grid(FIGURES_DIR / "samples.png", grid, classes)
+        figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
+        write_json(METRICS, metrics)
+        tracking.log_metrics(client, run_id, final, step=int(state["epoch"]))
+        client.log_artifact(run_id, str(METRICS), "evaluation")
+        client.log_artifacts(run_id, str(FIGURES_DIR), "figures")
     naive_text = f"{naive.top1:.2f}%" if naive is not None else "off"
     print(f"evaluate: teacher {record['top1']:.2f}%  naive {naive_text}  "
           f"student {student_res.top1:.2f}% (top-5 {student_res.top5:.2f}%)")

@@ -25,11 +25,18 @@ With ``export.s3_prefix`` set, the files (all but ``model.json``) are uploaded t
 (:mod:`stages.s3`).
 
 The student is logged with ``mlflow.pytorch.log_model`` (pickle serialization, the
-``qimera`` package bundled as code) and registered as ``qimera-<preset>-w<bits>a<bits>``.
-The new version is tagged with its bits, top-1, teacher and preset; the alias
-``champion`` moves to it only when its top-1 beats the current champion's. Finally the
-pipeline's MLflow run is closed as FINISHED. Nothing is left in ``outputs/export`` when any
-step fails.
+``qimera`` package bundled as code) and registered as ``qimera-<preset>-w<bits>a<bits>``,
+with its tags (bits, top-1, teacher, preset, ...) given in the registering call, so no
+version is ever untagged. One MLflow run has one version: a rerun after an interrupted
+export deletes the version that export left and registers anew. The alias ``champion``
+moves to it only when its (finite) top-1 beats the current champion's. Finally the
+pipeline's MLflow run is closed as FINISHED (FAILED on an error, KILLED on an interruption).
+
+All or nothing: the files are built in a temporary directory beside ``outputs/export``
+and published with one rename; the upload and the registration come after that, and
+``model.json`` last. Any failure removes ``outputs/export``; a temporary directory that a
+killed export left behind is removed by the next one. A student with non-finite
+parameters or logits is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from .common import (
     MODEL_RECORD,
     RUN_CONFIG,
     TEACHER_RECORD,
+    PipelineError,
     all_or_nothing,
     bits_tag,
     export_params,
@@ -93,6 +101,8 @@ def promote_if_better(client, name: str, version: str, top1: float) -> tuple[boo
     """Point ``champion`` at ``version`` when ``top1`` beats the champion's (strictly).
     Returns (moved, the champion version afterwards)."""
     champ, best = _champion_top1(client, name)
+    if not math.isfinite(top1):  # never promote a model without a finite accuracy
+        return False, None if champ is None else str(champ.version)
     if champ is None or top1 > best:
         client.set_registered_model_alias(name, CHAMPION, version)
         return True, str(version)
@@ -109,14 +119,10 @@ def _upload(prefix: str, name: str, run_id: str, cfg) -> str:
     return s3_uri
 
 
-def _log_and_register(student, name: str, run_id: str, verification: dict, s3_uri: str | None):
-    """Log the exports into the pipeline's run and register the student; returns the
-    logged model's info."""
+def _log_exports(run_id: str, verification: dict, s3_uri: str | None) -> None:
+    """The published exports as artifacts and metrics of the pipeline's run."""
     import mlflow
-    import mlflow.pytorch
-    import torch
 
-    import qimera
     from qimera.export import INTEGER_DIR, ONNX_FILE, VERIFICATION_FILE
 
     with mlflow.start_run(run_id=run_id):
@@ -127,55 +133,96 @@ def _log_and_register(student, name: str, run_id: str, verification: dict, s3_ur
                             "integer_max_abs_logit_delta": verification["integer_max_abs_logit_delta"]})
         if s3_uri:
             mlflow.set_tag("s3_uri", s3_uri)
-        return mlflow.pytorch.log_model(
-            student, name="student", serialization_format="pickle", registered_model_name=name,
-            code_paths=[str(Path(qimera.__file__).parent)],
+
+
+def register(client, student, name: str, run_id: str, tags: dict[str, str]):
+    """Register ``student`` as a new version of ``name``, tagged in the same call, as the one
+    version of this MLflow run: versions an earlier, interrupted export of the same run
+    left behind are deleted first, so a rerun leaves neither a duplicate nor an untagged
+    orphan. Returns ``(model version, logged model URI)``."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    import qimera
+
+    try:
+        earlier = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:  # the registered model does not exist yet
+        earlier = []
+    for old in earlier:
+        client.delete_model_version(name, old.version)
+        print(f"export: removed version {old.version} of {name}, left by an earlier export of this run")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            student, name="student", serialization_format="pickle", code_paths=[str(Path(qimera.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
         )
+    return mlflow.register_model(info.model_uri, name, tags=tags), info.model_uri
+
+
+def _build(student, run, name: str, record: dict, metrics: dict, options: dict) -> dict:
+    """Everything but model.json, into outputs/export in one rename; returns the verification."""
+    from qimera._files import atomic_dir, remove_stale_temps
+    from qimera.export import export_deployables
+
+    cfg = run.cfg
+    for stale in remove_stale_temps(EXPORT_DIR):
+        print(f"export: removed {stale}, left by a killed export")
+    with atomic_dir(EXPORT_DIR) as tmp:
+        verification = export_deployables(
+            student, tmp, run.prep.eval_data.loader, arch=record["arch"],
+            arch_kwargs={"num_classes": record["num_classes"]}, input_size=record["input_size"],
+            opset=options["onnx_opset"], verify_samples=options["verify_samples"], metadata={
+                "qimera.registered_model": name, "qimera.bits": bits_tag(cfg),
+                "qimera.teacher": f"{record['source']}:{record['name']}", "qimera.input_size": record["input_size"],
+                "qimera.mean": record["mean"], "qimera.std": record["std"], "qimera.mlflow_run_id": run.run_id})
+        shutil.copyfile(RUN_CONFIG, tmp / EXPORT_CONFIG)
+        (tmp / MODEL_CARD).write_text(render_model_card(
+            name=name, config=read_yaml(RUN_CONFIG), teacher=record, metrics=metrics, version=None,
+            verification=verification))
+    return verification
 
 
 def main() -> None:
     import mlflow
 
     from qimera._files import sha256_file
-    from qimera.export import STUDENT_FILE, export_deployables
+    from qimera.export import STUDENT_FILE
 
     run = tracking.TrainedRun(with_data=True)
     cfg, client, run_id = run.cfg, run.client, run.run_id
+    tracking.claim(client, run_id)
     options = export_params(run.params)
     student = run.student()
     name = registered_name(cfg)
     record = read_json(TEACHER_RECORD)
     metrics = read_json(METRICS)
     top1 = float(metrics["student"]["top1"])
+    if not math.isfinite(top1):
+        raise PipelineError(f"export: metrics.json has student top-1 {top1}: a model without a finite accuracy "
+                            "is not exported or registered")
     mlflow.set_tracking_uri(run.uri)
     mlflow.set_registry_uri(run.uri)
     try:
         with all_or_nothing(EXPORT_DIR):
-            verification = export_deployables(
-                student, EXPORT_DIR, run.prep.eval_data.loader, arch=record["arch"],
-                arch_kwargs={"num_classes": record["num_classes"]}, input_size=record["input_size"],
-                opset=options["onnx_opset"], verify_samples=options["verify_samples"], metadata={
-                    "qimera.registered_model": name, "qimera.bits": bits_tag(cfg),
-                    "qimera.teacher": f"{record['source']}:{record['name']}", "qimera.input_size": record["input_size"],
-                    "qimera.mean": record["mean"], "qimera.std": record["std"], "qimera.mlflow_run_id": run_id})
-            shutil.copyfile(RUN_CONFIG, EXPORT_DIR / EXPORT_CONFIG)
-            (EXPORT_DIR / MODEL_CARD).write_text(render_model_card(
-                name=name, config=read_yaml(RUN_CONFIG), teacher=record, metrics=metrics, version=None,
-                verification=verification))
+            # built in a temporary directory and published with one rename; only then do the
+            # upload and the registration run, and model.json records them last
+            verification = _build(student, run, name, record, metrics, options)
             s3_uri = _upload(options["s3_prefix"], name, run_id, cfg) if options["s3_prefix"] else None
-            info = _log_and_register(student, name, run_id, verification, s3_uri)
-            version = str(info.registered_model_version)
-            for key, value in version_tags(cfg, record, top1, verification, s3_uri).items():
-                client.set_model_version_tag(name, version, key, value)
+            _log_exports(run_id, verification, s3_uri)
+            mv, model_uri = register(client, student, name, run_id,
+                                     version_tags(cfg, record, top1, verification, s3_uri))
+            version = str(mv.version)
             moved, champion = promote_if_better(client, name, version, top1)
             write_json(EXPORT_DIR / MODEL_RECORD, {
-                "mlflow_run_id": run_id, "model_uri": info.model_uri, "registered_model": name,
+                "mlflow_run_id": run_id, "model_uri": model_uri, "registered_model": name,
                 "registered_version": version, "champion": moved, "champion_version": champion,
                 "s3_uri": s3_uri, "student_sha256": sha256_file(EXPORT_DIR / STUDENT_FILE),
             })
-    except BaseException:
-        tracking.terminate(client, run_id, "FAILED")
+    except BaseException as exc:
+        tracking.fail(client, run_id, exc)
         raise
     tracking.terminate(client, run_id, "FINISHED")
     print(f"export: integer max |Δlogits| {verification['integer_max_abs_logit_delta']:.2g}, onnxruntime top-1 "

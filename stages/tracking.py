@@ -6,7 +6,29 @@ run by id, and ``export`` closes it. The store is ``MLFLOW_TRACKING_URI`` when s
 ``mlflow.tracking_uri`` from params.yaml, else one SQLite file at the repository root,
 ``sqlite:////<abs root>/mlflow.db``, addressed by an absolute path so that queued DVC
 experiments (which run in a temporary copy) log to the same file. Experiments created in
-a SQLite store keep their artifacts next to it, in ``mlartifacts/``.
+a SQLite store keep their artifacts next to it, in ``mlartifacts/``. :func:`connect`
+creates or upgrades a SQLite store under an exclusive lock on ``<db>.lock`` beside it,
+so that parallel stages (queued experiments) may open a new store at once.
+
+Run status says who holds the run:
+
+``RUNNING``
+    a live process is working on it right now: :func:`claim` sets it and tags the run
+    with that process (``qimera.pid``, ``qimera.pid_start``, ``qimera.host``) and the
+    repository root (``qimera.workspace``);
+``SCHEDULED``
+    waiting for the next stage: ``train`` and ``evaluate`` end with :func:`hand_over`;
+``FINISHED``
+    ``export`` published the model;
+``KILLED`` / ``FAILED``
+    a stage was interrupted (Ctrl-C, SIGTERM, SIGHUP) or failed (:func:`fail`). A process
+    that cannot act any more (SIGKILL, power loss) leaves its run RUNNING; the next stage
+    started in this workspace on this host finds it (:func:`reap_dead_runs`: its process
+    is gone) and marks it KILLED. A rerun of ``train`` reopens a KILLED or FAILED run
+    when it resumes from the checkpoint, and starts a new run when it starts over.
+
+:func:`outage_message` turns a tracking server that stopped answering in the middle of a
+stage into one line (``run_stage`` prints it, exit status 1).
 
 All MLflow imports stay in this module (the ``qimera`` library has none).
 """
@@ -18,6 +40,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -72,6 +95,12 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+def _errno_text(text: str) -> str | None:
+    """``[Errno 111] Connection refused`` out of a wrapped network error's text."""
+    errno = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    return errno.group(0).strip() if errno else None
+
+
 @contextmanager
 def _fail_fast():
     """One HTTP attempt with a 10 s timeout (unless the user configured otherwise)."""
@@ -87,27 +116,103 @@ def _fail_fast():
             os.environ.pop(key, None)
 
 
+#: how long :func:`connect` waits for another process that is creating or upgrading a store
+STORE_LOCK_TIMEOUT = 300.0
+#: the store the last :func:`connect` opened (for :func:`outage_message`)
+_connected_uri: str | None = None
+
+
+@contextmanager
+def _store_lock(db: Path, uri: str, timeout: float = STORE_LOCK_TIMEOUT):
+    """An exclusive ``flock`` on ``<db>.lock`` (created when missing): MLflow creates or
+    upgrades a SQLite store's schema when a client first touches it, and two processes
+    doing that at once fail (``duplicate column name``, ``table ... already exists``)."""
+    import fcntl
+
+    lock = db.with_name(db.name + ".lock")
+    try:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: flock needs no write access
+            fd = os.open(lock, os.O_RDONLY)
+    except OSError as exc:
+        raise PipelineError(f"MLflow store {uri}: cannot create its lock file {lock} ({exc.strerror})") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"MLflow store {uri}: another process has held {lock} for {timeout:.0f} s (creating "
+                        "or upgrading the store); wait for it to finish, or stop it") from None
+                time.sleep(0.05)
+            except OSError:  # a file system without flock: go on unlocked
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sqlite_reason(exc: BaseException) -> str:
+    """What really failed in a SQLite store: the sqlite3 error, else the first line."""
+    import sqlite3
+
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sqlite3.Error):
+            return f"{type(cause).__module__}.{type(cause).__name__}: {cause}"
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:500]
+
+
 def connect(uri: str):
-    """An ``MlflowClient`` for ``uri`` after proving the store answers; PipelineError if not."""
+    """An ``MlflowClient`` for ``uri`` after proving the store answers; PipelineError if not.
+
+    A SQLite store is created or upgraded (MLflow does that on first use) under an
+    exclusive lock on ``<db>.lock``, so that several stages may open a new store at once.
+    """
+    global _connected_uri
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
             raise PipelineError(f"MLflow store {uri}: directory {db.parent} does not exist or is not writable")
+        try:
+            with _store_lock(db, uri):
+                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)  # the registry's tables too
+        except PipelineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
+            reason = _sqlite_reason(exc)
+            remedy = (f"back the file up, then run `mlflow db upgrade {uri}`" if "mlflow db upgrade" in reason
+                      else "repair the file or move it away (a missing file is created as a new store)")
+            raise PipelineError(
+                f"MLflow store {uri} (SQLite file {db}) cannot be opened: {reason.rstrip('.')}. To fix: "
+                f"{remedy}, or point MLFLOW_TRACKING_URI (or mlflow.tracking_uri in params.yaml) at another store"
+            ) from None
+        _connected_uri = uri
+        return client
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         with _fail_fast():
             client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
         text = str(exc)
-        errno = re.search(r"\[Errno -?\d+\][^'\")]*", text)
-        reason = errno.group(0).strip() if errno else (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+        reason = _errno_text(text) or (text.strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PipelineError(
             f"MLflow tracking store {redact(uri)!r} is not usable: {reason}. Start the server, fix "
             "MLFLOW_TRACKING_URI (or mlflow.tracking_uri in params.yaml), or unset it to use the local "
             "sqlite:///<repository root>/mlflow.db"
         ) from None
+    _connected_uri = uri
     return client
 
 
@@ -261,7 +366,8 @@ def open_run(client, uri: str, exp_name: str, cfg, *, resume: bool, tags: dict, 
 
     With ``resume`` (train continues from its checkpoint) the run recorded in
     ``outputs/train/mlflow_run.json`` is reopened when it exists in this store and was not
-    finished; otherwise a new run is created in ``exp_name``.
+    finished; otherwise a new run is created in ``exp_name``. Either way the run is
+    RUNNING and claimed by this process (:func:`claim`) when this returns.
     """
     exp_id = experiment_id(client, exp_name, uri)
     if resume and MLFLOW_RUN.is_file():
@@ -270,11 +376,11 @@ def open_run(client, uri: str, exp_name: str, cfg, *, resume: bool, tags: dict, 
             run = client.get_run(info["run_id"])
             if (info.get("tracking_uri") == redact(uri) and run.info.experiment_id == exp_id
                     and run.info.status in _ACTIVE and run.info.lifecycle_stage == "active"):
-                client.update_run(run.info.run_id, status="RUNNING")
+                claim(client, run.info.run_id)
                 return run.info.run_id
         except Exception:  # noqa: BLE001 - unknown or deleted run: start a new one
             pass
-    run = client.create_run(exp_id, tags=tags, run_name=name)
+    run = client.create_run(exp_id, tags={**tags, **claim_tags()}, run_name=name)
     write_json(MLFLOW_RUN, {"run_id": run.info.run_id, "experiment_id": exp_id,
                             "experiment_name": exp_name, "tracking_uri": redact(uri)})
     return run.info.run_id
@@ -291,7 +397,7 @@ def current_run(client, uri: str, exp_name: str, cfg, tags: dict) -> str:
     except Exception:  # noqa: BLE001
         pass
     exp_id = experiment_id(client, exp_name, uri)
-    run = client.create_run(exp_id, tags={**tags, "qimera.note": "train ran against another MLflow store"},
+    run = client.create_run(exp_id, tags={**tags, **claim_tags(), "qimera.note": "train ran against another MLflow store"},
                             run_name=run_name(cfg))
     return run.info.run_id
 
@@ -303,9 +409,161 @@ def terminate(client, run_id: str, status: str) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- who holds the run
+
+#: run tags that name the process working on a RUNNING run (see :func:`claim`)
+PID_TAG, PID_START_TAG, HOST_TAG, WORKSPACE_TAG = "qimera.pid", "qimera.pid_start", "qimera.host", "qimera.workspace"
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def claim_tags() -> dict[str, str]:
+    """The tags that say this process, on this host, in this workspace, holds a run."""
+    stat = _proc_stat(os.getpid())
+    return {PID_TAG: str(os.getpid()), PID_START_TAG: stat[1] if stat else "", HOST_TAG: _host(),
+            WORKSPACE_TAG: str(repo_root())}
+
+
+def claim(client, run_id: str) -> None:
+    """Mark the run RUNNING, held by this process: a stage calls it before it works on the
+    run (``open_run`` does it for ``train``). The tags come first, so that the run is never
+    RUNNING under a dead process's name (which :func:`reap_dead_runs` would mark KILLED)."""
+    log_tags(client, run_id, claim_tags())
+    client.update_run(run_id, status="RUNNING")
+
+
+def hand_over(client, run_id: str) -> None:
+    """The stage is done with the run and the next one may take it: status SCHEDULED."""
+    client.update_run(run_id, status="SCHEDULED")
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, or SIGTERM/SIGHUP as ``run_stage`` raises them (both KeyboardInterrupt)."""
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def fail(client, run_id: str, exc: BaseException) -> None:
+    """Close the run because the stage is ending with ``exc``: KILLED when it was
+    interrupted (Ctrl-C, SIGTERM, SIGHUP), FAILED for an error. Best effort, one attempt
+    (the store may be what failed)."""
+    with _fail_fast():
+        terminate(client, run_id, "KILLED" if interrupted(exc) else "FAILED")
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` (started at ``start`` clock ticks, when known) still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    except OSError:
+        return True
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    if state in ("Z", "X"):  # exited, not yet waited for
+        return False
+    return not start or started == start  # another process that got the same pid
+
+
+def reap_dead_runs(client) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this workspace on this host that
+    is gone (SIGKILL, a crash, power loss); returns their ids. One search over the active
+    experiments, best effort: a failure prints a warning and reaps nothing."""
+    from mlflow.entities import ViewType
+
+    workspace, host = str(repo_root()), _host()
+    query = f"attributes.status = 'RUNNING' and tags.\"{HOST_TAG}\" = '{host}'"
+    if "'" not in workspace and "\\" not in workspace:
+        query += f" and tags.\"{WORKSPACE_TAG}\" = '{workspace}'"
+    reaped = []
+    try:
+        exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        runs = client.search_runs(exp_ids, query, max_results=1000) if exp_ids else []
+        for run in runs:
+            tags = run.data.tags
+            pid = tags.get(PID_TAG, "")
+            if tags.get(WORKSPACE_TAG) != workspace or not pid.isdigit() or _alive(int(pid), tags.get(PID_START_TAG)):
+                continue
+            fresh = client.get_run(run.info.run_id)  # not claimed again meanwhile
+            if fresh.info.status != "RUNNING" or fresh.data.tags.get(PID_TAG) != pid:
+                continue
+            client.set_terminated(run.info.run_id, status="KILLED")
+            reaped.append(run.info.run_id)
+            print(f"MLflow run {run.info.run_id} was left RUNNING by process {pid}, which is gone: marked KILLED")
+    except Exception as exc:  # noqa: BLE001 - reaping is housekeeping; the stage goes on
+        print(f"warning: could not look for MLflow runs left RUNNING by dead processes: {exc}".splitlines()[0],
+              file=sys.stderr)
+    return reaped
+
+
+# --------------------------------------------------------------------------- server outage
+
+
+def _same_server(url: str, uri: str) -> bool:
+    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(uri)
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
+def _server_failure(exc: BaseException, uri: str) -> BaseException | None:
+    """The ``requests`` connection error or timeout in ``exc``'s chain that a request to
+    the tracking server ``uri`` raised, if any."""
+    requests = sys.modules.get("requests")
+    if requests is None:
+        return None
+    kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    seen, cause, api_url = set(), exc, None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        found = re.search(r"API request to (\S+?://[^/\s]+)", str(cause))
+        api_url = api_url or (found.group(1) if found else None)
+        if isinstance(cause, kinds):
+            url = getattr(getattr(cause, "request", None), "url", None) or api_url
+            return cause if url and _same_server(url, uri) else None
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def outage_message(exc: BaseException, stage: str) -> str | None:
+    """One line for the tracking server (the one :func:`connect` opened) that stopped
+    answering while ``stage`` ran, or None when ``exc`` is something else."""
+    uri = _connected_uri
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    failure = _server_failure(exc, uri)
+    if failure is None:
+        return None
+    text = str(failure)
+    detail = _errno_text(text) or re.sub(r"^\w*ConnectionPool\([^)]*\):\s*", "", text)
+    detail = (detail.strip().splitlines() or [""])[0][:200]
+    reason = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
+    remedy = ("training resumes from the last checkpoint when you rerun once it is back" if stage == "train"
+              else "rerun once it is back")
+    return f"the MLflow tracking server {redact(uri)} stopped answering ({reason}); {remedy}"
+
+
 class TrainedRun:
     """What the stages after ``train`` start from: the resolved config, the workspace
-    teacher (and evaluation data when asked), the final checkpoint and the open MLflow run."""
+    teacher (and evaluation data when asked), the final checkpoint and the open MLflow run.
+    Opening the store also marks KILLED the runs that dead processes left RUNNING
+    (:func:`reap_dead_runs`); the stage then takes the run with :func:`claim`."""
 
     def __init__(self, *, with_data: bool):
         from qimera.api import prepare
@@ -318,6 +576,7 @@ class TrainedRun:
         self.cfg = load_run_config()
         self.uri = tracking_uri(self.params, self.root)
         self.client = connect(self.uri)
+        reap_dead_runs(self.client)
         self.prep = prepare(workspace_teacher_config(self.cfg), with_data=with_data)
         #: the config with paths made relative to the repository root (for model building)
         self.root_cfg = root_relative(self.cfg, self.root)

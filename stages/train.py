@@ -4,8 +4,11 @@ Validates everything first (config, the workspace teacher, the evaluation data, 
 generator's K against the teacher's classes, the MLflow store); only then does it open
 the MLflow run and train. ``outputs/train`` is a persistent DVC output: the trainer
 writes its checkpoint and ``history.jsonl`` there after every epoch, and a rerun after a
-kill **resumes** from the last finished epoch, reopening the same MLflow run. Whether a
-checkpoint may be continued is the trainer's decision (:meth:`qimera.trainer.Trainer.
+kill **resumes** from the last finished epoch, reopening the same MLflow run (a run that
+a killed process left RUNNING is marked KILLED first, :func:`stages.tracking.reap_dead_runs`).
+The run is RUNNING while this stage trains and SCHEDULED (for ``evaluate``) when it is
+done; KILLED when the stage is interrupted (Ctrl-C, SIGTERM, SIGHUP), FAILED on an
+error. Whether a checkpoint may be continued is the trainer's decision (:meth:`qimera.trainer.Trainer.
 resume_status`): its fingerprint covers the configuration plus what this stage adds (the
 workspace teacher's and the embedding table's sha256, the library's source). A checkpoint
 of anything else (or of more epochs than asked) is discarded, with a line that says why,
@@ -34,10 +37,8 @@ from .common import (
     MLFLOW_RUN,
     RUN_CONFIG,
     TEACHER_RECORD,
-    TRAIN_DIR,
     TRAIN_RECORD,
     PipelineError,
-    input_errors,
     load_params,
     load_run_config,
     preset_file,
@@ -94,17 +95,11 @@ def epoch_hook():
 
 
 def _prepare(cfg):
-    """The workspace teacher and the evaluation data, checked; a failed check removes the
-    ``outputs/train`` this call would otherwise leave empty."""
+    """The workspace teacher and the evaluation data, checked (a failed check leaves no
+    empty ``outputs/train``: :func:`qimera.prepare` removes the directory it made)."""
     from qimera.api import prepare
 
-    created = not TRAIN_DIR.exists()
-    try:
-        return prepare(workspace_teacher_config(cfg))
-    except input_errors():
-        if created and TRAIN_DIR.is_dir() and not any(TRAIN_DIR.iterdir()):
-            TRAIN_DIR.rmdir()
-        raise
+    return prepare(workspace_teacher_config(cfg))
 
 
 def _trainer(cfg, prep, root):
@@ -151,8 +146,8 @@ def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
         client.log_artifact(run_id, str(RUN_CONFIG), "config")
         if status.resumable:
             tracking.log_missing_epochs(client, run_id, status.history)
-    except BaseException:
-        tracking.terminate(client, run_id, "FAILED")
+    except BaseException as exc:
+        tracking.fail(client, run_id, exc)
         raise
     print(f"train: MLflow run {run_id} in experiment {exp_name!r} at {tracking.redact(uri)}")
     return run_id
@@ -165,6 +160,7 @@ def main() -> None:
     root, params, cfg = repo_root(), load_params(), load_run_config()
     uri = tracking.tracking_uri(params, root)
     client = tracking.connect(uri)
+    tracking.reap_dead_runs(client)
     hook = epoch_hook()
     prep = _prepare(cfg)
     trainer = _trainer(cfg, prep, root)
@@ -177,21 +173,18 @@ def main() -> None:
         print(f"train: resuming after epoch {status.epoch}/{cfg.train.epochs}")
     try:
         result = trainer.fit()
-    except KeyboardInterrupt:
-        tracking.terminate(client, run_id, "KILLED")
+        write_text(HISTORY_CSV, history_csv(result.history))
+        write_json(TRAIN_RECORD, {
+            "epochs": cfg.train.epochs, "iterations": cfg.train.epochs * cfg.train.iters_per_epoch,
+            "resumed_from_epoch": result.resumed_from_epoch, "seconds_this_run": round(result.seconds, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        tracking.log_tags(client, run_id, {"resumed_from_epoch": str(result.resumed_from_epoch)})
+        client.log_artifact(run_id, str(HISTORY_CSV), "training")
+        tracking.hand_over(client, run_id)  # SCHEDULED: evaluate takes it next
+    except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM, SIGHUP): KILLED; an error: FAILED
+        tracking.fail(client, run_id, exc)
         raise
-    except BaseException:
-        tracking.terminate(client, run_id, "FAILED")
-        raise
-
-    write_text(HISTORY_CSV, history_csv(result.history))
-    write_json(TRAIN_RECORD, {
-        "epochs": cfg.train.epochs, "iterations": cfg.train.epochs * cfg.train.iters_per_epoch,
-        "resumed_from_epoch": result.resumed_from_epoch, "seconds_this_run": round(result.seconds, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    tracking.log_tags(client, run_id, {"resumed_from_epoch": str(result.resumed_from_epoch)})
-    client.log_artifact(run_id, str(HISTORY_CSV), "training")
     print(f"train: {cfg.train.epochs} epochs done (resumed from {result.resumed_from_epoch}); "
           f"student top-1 {result.final.get('top1', float('nan')):.2f}%")
 

@@ -27,9 +27,11 @@ BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
 PROJECT_DIRS = ("stages", "configs", "qimera")
-#: params.yaml overrides for a demo pipeline that runs in seconds
+#: params.yaml overrides for a demo pipeline that runs in seconds (no warm-up and a
+#: milestone at 1: configs refuse a warm-up that outlasts the run and milestones beyond it)
 TINY_PARAMS = {
-    "train": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16, "device": "cpu"},
+    "train": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16, "device": "cpu", "warmup_epochs": 0,
+              "calibration_epochs": 1, "lr_milestones": [1]},
     "naive": {"batches": 2, "batch_size": 16},
 }
 #: variables of the caller's environment that would leak into the project's runs

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import epoch_hooks
-from pipeline_project import DvcProject, make_dvc_project
+from pipeline_project import DVC, DvcProject, make_dvc_project
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_repro_runs_the_demo_and_records_everything(built):
     assert p["quant.w_bits"] == "4" and p["quant.a_bits"] == "4"
     assert p["train.epochs"] == "2" and p["train.iters_per_epoch"] == "3"
     assert p["generator.p"] == "0.4" and p["generator.embedding_init"] == "teacher_fc"
-    assert p["train.lr_milestones"] == "[15]"  # from configs/demo.yaml (null in params.yaml)
+    assert p["train.lr_generator"] == "0.001"  # from configs/demo.yaml (null in params.yaml)
     head = built.git("rev-parse", "HEAD~1", check=True).stdout.strip()
     t = run.data.tags
     assert t["mlflow.source.git.commit"] == head and t["git_commit"] == head
@@ -271,3 +271,71 @@ def test_bad_input_fails_early_and_writes_nothing(dvc_project, updates, env, mes
     assert not (project.path / "outputs").exists()
     assert not (project.path / "metrics.json").exists() and not (project.path / "dvc.lock").exists()
     assert cache_files(project) == []
+
+
+def _kill_when(project: DvcProject, args: list[str], ready, timeout: float = 300) -> str:
+    """Start `dvc *args` in its own process group and SIGKILL the whole group as soon as
+    ``ready()`` is true; returns what it printed."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([DVC, *args], cwd=project.path, env=project.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"dvc ended before the kill point:\n{proc.stdout.read()[-4000:]}"
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        out = proc.communicate(timeout=60)[0]
+    return out
+
+
+def test_sigkill_during_export_leaves_nothing_half_done_and_the_rerun_registers_once(copy_of_built):
+    project = copy_of_built
+    client = project.client()
+    run_id = project.read_json("metrics.json")["mlflow_run_id"]
+    outputs = project.path / "outputs"
+
+    def building() -> bool:  # the export's temporary directory holds its first files
+        return any(p.name.startswith(".export-") and any(p.iterdir()) for p in outputs.iterdir())
+
+    _kill_when(project, ["repro", "--force", "--single-item", "export"], building)
+    assert not (outputs / "export").exists()  # published with one rename, or not at all
+    assert [p.name for p in outputs.iterdir() if p.name.startswith(".export-")]  # SIGKILL left its temp dir
+
+    res = project.dvc("repro", "--force", "--single-item", "export", timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert "left by a killed export" in res.stdout
+    assert not [p for p in outputs.iterdir() if p.name.startswith(".export-")]
+    model = project.read_json("outputs/export/model.json")
+    versions = client.search_model_versions(f"name='qimera-demo-w4a4' and run_id='{run_id}'")
+    assert [str(v.version) for v in versions] == [model["registered_version"]]  # one version for the run
+    assert all(v.tags.get("top1") and v.tags.get("bits") == "w4a4" for v in versions)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # an export rerun of the same MLflow run replaces its version instead of adding one
+    res = project.dvc("repro", "--force", "--single-item", "export", timeout=600)
+    assert res.returncode == 0 and "left by an earlier export of this run" in res.stdout, res.stdout[-4000:]
+    versions = client.search_model_versions(f"name='qimera-demo-w4a4' and run_id='{run_id}'")
+    assert len(versions) == 1 and all(v.tags.get("top1") for v in versions)
+    untagged = [v for v in client.search_model_versions("name='qimera-demo-w4a4'") if not v.tags.get("top1")]
+    assert untagged == []
+
+
+def test_a_diverging_run_stops_in_train_and_publishes_nothing(copy_of_built):
+    project = copy_of_built
+    client = project.client()
+    versions = len(client.search_model_versions("name='qimera-demo-w4a4'"))
+    project.set_params({"train.lr_student": 1e30})
+    res = project.dvc("repro", timeout=600)
+    assert res.returncode != 0
+    line = [ln for ln in res.stdout.splitlines() if "training diverged" in ln]
+    assert line and "train.lr_student=1e+30" in line[0] and "Traceback" not in res.stdout, res.stdout[-4000:]
+    assert ran(res.stdout) == {"resolve", "train"}
+    assert len(client.search_model_versions("name='qimera-demo-w4a4'")) == versions  # nothing registered
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "params.`train.lr_student` = '1e+30'")
+    assert [r.info.status for r in runs] == ["FAILED"]
