@@ -17,7 +17,40 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a config, load teacher and data, and print the resolved config")
     c.add_argument("config")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    e = sub.add_parser("experiment", help="a grid of runs from experiments/*.yaml: run it, or report it")
+    esub = e.add_subparsers(dest="action", required=True)
+    er = esub.add_parser("run", help="run the cells that are not finished, then write the report")
+    er.add_argument("experiment", help="experiment file (see experiments/README.md)")
+    er.add_argument("--seeds", type=int, default=None, metavar="N", help="run seeds 1..N instead of the file's")
+    er.add_argument("--jobs", type=int, default=1, metavar="J", help="cells run at once (default 1)")
+    er.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config value for every cell, repeatable")
+    ep = esub.add_parser("report", help="write report.md/.csv/.png from the finished cells")
+    ep.add_argument("experiment")
+    ep.add_argument("--seeds", type=int, default=None, metavar="N")
+    ep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return p
+
+
+def _experiment(args) -> int:
+    from .experiments import load_experiment, report, run_experiment
+
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}: must be 1 or more")
+    exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
+    counts = {"failed": 0}
+    if args.action == "run":
+        if args.jobs < 1:
+            raise ValueError(f"--jobs={args.jobs}: must be 1 or more")
+        counts = run_experiment(exp, jobs=args.jobs)
+    paths = report(exp)
+    print(paths["md"].read_text())
+    print(f"report: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    if counts["failed"]:
+        print(f"qimera: error: {counts['failed']} cell(s) failed (their cell.json says why); rerun to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     from .teachers import TeacherError
     from .trainer import CheckpointError, TrainingDiverged
 
+    from .experiments import ExperimentError
+
     try:
+        if args.command == "experiment":
+            return _experiment(args)
         if args.command == "check":
             prep = prepare(args.config, args.overrides)
             print(json.dumps(prep.cfg.resolved(), indent=2))
             return 0
         result = run(args.config, args.overrides)
     except (ConfigError, TeacherError, DataError, CheckpointError, TrainingDiverged, NonFiniteError,
-            ExportError) as exc:
+            ExportError, ExperimentError) as exc:
         print(f"qimera: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,442 @@
+"""Experiments: a grid of ordinary runs ("cells") from one YAML file, run, resumed and
+reported in the layout of the paper's tables. The file format is in experiments/README.md.
+
+:func:`load_experiment` validates the file and every cell's config before anything runs;
+:func:`run_experiment` runs the cells that are not finished (each one ``qimera run`` in its
+own process, ``jobs`` at a time); :func:`report` writes ``report.md``, ``report.csv`` and
+``report.png`` from the cells' ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._files import atomic_write
+from .config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
+
+RUNS_DIR = Path("runs")
+CELL_CONFIG = "config.yaml"
+CELL_RECORD = "cell.json"
+SUMMARY = "summary.json"
+Method = Literal["qimera", "gdfq", "zeroq", "naive"]
+#: the note every report carries (SPEC §5.4)
+FINAL_EPOCH_NOTE = ("The paper reports the best test accuracy over all epochs (the checkpoint is selected on the "
+                    "test set, SPEC §5.4); this project reports the final epoch's, so the paper's numbers are an "
+                    "optimistic reference.")
+
+
+class ExperimentError(ValueError):
+    """An experiment file is invalid; the message names the file, the key and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class GridSpec(_Strict):
+    label: str
+    config: str
+    methods: list[Method] = Field(default_factory=lambda: ["qimera"], min_length=1)
+    bits: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    set: dict[str, Any] = Field(default_factory=dict)
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    row: str = "{label} {bits}"
+    column: str = "{method}"
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"axis {key!r} is empty: give at least one value")
+        return v
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    title: str = ""
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    set: dict[str, Any] = Field(default_factory=dict)
+    grids: list[GridSpec] = Field(min_length=1)
+    paper: dict[str, dict[str, float]] = Field(default_factory=dict)
+    plot: Literal["lines", "heatmap", "none"] = "lines"
+
+
+@dataclass
+class Cell:
+    """One run of the grid."""
+
+    id: str
+    grid: str
+    method: str
+    bits: int
+    seed: int
+    values: dict[str, Any]  #: the axis values of this cell
+    row: str
+    column: str
+    cfg: Config
+    base_budget: tuple[int, int, int]  #: (epochs, iterations, batch) of the grid's base config
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def budget(self) -> tuple[int, int, int]:
+        t = self.cfg.train
+        return t.epochs, t.iters_per_epoch, t.batch_size
+
+
+@dataclass
+class Experiment:
+    spec: ExperimentSpec
+    path: Path
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def dir(self) -> Path:
+        return RUNS_DIR / self.spec.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _render(template: str, values: dict[str, Any], where: str) -> str:
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in values:
+            raise ExperimentError(f"{where}: {{{key}}} names nothing the cell has; known: {', '.join(sorted(values))}")
+        return str(values[key])
+
+    return re.sub(r"\{([^{}]+)\}", sub, template)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+
+
+def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overrides: tuple[str, ...] = ()) -> Experiment:
+    """Read and validate an experiment file; every cell's config is resolved and checked.
+
+    ``seeds``: run seeds ``1..seeds`` instead of the file's. ``overrides``: extra
+    ``section.key=value`` settings for every cell (after the file's ``set``).
+    """
+    path = Path(path)
+    data = read_yaml_mapping(path, f"experiment file {str(path)!r}", ExperimentError)
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ExperimentError(f"{path}: {loc}={first.get('input')!r}: {first['msg']}") from None
+    for item in overrides:
+        parse_override(item)  # a malformed --set fails here, before any cell
+    seed_list = list(range(1, seeds + 1)) if seeds else spec.seeds
+    exp = Experiment(spec, path)
+    for g, grid in enumerate(spec.grids):
+        where = f"{path}: grids[{g}] ({grid.label})"
+        for key in [*spec.set, *grid.set, *grid.axes]:
+            if not _is_config_key(key):
+                raise ExperimentError(f"{where}: {key!r} is not a config key (configs/README.md lists them)")
+        for method, bits in itertools.product(grid.methods, grid.bits):
+            cfg_path = Path(grid.config.replace("{bits}", str(bits)))
+            base = read_yaml_mapping(cfg_path, f"{where}: config {str(cfg_path)!r}", ExperimentError)
+            try:
+                base_cfg = load_config(base, [_override("quant.w_bits", bits), _override("quant.a_bits", bits)])
+            except ConfigError as exc:
+                raise ExperimentError(f"{where}: config {str(cfg_path)!r}: {exc}") from None
+            base_budget = (base_cfg.train.epochs, base_cfg.train.iters_per_epoch, base_cfg.train.batch_size)
+            axis_keys = list(grid.axes)
+            for combo in itertools.product(*(grid.axes[k] for k in axis_keys)):
+                values = dict(zip(axis_keys, combo))
+                for seed in seed_list:
+                    exp.cells.append(_cell(exp, grid, where, base, base_budget, method, bits, seed, values, overrides))
+    seen: dict[str, str] = {}
+    for cell in exp.cells:
+        fp = cell.cfg.fingerprint(ignore=("train.out_dir",))
+        if cell.id in seen.values() or fp in seen:
+            other = seen.get(fp, cell.id)
+            raise ExperimentError(f"{path}: cells {other!r} and {cell.id!r} resolve to the same run; give them "
+                                  "different settings or remove one")
+        seen[fp] = cell.id
+    entries = {(c.row, c.column) for c in exp.cells}
+    for row, columns in spec.paper.items():
+        for column in columns:
+            if (row, column) not in entries:
+                raise ExperimentError(f"{path}: paper[{row!r}][{column!r}] matches no table entry; rows are "
+                                      f"{sorted({r for r, _ in entries})}, columns {sorted({c for _, c in entries})}")
+    return exp
+
+
+def _cell(exp: Experiment, grid: GridSpec, where: str, base: dict, base_budget, method: str, bits: int, seed: int,
+          values: dict[str, Any], overrides: tuple[str, ...]) -> Cell:
+    settings = {**exp.spec.set, **grid.set, **values}
+    labels = {"label": grid.label, "method": method, "bits": f"{bits}w{bits}a", "seed": seed, **settings}
+    row = _render(grid.row, labels, f"{where}: row")
+    column = _render(grid.column, labels, f"{where}: column")
+    parts = [grid.label, method, f"w{bits}a{bits}", *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()),
+             f"seed{seed}"]
+    cell_id = _slug("-".join(str(p) for p in parts))
+    items = [_override("method", method), _override("quant.w_bits", bits), _override("quant.a_bits", bits)]
+    items += [_override(k, v) for k, v in settings.items()]
+    items += list(overrides)
+    items += [_override("train.seed", seed), _override("train.out_dir", str(exp.dir / cell_id)),
+              _override("train.progress", False)]
+    try:
+        cfg = load_config(base, items)
+    except ConfigError as exc:
+        text = str(exc).replace("invalid configuration:\n  ", "")
+        raise ExperimentError(f"{where}: cell {cell_id}: {text}") from None
+    return Cell(cell_id, grid.label, method, bits, seed, values, row, column, cfg, base_budget)
+
+
+def _is_config_key(dotted: str) -> bool:
+    """``section.key`` of the run config (or a top-level key such as ``method``)."""
+    section, _, key = dotted.partition(".")
+    field_ = Config.model_fields.get(section)
+    if field_ is None:
+        return False
+    fields = getattr(field_.annotation, "model_fields", None)
+    return (not key and fields is None) or (bool(key) and fields is not None and key in fields)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _record(cell: Cell) -> dict | None:
+    try:
+        return json.loads((cell.out_dir / CELL_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(cell: Cell) -> bool:
+    """A cell is finished when its record says so for this very configuration."""
+    rec = _record(cell)
+    return bool(rec and rec.get("status") == "done" and rec.get("fingerprint") == cell.cfg.fingerprint()
+                and (cell.out_dir / SUMMARY).is_file())
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    start: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def line(self) -> str:
+        left = self.total - self.done - self.failed - self.running
+        secs = int(time.monotonic() - self.start)
+        return (f"[{self.done} done, {self.running} running, {self.failed} failed, {left} left; "
+                f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}]")
+
+
+def _run_cell(cell: Cell, progress: Progress, threads: int, log) -> bool:
+    cell.out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = cell.out_dir / CELL_CONFIG
+    text = yaml.safe_dump(cell.cfg.model_dump(mode="json"), sort_keys=False)
+    atomic_write(cfg_file, lambda h: h.write(text), "w")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    with progress.lock:
+        progress.running += 1
+        log(f"{progress.line()} {cell.id}: started")
+    proc = subprocess.run([sys.executable, "-m", "qimera.cli", "run", str(cfg_file)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ok = proc.returncode == 0 and (cell.out_dir / SUMMARY).is_file()
+    record = {"cell": cell.id, "status": "done" if ok else "failed", "fingerprint": cell.cfg.fingerprint(),
+              "returncode": proc.returncode}
+    if not ok:
+        record["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:2000]
+    atomic_write(cell.out_dir / CELL_RECORD, lambda h: h.write(json.dumps(record, indent=2) + "\n"), "w")
+    with progress.lock:
+        progress.running -= 1
+        if ok:
+            progress.done += 1
+            top1 = json.loads((cell.out_dir / SUMMARY).read_text()).get("student_top1")
+            log(f"{progress.line()} {cell.id}: top-1 {top1}")
+        else:
+            progress.failed += 1
+            log(f"{progress.line()} {cell.id}: FAILED (exit {proc.returncode}): {record['error']}")
+    return ok
+
+
+def run_experiment(exp: Experiment, *, jobs: int = 1, log=None) -> dict[str, int]:
+    """Run every cell that is not finished, ``jobs`` at a time; returns the counts
+    ``{"skipped", "done", "failed"}``. A failed cell does not stop the others."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    todo = [c for c in exp.cells if not is_done(c)]
+    skipped = len(exp.cells) - len(todo)
+    progress = Progress(total=len(exp.cells), done=skipped)
+    log(f"experiment {exp.spec.name}: {len(exp.cells)} cells, {skipped} finished already, {len(todo)} to run, "
+        f"{jobs} at a time")
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(lambda c: _run_cell(c, progress, threads, log), todo))
+    failed = results.count(False)
+    return {"skipped": skipped, "done": len(results) - failed, "failed": failed}
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Entry:
+    row: str
+    column: str
+    values: list[float]
+    reduced: bool
+    budgets: set[tuple[int, int, int]]
+    paper: Optional[float]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
+
+
+def collect(exp: Experiment) -> list[Entry]:
+    """The table entries (cells grouped over seeds), in the order the file defines them."""
+    entries: dict[tuple[str, str], Entry] = {}
+    for cell in exp.cells:
+        key = (cell.row, cell.column)
+        entry = entries.setdefault(key, Entry(cell.row, cell.column, [], False, set(),
+                                              exp.spec.paper.get(cell.row, {}).get(cell.column)))
+        entry.budgets.add(cell.budget)
+        entry.reduced |= cell.budget != cell.base_budget
+        if is_done(cell):
+            top1 = json.loads((cell.out_dir / SUMMARY).read_text()).get("student_top1")
+            if isinstance(top1, (int, float)) and math.isfinite(top1):
+                entry.values.append(float(top1))
+    return list(entries.values())
+
+
+def _fmt(entry: Entry) -> str:
+    if not entry.values:
+        text = "–"
+    else:
+        text = f"{entry.mean:.2f} ± {entry.std:.2f} (N={len(entry.values)})"
+    if entry.reduced and entry.values:
+        text += " †"
+    if entry.paper is not None:
+        diff = "" if entry.mean is None else f", Δ {entry.mean - entry.paper:+.2f}"
+        text += f" · paper {entry.paper:.2f}{diff}"
+    return text
+
+
+def report(exp: Experiment) -> dict[str, Path]:
+    """Write report.md, report.csv (and report.png when matplotlib is there) into the
+    experiment's directory; returns their paths."""
+    entries = collect(exp)
+    rows = list(dict.fromkeys(e.row for e in entries))
+    columns = list(dict.fromkeys(e.column for e in entries))
+    table = {(e.row, e.column): e for e in entries}
+    budgets = sorted({b for e in entries for b in e.budgets})
+    bases = sorted({c.base_budget for c in exp.cells})
+    seeds = sorted({c.seed for c in exp.cells})
+    lines = [f"# {exp.spec.title or exp.spec.name}", "",
+             f"Experiment `{exp.path}`: {len(exp.cells)} cells, seeds {seeds}. Entries: final-epoch student "
+             "top-1 (%), mean ± std over the seeds (N finished), the paper's number and the difference.", "",
+             "Budget (epochs × iterations × batch): " + ", ".join(f"{e} × {i} × {b}" for e, i, b in budgets)
+             + "; the base configs': " + ", ".join(f"{e} × {i} × {b}" for e, i, b in bases) + ".",
+             "† run at another budget than its base config (for the paper presets: the paper's schedule).", "",
+             FINAL_EPOCH_NOTE, "",
+             "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(_fmt(table[(row, c)]) if (row, c) in table else "" for c in columns)
+                     + " |")
+    out = exp.dir
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "report.md", "csv": out / "report.csv"}
+    md = "\n".join(lines) + "\n"
+    atomic_write(paths["md"], lambda h: h.write(md), "w")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["row", "column", "n", "mean_top1", "std_top1", "paper_top1", "difference", "reduced_budget",
+                     "values"])
+    for e in entries:
+        writer.writerow([e.row, e.column, len(e.values), _num(e.mean), _num(e.std), _num(e.paper),
+                         _num(None if e.mean is None or e.paper is None else e.mean - e.paper), e.reduced,
+                         " ".join(f"{v:.4f}" for v in e.values)])
+    atomic_write(paths["csv"], lambda h: h.write(buf.getvalue()), "w")
+    png = _plot(exp, rows, columns, table, out / "report.png")
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def _plot(exp: Experiment, rows, columns, table, path: Path) -> Path | None:
+    if exp.spec.plot == "none":
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(columns) + 2), 4 + 0.3 * len(rows) * (exp.spec.plot == "heatmap")))
+    if exp.spec.plot == "heatmap":
+        import numpy as np
+
+        grid = np.array([[table[(r, c)].mean if (r, c) in table and table[(r, c)].mean is not None else np.nan
+                          for c in columns] for r in rows], dtype=float)
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+        ax.set_yticks(range(len(rows)), rows)
+        for i, j in itertools.product(range(len(rows)), range(len(columns))):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax, label="final-epoch top-1 (%)")
+    else:
+        for r in rows:
+            xs = [i for i, c in enumerate(columns) if (r, c) in table and table[(r, c)].values]
+            ys = [table[(r, columns[i])].mean for i in xs]
+            errs = [table[(r, columns[i])].std for i in xs]
+            line = ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=r)
+            paper = [(i, table[(r, c)].paper) for i, c in enumerate(columns) if (r, c) in table and table[(r, c)].paper]
+            if paper:
+                ax.plot([p[0] for p in paper], [p[1] for p in paper], ls="--", marker="x",
+                        color=line[0].get_color(), alpha=0.7)
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+        ax.set_ylabel("final-epoch top-1 (%)  (dashed: paper)")
+        ax.legend(fontsize=7)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(exp.spec.title or exp.spec.name, 70)), fontsize=9)
+    fig.tight_layout()
+    with path.open("wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,132 @@
+"""Experiments: a grid of runs from one file, resumable, reported like the paper's tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qimera.experiments import ExperimentError, load_experiment, report, run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def workdir(tiny_config, tmp_path, monkeypatch) -> Path:
+    """A directory to run experiments from, holding the tiny config as base.yaml."""
+    base = dict(tiny_config)
+    base["train"] = {**base["train"], "epochs": 1, "iters_per_epoch": 2}
+    base["naive"] = {"enabled": False}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _experiment(workdir: Path, name: str = "tiny", **extra) -> Path:
+    spec = {"name": name, "title": "tiny grid", "seeds": [1, 2],
+            "grids": [{"label": "digits", "config": "base.yaml", "methods": ["qimera"], "bits": [4],
+                       "axes": {"generator.p": [0.25, 0.75]}, "row": "{label} {bits}", "column": "p={generator.p}"}],
+            "paper": {"digits 4w4a": {"p=0.25": 50.0}}, "plot": "lines", **extra}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+@pytest.mark.slow
+def test_grid_runs_resumes_and_reports_the_cells(workdir):
+    exp = load_experiment(_experiment(workdir))
+    assert len(exp.cells) == 4 and {c.out_dir.parent for c in exp.cells} == {Path("runs/tiny")}
+    assert run_experiment(exp, jobs=1, log=_quiet) == {"skipped": 0, "done": 4, "failed": 0}
+    paths = report(exp)
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(paths["csv"].open())}
+    for column in ("p=0.25", "p=0.75"):
+        tops = [json.loads((c.out_dir / "summary.json").read_text())["student_top1"]
+                for c in exp.cells if c.column == column]
+        entry = rows[("digits 4w4a", column)]
+        assert int(entry["n"]) == 2 and float(entry["mean_top1"]) == pytest.approx(statistics.fmean(tops), abs=1e-4)
+        assert entry["reduced_budget"] == "False"  # the cells run the base config's own budget
+    assert float(rows[("digits 4w4a", "p=0.25")]["paper_top1"]) == 50.0
+    md = paths["md"].read_text()
+    assert "| digits 4w4a |" in md and "paper 50.00, Δ" in md and "final epoch" in md and "1 × 2 × 16" in md
+    assert paths["png"].stat().st_size > 1000
+    # a rerun runs nothing
+    assert run_experiment(load_experiment(_experiment(workdir)), log=_quiet) == {"skipped": 4, "done": 0, "failed": 0}
+    # --jobs 2 gives the same numbers as --jobs 1
+    twin = load_experiment(_experiment(workdir, "twin"))
+    assert run_experiment(twin, jobs=2, log=_quiet)["done"] == 4
+    for a, b in zip(exp.cells, twin.cells):
+        sa, sb = (json.loads((c.out_dir / "summary.json").read_text()) for c in (a, b))
+        assert sa["student_top1"] == sb["student_top1"] and sa["naive_top1"] == sb["naive_top1"]
+
+
+@pytest.mark.slow
+def test_killed_experiment_reruns_only_the_missing_cells(workdir):
+    path = _experiment(workdir, "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "qimera.cli", "experiment", "run", str(path)], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    records = workdir / "runs" / "killed"
+    deadline = time.monotonic() + 180
+    while not list(records.glob("*/cell.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = len(list(records.glob("*/cell.json")))
+    assert 1 <= finished < 4
+    counts = run_experiment(load_experiment(path), log=_quiet)
+    assert counts == {"skipped": finished, "done": 4 - finished, "failed": 0}
+
+
+def test_bad_experiment_files_fail_before_any_cell(workdir):
+    cases = [
+        ({"colour": "red"}, "colour"),
+        ({"grids": [{"label": "x", "config": "base.yaml", "axes": {"generator.pp": [1]}}]},
+         "'generator.pp' is not a config key"),
+        ({"grids": [{"label": "x", "config": "base.yaml", "axes": {"generator.p": []}}]}, "axis 'generator.p' is empty"),
+        ({"grids": [{"label": "x", "config": "base.yaml", "axes": {"generator.p": [1.5]}}]},
+         "generator.p=1.5: Input should be less than or equal to 1"),
+        ({"grids": [{"label": "x", "config": "base.yaml", "axes": {"generator.p": [0.5, 0.5]}}]},
+         "resolve to the same run"),
+        ({"grids": [{"label": "x", "config": "missing.yaml"}]}, "config 'missing.yaml' does not exist"),
+        ({"paper": {"digits 4w4a": {"p=0.3": 1.0}}}, r"paper\['digits 4w4a'\]\['p=0.3'\] matches no table entry"),
+        ({"grids": [{"label": "x", "config": "base.yaml", "column": "{generator.q}"}]}, "{generator.q} names nothing"),
+    ]
+    for extra, message in cases:
+        path = _experiment(workdir, "bad", **extra)
+        with pytest.raises(ExperimentError, match=message) as info:
+            load_experiment(path)
+        assert str(path) in str(info.value)
+    assert not (workdir / "runs").exists()
+    with pytest.raises(Exception, match="expected section.key=value"):
+        load_experiment(_experiment(workdir), overrides=("train.epochs",))
+
+
+def test_cli_reports_bad_experiments_in_one_line(workdir):
+    path = _experiment(workdir, "bad", grids=[{"label": "x", "config": "base.yaml", "axes": {"generator.pp": [1]}}])
+    res = subprocess.run([sys.executable, "-m", "qimera.cli", "experiment", "run", str(path)], cwd=workdir,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "not a config key" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["demo-grid", "main", "table6", "table7", "table8", "table9", "shared-dm"])
+def test_shipped_experiments_validate(name, monkeypatch):
+    path = REPO / "experiments" / f"{name}.yaml"
+    if not path.is_file():
+        pytest.skip(f"{path} not written yet")
+    monkeypatch.chdir(REPO)
+    exp = load_experiment(path)
+    assert exp.cells and all(c.cfg.train.out_dir.startswith(f"runs/{name}/") for c in exp.cells)
