@@ -315,7 +315,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"),
                          ("qimera.data", "DataError"), ("qimera.export", "ExportError"),
                          ("qimera.trainer", "TrainingDiverged"), ("qimera.trainer", "CheckpointError"),
-                         ("qimera.evaluate", "NonFiniteError")):
+                         ("qimera.evaluate", "NonFiniteError"), ("qimera.experiments", "ExperimentError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
