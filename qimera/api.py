@@ -8,6 +8,7 @@ data (shape, classes, input size).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -185,6 +186,7 @@ def _run(prep: Prepared, callbacks: tuple[EpochCallback, ...], initial_embedding
     res = RunResult(cfg, teacher_res, naive_res, student_res, student, generator, history, iterations, seconds)
     summary = res.summary()
     if student_res is not None:
-        summary["student_per_class"] = [round(v, 4) for v in student_res.per_class]
+        # null for a class the evaluation data lacks (NaN is not JSON)
+        summary["student_per_class"] = [None if math.isnan(v) else round(v, 4) for v in student_res.per_class]
     atomic_write(prep.out_dir / SUMMARY_NAME, lambda handle: handle.write(json.dumps(summary, indent=2) + "\n"), "w")
     return res

@@ -29,6 +29,18 @@ class _Section(BaseModel):
     # trains a student of NaNs)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info):
+        """pydantic reads true as 1 for an int key: ``train.epochs=true`` is a mistake."""
+        items = v if isinstance(v, list) else [v]
+        if any(isinstance(x, bool) for x in items):
+            annotation = str(cls.model_fields[info.field_name].annotation)
+            if "bool" not in annotation and ("int" in annotation or "float" in annotation):
+                raise ValueError("expected numbers, not booleans" if isinstance(v, list)
+                                 else "expected a number, not a boolean")
+        return v
+
 
 Bits = Field(ge=2, le=8)
 
@@ -139,7 +151,7 @@ class GeneratorConfig(_Section):
     variant: Literal["cifar", "imagenet"] = "cifar"
     p: float = Field(default=0.4, ge=0.0, le=1.0)
     k: int = Field(default=2, ge=1)
-    dm_layers: int = Field(default=1, ge=0)
+    dm_layers: int = Field(default=1, ge=0, le=64)
     embedding_init: Literal["random", "teacher_fc"] = "random"
     freeze_embeddings: bool = False
     noise_scale: float = Field(default=1.0, gt=0.0)
@@ -163,7 +175,7 @@ class TrainConfig(_Section):
     bns_weight: float = Field(default=0.1, ge=0.0)
     kd_temperature: float = Field(default=20.0, gt=0.0)
     kd_reduction: Literal["mean", "batchmean"] = "mean"
-    seed: int = 1
+    seed: int = Field(default=1, ge=0, le=2**63 - 2)  # torch generators take 64-bit seeds (seed + 1 is used too)
     device: str = "auto"
     amp: Literal["none", "bf16", "auto"] = "none"
     channels_last: Literal["auto", "on", "off"] = "auto"
