@@ -61,13 +61,20 @@ def _temp_prefix(dest: Path) -> str:
 
 
 def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
-    """Remove the temporary directories that :func:`atomic_dir` left beside ``dest`` when
-    its process was killed (SIGKILL gives it no chance to clean up). Only for a ``dest``
-    that one process at a time writes (a pipeline stage's output). Returns what went."""
+    """Remove the temporary files and directories that :func:`atomic_write` and
+    :func:`atomic_dir` left beside ``dest`` when their process was killed (SIGKILL gives
+    it no chance to clean up). Only for a ``dest`` that one process at a time writes (a
+    stage's output, a run's checkpoint). Returns what went."""
     dest = Path(dest)
-    gone = [p for p in dest.parent.glob(_temp_prefix(dest) + "*") if p.is_dir()] if dest.parent.is_dir() else []
+    if not dest.parent.is_dir():
+        return []
+    gone = [p for p in dest.parent.glob(_temp_prefix(dest) + "*") if p.is_dir()]
+    gone += [p for p in dest.parent.glob(f".{dest.name}.*.tmp") if p.is_file()]
     for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return gone
 
 

@@ -191,7 +191,7 @@ def section_config(model: type[M], section: str, config: Any, fields: Mapping[st
 
     from pydantic import ValidationError, create_model
 
-    from .config import _format_errors
+    from .config import _error_lines
 
     wrapper = _wrappers.get((model, section))
     if wrapper is None:
@@ -199,7 +199,7 @@ def section_config(model: type[M], section: str, config: Any, fields: Mapping[st
     try:
         return getattr(wrapper.model_validate({section: data}), section)
     except ValidationError as exc:
-        lines = [line.strip() for line in _format_errors(exc, data).splitlines()[1:]]
+        lines = [line.strip() for line in _error_lines(exc, data)]
         lines = [line.removeprefix(f"{section}: ") if line.startswith(f"{section}: {section}.") else line
                  for line in lines]
         raise error("; ".join(lines)) from None

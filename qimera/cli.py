@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
+import threading
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other qimera error."""
+
+    def error(self, message: str):
+        self.exit(2, f"qimera: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    """SIGTERM and SIGHUP end a run like Ctrl-C: the checkpoint of the last epoch stays."""
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qimera", description="Data-free quantization (Qimera and baselines).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="qimera", description="Data-free quantization (Qimera and baselines).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="teacher → naive baseline → method → evaluation; prints a JSON summary last")
     r.add_argument("config", help="YAML config (see configs/README.md)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -55,6 +71,23 @@ def _experiment(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as exc:
+        name = str(exc.args[0]) if exc.args else ""
+        signum = getattr(signal, name, signal.SIGINT) if name.startswith("SIG") else signal.SIGINT
+        how = f"stopped by {name}" if name.startswith("SIG") else "interrupted"
+        print(f"qimera: {how}; rerun the same command to resume from the last epoch", file=sys.stderr)
+        return 128 + int(signum)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+    except MemoryError:
+        print("qimera: error: out of memory while starting; free memory on this machine and rerun", file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
     from .runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -62,35 +95,33 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .evaluate import NonFiniteError
+    from .experiments import ExperimentError
     from .export import ExportError
     from .runtime import machine_fault
     from .teachers import TeacherError
     from .trainer import CheckpointError, TrainingDiverged
-
-    from .experiments import ExperimentError
 
     try:
         if args.command == "experiment":
             return _experiment(args)
         if args.command == "check":
             prep = prepare(args.config, args.overrides)
-            print(json.dumps(prep.cfg.resolved(), indent=2))
-            return 0
-        result = run(args.config, args.overrides)
+            text = json.dumps(prep.cfg.resolved(), indent=2)
+        else:
+            text = json.dumps(run(args.config, args.overrides).summary())
+        print(text, flush=True)
     except (ConfigError, TeacherError, DataError, CheckpointError, TrainingDiverged, NonFiniteError,
             ExportError, ExperimentError) as exc:
         print(f"qimera: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qimera: interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
-        return 130
     except (MemoryError, RuntimeError, OSError) as exc:
         message = machine_fault(exc)
+        if message is None and isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ENOSPC, errno.EBADF):
+            message = f"cannot write the summary to standard output ({exc.strerror}); the run's files are complete"
         if message is None:
             raise
         print(f"qimera: error: {message}", file=sys.stderr)
         return 1
-    print(json.dumps(result.summary()), flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -24,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names key, value and what is allowed."""
 
 
+#: no integer key needs more (a batch of 2**40 images would not fit any machine), and
+#: larger ones overflow inside torch and Python's slicing
+MAX_INT = 2**40
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: every float key refuses NaN and ±inf (a run with lr .inf
     # trains a student of NaNs)
@@ -34,6 +40,8 @@ class _Section(BaseModel):
     def _no_bool_for_numbers(cls, v: Any, info):
         """pydantic reads true as 1 for an int key: ``train.epochs=true`` is a mistake."""
         items = v if isinstance(v, list) else [v]
+        if any(isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_INT for x in items):
+            raise ValueError(f"too large: at most {MAX_INT}")
         if any(isinstance(x, bool) for x in items):
             annotation = str(cls.model_fields[info.field_name].annotation)
             if "bool" not in annotation and ("int" in annotation or "float" in annotation):
@@ -179,7 +187,7 @@ class TrainConfig(_Section):
     device: str = "auto"
     amp: Literal["none", "bf16", "auto"] = "none"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    out_dir: str = "runs/default"
+    out_dir: str = Field(default="runs/default", min_length=1, pattern=r"\S")
     resume: bool = True
     eval_every: int = Field(default=1, ge=1)
     log_every: int = Field(default=20, ge=1)
@@ -188,7 +196,7 @@ class TrainConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v == "auto" or v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps":
+        if v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v):
             return v
         raise ValueError("allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
@@ -277,6 +285,11 @@ class Config(_Section):
 
 
 def _format_errors(err: ValidationError, data: dict) -> str:
+    """One line: ``invalid configuration: key=value: what is allowed; ...``."""
+    return "invalid configuration: " + "; ".join(_error_lines(err, data))
+
+
+def _error_lines(err: ValidationError, data: dict) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p is not None)
@@ -295,7 +308,7 @@ def _format_errors(err: ValidationError, data: dict) -> str:
             lines.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}.") else msg)
         else:
             lines.append(f"{loc}={value!r}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return lines
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -309,7 +322,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return path, value
 
 
@@ -327,6 +340,15 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     return data
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError,
                       missing_hint: str = "does not exist") -> dict:
     """Read a YAML file whose top level must be a mapping; ``error(what + …)`` otherwise."""
@@ -334,9 +356,13 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception]
     if not path.is_file():
         raise error(f"{what} {missing_hint}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise error(f"{what} is not valid YAML: {exc}") from None
+        raise error(f"{what} is not valid YAML: {yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason}); a config is a YAML text file") from None
+    except OSError as exc:
+        raise error(f"{what} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise error(f"{what}: top level must be a mapping of sections")
     return data

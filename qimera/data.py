@@ -319,10 +319,11 @@ def _read_npz(
         images, labels = images[:limit], labels[:limit]
     if is_float:
         if not np.isfinite(images).all() or images.min() < 0.0 or images.max() > 1.0:
+            finite = images[np.isfinite(images)]
+            found = f"[{float(finite.min())}, {float(finite.max())}]" if finite.size else "no finite value"
             raise DataError(
                 f"data.path={str(path)!r}: float 'images' (dtype {images.dtype}) must lie in "
-                f"[0, 1]; found range [{float(np.nanmin(images))}, {float(np.nanmax(images))}] "
-                "or non-finite values"
+                f"[0, 1]; found range {found} or non-finite values"
             )
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         x = x.permute(0, 3, 1, 2).contiguous()

@@ -207,7 +207,7 @@ def _cell(exp: Experiment, grid: GridSpec, where: str, base: dict, base_budget, 
     try:
         cfg = load_config(base, items)
     except ConfigError as exc:
-        text = str(exc).replace("invalid configuration:\n  ", "")
+        text = str(exc).removeprefix("invalid configuration: ")
         raise ExperimentError(f"{where}: cell {cell_id}: {text}") from None
     return Cell(cell_id, grid.label, method, bits, seed, values, row, column, cfg, base_budget)
 

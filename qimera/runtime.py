@@ -52,7 +52,7 @@ def tune_cpu_allocator() -> bool:
 
 _OOM = re.compile(r"can't allocate memory|out of memory|not enough memory|Cannot allocate memory", re.IGNORECASE)
 #: errno values that mean "the machine's storage", not the program
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
 def _first_line(exc: BaseException, limit: int = 240) -> str:
@@ -63,7 +63,20 @@ def _first_line(exc: BaseException, limit: int = 240) -> str:
 def machine_fault(exc: BaseException) -> str | None:
     """One line with a remedy for a fault of the machine rather than of the input (memory
     that cannot be had, a full or failing disk), or ``None`` for anything else. The CLI
-    and the pipeline stages print it instead of a traceback and exit with status 1."""
+    and the pipeline stages print it instead of a traceback and exit with status 1. The
+    chain of causes is followed: torch's checkpoint writer turns a full disk's OSError into
+    a RuntimeError of its own."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        message = _fault_of(exc)
+        if message is not None:
+            return message
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _fault_of(exc: BaseException) -> str | None:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
             isinstance(exc, RuntimeError) and _OOM.search(str(exc))):
         return (f"out of memory ({_first_line(exc)}); lower train.batch_size (or data.batch_size for "

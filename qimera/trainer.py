@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -31,7 +32,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from ._files import atomic_write
+from ._files import atomic_write, remove_stale_temps
 from .config import Config
 from .data import EvalData
 from .evaluate import evaluate
@@ -325,14 +326,18 @@ class Trainer:
 
     def resume_status(self) -> ResumeStatus:
         """Whether :meth:`fit` would continue the checkpoint in ``out_dir``, and why not."""
-        if not self.checkpoint_path.is_file():
+        if not self.checkpoint_path.exists():
             return ResumeStatus("none", "no checkpoint")
         if not self.tc.resume:
             return ResumeStatus("disabled", "train.resume is false")
+        if not self.checkpoint_path.is_file():
+            return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a file")
         try:
             state = read_checkpoint(self.out_dir, mmap=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is "unreadable"
             return ResumeStatus("unreadable", f"unreadable checkpoint: {type(exc).__name__}")
+        if not isinstance(state, dict) or not {"epoch", "student", "generator"} <= set(state):
+            return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a qimera checkpoint")
         if state.get("fingerprint") != self._fingerprint:
             return ResumeStatus("mismatch", "the checkpoint belongs to another configuration, teacher, "
                                             "embedding table or library version")
@@ -345,8 +350,10 @@ class Trainer:
 
     def discard_checkpoint(self) -> None:
         """Remove the checkpoint and history of ``out_dir``: the next :meth:`fit` starts over."""
-        self.checkpoint_path.unlink(missing_ok=True)
-        self.history_path.unlink(missing_ok=True)
+        for path in (self.checkpoint_path, self.history_path):
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
 
     def maybe_resume(self) -> bool:
         """Continue the checkpoint in ``out_dir`` when there is one and ``train.resume``
@@ -430,7 +437,14 @@ class Trainer:
         start = time.perf_counter()
         try:
             for it in range(self.tc.iters_per_epoch):
-                losses = self.train_step(calibrate=calibrate, train_student=train_student)
+                try:
+                    losses = self.train_step(calibrate=calibrate, train_student=train_student)
+                except (OverflowError, RuntimeError) as exc:
+                    if not isinstance(exc, OverflowError) and "overflow" not in str(exc):
+                        raise
+                    raise self._diverged(f"a value overflowed ({type(exc).__name__}: {str(exc)[:120]})", it + 1,
+                                         ("train.lr_student", "train.lr_generator", "train.weight_decay",
+                                          "train.kd_temperature")) from None
                 window.append(losses)
                 for k, v in losses.items():
                     sums[k] = sums[k] + v if k in sums else v.clone()
@@ -522,6 +536,8 @@ class Trainer:
             self.close()
 
     def _fit(self) -> TrainResult:
+        for path in (self.checkpoint_path, self.history_path):
+            remove_stale_temps(path)  # left by a run that was killed while writing them
         self.maybe_resume()
         start = time.perf_counter()
         iters = 0

@@ -180,3 +180,57 @@ def test_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary_file(
     line = _one_line(err)
     assert rc == 1 and "No space left on device" in line and "free space" in line
     assert not out.exists()  # no checkpoint.pt.tmp, nothing half-written: not even the empty out_dir
+
+
+def test_more_hostile_input_is_one_line(tiny_config, tmp_path, capsys):
+    out = tmp_path / "h"
+    tiny_config["train"]["out_dir"] = str(out)
+    for overrides, code, needle in [
+        (["train.lr_student=1e308"], 2, "a value overflowed"),  # overflow inside torch is divergence too
+        (["train.batch_size=9223372036854775808"], 2, "too large"),
+        (["train.epochs=true"], 2, "expected a number, not a boolean"),
+        (["train.out_dir=''"], 2, "train.out_dir=''"),
+        (["train.device=cuda:-1"], 2, "allowed: 'auto'"),
+        (["train.epochs=[1,"], 2, "value is not valid YAML"),
+        (["generator.p=1.5", "generator.k=0"], 2, "generator.k=0"),  # several errors, still one line
+    ]:
+        rc, err = _cli(capsys, tiny_config, tmp_path, *overrides)
+        assert rc == code and needle in _one_line(err), (overrides, err)
+    assert not out.exists()
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(b"\xe7\xff\x00binary")
+    assert cli.main(["run", str(garbage)]) == 2 and "not UTF-8 text" in _one_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run"])
+    assert info.value.code == 2 and "the following arguments are required" in _one_line(capsys.readouterr().err)
+
+
+def test_odd_checkpoints_and_stale_temporary_files(tiny_config, tmp_path, capsys):
+    out = tmp_path / "c"
+    tiny_config["train"]["out_dir"] = str(out)
+    out.mkdir()
+    (out / CHECKPOINT_NAME).mkdir()
+    rc, err = _cli(capsys, tiny_config, tmp_path)
+    assert rc == 2 and "is not a file" in _one_line(err)
+    (out / CHECKPOINT_NAME).rmdir()
+    torch.save(torch.zeros(3), out / CHECKPOINT_NAME)
+    rc, err = _cli(capsys, tiny_config, tmp_path)
+    assert rc == 2 and "not a qimera checkpoint" in _one_line(err)
+    (out / CHECKPOINT_NAME).unlink()
+    stale = out / f".{CHECKPOINT_NAME}.abc123.tmp"  # what a SIGKILL during a checkpoint write leaves
+    stale.write_bytes(b"half")
+    assert _cli(capsys, tiny_config, tmp_path)[0] == 0
+    assert not stale.exists() and (out / CHECKPOINT_NAME).is_file()
+
+
+def test_a_real_full_disk_error_chain_is_recognised():
+    from qimera.runtime import machine_fault
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 92416 vs 92312")
+    except RuntimeError as exc:
+        assert "No space left on device" in machine_fault(exc)
+    assert "File too large" in machine_fault(OSError(errno.EFBIG, "File too large"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not file.is_file():
         raise TeacherError(f"teacher.weights: file not found: {str(file)!r}")
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a config error
         raise TeacherError(
             f"teacher.weights: could not load {str(file)!r} with torch.load(weights_only=True) "
