@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,15 @@ def test_a_real_full_disk_error_chain_is_recognised():
     except RuntimeError as exc:
         assert "No space left on device" in machine_fault(exc)
     assert "File too large" in machine_fault(OSError(errno.EFBIG, "File too large"))
+
+
+def test_a_corrupt_demo_teacher_cache_is_one_line(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "digits_cnn_seed0.pt").write_bytes(b"corrupt")  # the cached demo teacher, damaged
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    rc = cli.main(["check", str(config), "--set", f"teacher.cache_dir={cache}",
+                   "--set", f"train.out_dir={tmp_path / 'o'}"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "teacher.cache_dir=" in line and "corrupt" in line and "delete the cached file" in line
+    assert not (tmp_path / "o").exists()
