@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ._files import atomic_write
 from .baselines import naive_student, zeroq_calibrate
-from .config import Config, ConfigError, check_out_dir, load_config
+from .config import Config, ConfigError, load_config, make_out_dir
 from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
 from .teachers import LoadedTeacher, load_teacher
@@ -90,8 +90,8 @@ def _no_empty_dir_left(path: Path, existed: bool):
 def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_data: bool = True) -> Prepared:
     """Validate everything a run needs, load the teacher and the evaluation data."""
     cfg = load_config(config, overrides)
-    existed = Path(cfg.train.out_dir).exists()
-    out_dir = check_out_dir(cfg.train.out_dir)
+    out_dir, created = make_out_dir(cfg.train.out_dir)
+    existed = not created
     with _no_empty_dir_left(out_dir, existed):
         return _prepare(cfg, out_dir, existed, with_data)
 

@@ -37,27 +37,34 @@ def _parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="action", required=True)
     er = esub.add_parser("run", help="run the cells that are not finished, then write the report")
     er.add_argument("experiment", help="experiment file (see experiments/README.md)")
-    er.add_argument("--seeds", type=int, default=None, metavar="N", help="run seeds 1..N instead of the file's")
-    er.add_argument("--jobs", type=int, default=1, metavar="J", help="cells run at once (default 1)")
+    er.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                    help="run seeds 1..N instead of the file's")
+    er.add_argument("--jobs", type=_positive_int, default=1, metavar="J", help="cells run at once (default 1)")
     er.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config value for every cell, repeatable")
     ep = esub.add_parser("report", help="write report.md/.csv/.png from the finished cells")
     ep.add_argument("experiment")
-    ep.add_argument("--seeds", type=int, default=None, metavar="N")
+    ep.add_argument("--seeds", type=_positive_int, default=None, metavar="N")
     ep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer of 1 or more")
+    return value
 
 
 def _experiment(args) -> int:
     from .experiments import load_experiment, report, run_experiment
 
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds={args.seeds}: must be 1 or more")
     exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
     counts = {"failed": 0}
     if args.action == "run":
-        if args.jobs < 1:
-            raise ValueError(f"--jobs={args.jobs}: must be 1 or more")
         counts = run_experiment(exp, jobs=args.jobs)
     paths = report(exp)
     print(paths["md"].read_text())
@@ -91,15 +98,10 @@ def _main(args) -> int:
     from .runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
+    from . import experiments, export  # noqa: F401 - their errors count as bad input below
     from .api import prepare, run
-    from .config import ConfigError
-    from .data import DataError
-    from .evaluate import NonFiniteError
-    from .experiments import ExperimentError
-    from .export import ExportError
+    from .errors import input_errors
     from .runtime import machine_fault
-    from .teachers import TeacherError
-    from .trainer import CheckpointError, TrainingDiverged
 
     try:
         if args.command == "experiment":
@@ -110,8 +112,7 @@ def _main(args) -> int:
         else:
             text = json.dumps(run(args.config, args.overrides).summary())
         print(text, flush=True)
-    except (ConfigError, TeacherError, DataError, CheckpointError, TrainingDiverged, NonFiniteError,
-            ExportError, ExperimentError) as exc:
+    except input_errors() as exc:
         print(f"qimera: error: {exc}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError, OSError) as exc:

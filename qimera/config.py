@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -79,10 +78,8 @@ class TeacherConfig(_Section):
     def _stats(cls, v: Optional[list[float]], info) -> Optional[list[float]]:
         if v is None:
             return v
-        if not v:
+        if not v:  # (NaN and infinities are refused for every float key: allow_inf_nan=False)
             raise ValueError("must not be empty: give one number per input channel")
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("must contain finite numbers only")
         if info.field_name == "std" and any(x <= 0 for x in v):
             raise ValueError("every value must be > 0")
         return v
@@ -385,8 +382,15 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: list[str] 
 
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """Create ``train.out_dir`` and prove it is writable, or raise ConfigError."""
+    return make_out_dir(out_dir)[0]
+
+
+def make_out_dir(out_dir: str | os.PathLike) -> tuple[Path, bool]:
+    """:func:`check_out_dir`, also saying whether this call created the directory (a
+    failed run removes an empty one it made)."""
     path = Path(out_dir)
     try:
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
@@ -395,4 +399,4 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
             f"train.out_dir={str(out_dir)!r}: cannot create or write there ({exc.strerror or exc}); "
             "choose a writable directory"
         ) from None
-    return path
+    return path, created

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["EvalResult", "NonFiniteError", "check_finite_parameters", "evaluate"]
+__all__ = ["EvalResult", "NonFiniteError", "check_finite_parameters", "evaluate", "first_non_finite"]
 
 
 class NonFiniteError(ValueError):
@@ -18,17 +18,23 @@ class NonFiniteError(ValueError):
     student, typically): its accuracy means nothing and it must not be published."""
 
 
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor] | None:
+    """The first ``(name, tensor)`` of floating point ``named`` tensors that holds a NaN or
+    an infinity, or None; one host synchronisation when all are finite."""
+    tensors = [(n, t) for n, t in named if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+        return None
+    return next((n, t) for n, t in tensors if not bool(torch.isfinite(t).all()))
+
+
 def check_finite_parameters(model: nn.Module, what: str = "model") -> None:
     """Raise :class:`NonFiniteError` naming the first parameter or buffer of ``model``
     that holds a NaN or an infinity."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if tensors and bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        return
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"the {what}'s {name} holds {bad} non-finite value(s) of {t.numel()} "
-                                 "(a diverged training run?); it is not evaluated or exported")
+    found = first_non_finite((*model.named_parameters(), *model.named_buffers()))
+    if found is not None:
+        name, t = found
+        raise NonFiniteError(f"the {what}'s {name} holds {int((~torch.isfinite(t)).sum())} non-finite value(s) "
+                             f"of {t.numel()} (a diverged training run?); it is not evaluated or exported")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import ctypes.util
 import errno
 import os
 import re
+from typing import Iterator
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -66,14 +67,17 @@ def machine_fault(exc: BaseException) -> str | None:
     and the pipeline stages print it instead of a traceback and exit with status 1. The
     chain of causes is followed: torch's checkpoint writer turns a full disk's OSError into
     a RuntimeError of its own."""
+    return next((m for m in map(_fault_of, exception_chain(exc)) if m is not None), None)
+
+
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (``__cause__``, else
+    ``__context__``), each once."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        message = _fault_of(exc)
-        if message is not None:
-            return message
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _fault_of(exc: BaseException) -> str | None:

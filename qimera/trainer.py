@@ -35,7 +35,7 @@ import torch
 from ._files import atomic_write, remove_stale_temps
 from .config import Config
 from .data import EvalData
-from .evaluate import evaluate
+from .evaluate import evaluate, first_non_finite
 from .generators import ClassMix, build_generator, sample_plain, sample_superposed
 from .losses import BNStatsHook, kd_loss, soft_cross_entropy
 from .quant import build_student, set_calibrating
@@ -160,7 +160,7 @@ class ResumeStatus:
     @property
     def found(self) -> bool:
         """Whether a checkpoint file is there (resumable or not)."""
-        return self.state not in ("none",)
+        return self.state != "none"
 
 
 @dataclass
@@ -326,27 +326,31 @@ class Trainer:
 
     def resume_status(self) -> ResumeStatus:
         """Whether :meth:`fit` would continue the checkpoint in ``out_dir``, and why not."""
+        return self._inspect(mmap=True)[0]
+
+    def _inspect(self, *, mmap: bool) -> tuple[ResumeStatus, dict | None]:
+        """The resume status and the checkpoint it was read from (None when unreadable)."""
         if not self.checkpoint_path.exists():
-            return ResumeStatus("none", "no checkpoint")
+            return ResumeStatus("none", "no checkpoint"), None
         if not self.tc.resume:
-            return ResumeStatus("disabled", "train.resume is false")
+            return ResumeStatus("disabled", "train.resume is false"), None
         if not self.checkpoint_path.is_file():
-            return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a file")
+            return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a file"), None
         try:
-            state = read_checkpoint(self.out_dir, mmap=True)
+            state = read_checkpoint(self.out_dir, mmap=mmap)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is "unreadable"
-            return ResumeStatus("unreadable", f"unreadable checkpoint: {type(exc).__name__}")
+            return ResumeStatus("unreadable", f"unreadable checkpoint: {type(exc).__name__}"), None
         if not isinstance(state, dict) or not {"epoch", "student", "generator"} <= set(state):
-            return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a qimera checkpoint")
+            return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a qimera checkpoint"), None
         if state.get("fingerprint") != self._fingerprint:
             return ResumeStatus("mismatch", "the checkpoint belongs to another configuration, teacher, "
-                                            "embedding table or library version")
+                                            "embedding table or library version"), state
         epoch = int(state.get("epoch", 0))
         history = tuple(state.get("history", ()))
         if epoch > self.tc.epochs:
             return ResumeStatus("ahead", f"the checkpoint has {epoch} epochs, more than "
-                                         f"train.epochs={self.tc.epochs}", epoch, history)
-        return ResumeStatus("resumable", f"resuming after epoch {epoch}", epoch, history)
+                                         f"train.epochs={self.tc.epochs}", epoch, history), state
+        return ResumeStatus("resumable", f"resuming after epoch {epoch}", epoch, history), state
 
     def discard_checkpoint(self) -> None:
         """Remove the checkpoint and history of ``out_dir``: the next :meth:`fit` starts over."""
@@ -360,7 +364,7 @@ class Trainer:
         allows it. Never starts over silently: a checkpoint that cannot be continued
         (unreadable, another configuration, more epochs than ``train.epochs``) raises
         :class:`CheckpointError` naming the choices."""
-        status = self.resume_status()
+        status, state = self._inspect(mmap=False)  # read once, loaded below
         if status.state in ("none", "disabled"):
             return False
         where = f"train.out_dir={str(self.out_dir)!r}"
@@ -370,9 +374,9 @@ class Trainer:
         if status.state == "ahead":
             raise CheckpointError(f"{where}: {status.reason}; raise train.epochs to at least {status.epoch} to "
                                   "keep training it, or use another out_dir (train.resume=false starts over)")
-        # load on the CPU: load_state_dict copies parameters and optimiser state to the
+        # loaded on the CPU: load_state_dict copies parameters and optimiser state to the
         # modules' device, and the RNG states must stay on the CPU (a mismatch raises)
-        self.load_state_dict(read_checkpoint(self.out_dir))
+        self.load_state_dict(state)
         return True
 
     # -- one iteration --------------------------------------------------------------------
@@ -519,10 +523,9 @@ class Trainer:
         """Raise :class:`TrainingDiverged` when a student or generator parameter is not finite."""
         for name, model, keys in (("student", self.student, ("train.lr_student", "train.momentum")),
                                   ("generator", self.generator, ("train.lr_generator",))):
-            params = [p for p in model.parameters()]
-            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                bad = next(n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all()))
-                raise self._diverged(f"the {name}'s parameter {bad} is not finite", None, keys)
+            found = first_non_finite(model.named_parameters())
+            if found is not None:
+                raise self._diverged(f"the {name}'s parameter {found[0]} is not finite", None, keys)
 
     def close(self) -> None:
         """Remove the BN-statistics hooks from the teacher."""

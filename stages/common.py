@@ -308,17 +308,11 @@ def workspace_teacher_config(cfg):
 
 
 def input_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean bad input: ours and qimera's (config, teacher, data).
-    Only modules already imported are consulted: an exception of a class whose module was
-    never imported cannot have been raised, and the stage need not pay for the import."""
-    errors: list[type[BaseException]] = [PipelineError]
-    for module, name in (("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"),
-                         ("qimera.data", "DataError"), ("qimera.export", "ExportError"),
-                         ("qimera.trainer", "TrainingDiverged"), ("qimera.trainer", "CheckpointError"),
-                         ("qimera.evaluate", "NonFiniteError"), ("qimera.experiments", "ExperimentError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
+    """The exception types that mean bad input: ours and the library's
+    (:func:`qimera.errors.input_errors`, which consults only imported modules)."""
+    from qimera.errors import input_errors as library_errors
+
+    return (PipelineError, *library_errors())
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:

@@ -160,12 +160,11 @@ def _sqlite_reason(exc: BaseException) -> str:
     """What really failed in a SQLite store: the sqlite3 error, else the first line."""
     import sqlite3
 
-    seen, cause = set(), exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    from qimera.runtime import exception_chain
+
+    for cause in exception_chain(exc):
         if isinstance(cause, sqlite3.Error):
             return f"{type(cause).__module__}.{type(cause).__name__}: {cause}"
-        cause = cause.__cause__ or cause.__context__
     text = str(exc).strip()
     return (text.splitlines() or [type(exc).__name__])[0][:500]
 
@@ -528,16 +527,16 @@ def _server_failure(exc: BaseException, uri: str) -> BaseException | None:
     requests = sys.modules.get("requests")
     if requests is None:
         return None
+    from qimera.runtime import exception_chain
+
     kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
-    seen, cause, api_url = set(), exc, None
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    api_url = None
+    for cause in exception_chain(exc):
         found = re.search(r"API request to (\S+?://[^/\s]+)", str(cause))
         api_url = api_url or (found.group(1) if found else None)
         if isinstance(cause, kinds):
             url = getattr(getattr(cause, "request", None), "url", None) or api_url
             return cause if url and _same_server(url, uri) else None
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
