@@ -210,13 +210,26 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def init_embeddings_from(self, fc_weight: torch.Tensor) -> None:
-        """Extracted initialisation: the teacher's classifier weight rows (C × D)."""
+        """Set the class-embedding table (C × D), e.g. the teacher's classifier weight rows."""
         if tuple(fc_weight.shape) != tuple(self.embedding.weight.shape):
             raise ValueError(
-                f"generator.embedding_init=teacher_fc: teacher classifier weight has shape "
-                f"{tuple(fc_weight.shape)}, embeddings need {tuple(self.embedding.weight.shape)}"
+                f"embedding table of shape {tuple(fc_weight.shape)}: the generator needs "
+                f"{tuple(self.embedding.weight.shape)} (classes x teacher feature width)"
             )
         self.embedding.weight.copy_(fc_weight)
+
+
+def initial_embeddings(embedding_init: str, teacher, seed: int) -> torch.Tensor:
+    """The generator's initial class-embedding table (classes × teacher feature width).
+
+    ``teacher_fc``: the rows of the teacher's classifier weight (Qimera's extracted
+    initialisation). ``random``: N(0, 1) from a generator of its own seeded with ``seed``,
+    not from the global RNG, so that ``qimera run`` and the pipeline's ``init_embeddings``
+    stage (which runs in another process) start the same config from the same table.
+    """
+    if embedding_init == "teacher_fc":
+        return teacher.fc_weight.detach().float().clone().contiguous()
+    return torch.randn((teacher.num_classes, teacher.feature_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
 def build_generator(cfg, teacher) -> Generator:
@@ -235,8 +248,7 @@ def build_generator(cfg, teacher) -> Generator:
         combine=g.combine,
         conditional_bn=g.variant == "imagenet",
     )
-    if g.embedding_init == "teacher_fc":
-        gen.init_embeddings_from(teacher.fc_weight)
+    gen.init_embeddings_from(initial_embeddings(g.embedding_init, teacher, cfg.train.seed))
     if g.freeze_embeddings:
         gen.embedding.weight.requires_grad_(False)
     return gen

@@ -116,3 +116,18 @@ def test_pair_mix():
     y = mix.soft_labels(5)
     torch.testing.assert_close(y[:, 1], torch.tensor([1.0, 0.5, 0.0]))
     torch.testing.assert_close(y[:, 4], torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_initial_embeddings_are_the_seeds_and_not_the_global_rng():
+    from types import SimpleNamespace
+
+    from qimera.generators import initial_embeddings
+
+    teacher = SimpleNamespace(num_classes=10, feature_dim=64, fc_weight=torch.randn(10, 64))
+    torch.manual_seed(0)
+    a = initial_embeddings("random", teacher, 3)
+    torch.manual_seed(1)
+    b = initial_embeddings("random", teacher, 3)
+    assert a.shape == (10, 64) and torch.equal(a, b)  # another process draws the same table
+    assert not torch.equal(a, initial_embeddings("random", teacher, 4))
+    assert torch.equal(initial_embeddings("teacher_fc", teacher, 3), teacher.fc_weight)
