@@ -20,12 +20,11 @@ import torch
 import torch.nn as nn
 
 from ._files import atomic_write
-from .baselines import naive_student, zeroq_calibrate
+from .baselines import CALIBRATION_METHODS, calibrated_student, naive_student
 from .config import Config, ConfigError, load_config, make_out_dir
 from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
 from .teachers import LoadedTeacher, load_teacher
-from .quant import build_student
 from .trainer import EpochCallback, Trainer, resolve_device
 
 SUMMARY_NAME = "summary.json"
@@ -103,7 +102,7 @@ def _prepare(cfg: Config, out_dir: Path, existed: bool, with_data: bool) -> Prep
         raise ConfigError(str(exc)) from None
     teacher = load_teacher(cfg.teacher)
     gen = cfg.effective_generator()
-    if cfg.method in ("qimera", "gdfq"):
+    if cfg.method not in CALIBRATION_METHODS:
         if gen.p > 0 and gen.k > teacher.num_classes:
             raise ConfigError(
                 f"generator.k={gen.k}: must be between 1 and the teacher's number of classes "
@@ -164,21 +163,18 @@ def _run(prep: Prepared, callbacks: tuple[EpochCallback, ...], initial_embedding
     iterations = 0
     generator = None
     student_res = None
-    if cfg.method in ("qimera", "gdfq"):
+    if cfg.method not in CALIBRATION_METHODS:
         trainer = Trainer(cfg, prep.teacher, prep.eval_data, callbacks=callbacks,
                           initial_embeddings=initial_embeddings)
         result = trainer.fit()
         student, generator, history = trainer.student, trainer.generator, result.history
         iterations = cfg.train.epochs * cfg.train.iters_per_epoch
         student_res = trainer.final_eval  # already measured at the end of the last epoch
-    elif cfg.method == "zeroq":
-        student = build_student(cfg, prep.teacher).to(prep.device)
-        z = cfg.zeroq
-        zeroq_calibrate(student, prep.teacher.model, prep.teacher.input_size, batch_size=z.batch_size,
-                        steps=z.steps, lr=z.lr, seed=cfg.train.seed, device=prep.device)
-        iterations = z.steps
-    else:  # naive
+    elif cfg.method == "naive":  # its student is the baseline measured above (the same call and seed)
         student = naive_model
+    else:
+        calibrated = calibrated_student(cfg, prep.teacher, prep.device)
+        student, iterations = calibrated.student, calibrated.iterations
     if student_res is None:
         student_res = _evaluate(student, prep)
     seconds = time.perf_counter() - start

@@ -2,11 +2,14 @@
 
 Both quantize the teacher, run calibration batches through the student with its
 activation quantizers observing (EMA ranges), freeze the ranges and return the student.
-No weights are fine-tuned.
+No weights are fine-tuned. :func:`calibrated_student` is the one call that makes a
+calibration-only method's student from a run config (``qimera run`` and the pipeline's
+``train`` stage both use it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -14,6 +17,9 @@ import torch.nn as nn
 
 from .losses import BNStatsHook
 from .quant import build_student, set_calibrating
+
+#: the methods that only calibrate activation ranges (no generator, no fine-tuning)
+CALIBRATION_METHODS = ("zeroq", "naive")
 
 
 @torch.no_grad()
@@ -85,3 +91,32 @@ def zeroq_calibrate(student: nn.Module, teacher: nn.Module, input_size, *, batch
     images = distill_zeroq_images(teacher, input_size, batch_size=batch_size, steps=steps, lr=lr,
                                   seed=seed, device=device)
     return calibrate(student, [images])
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A calibration-only method's result."""
+
+    #: the quantized student, ranges frozen, in eval mode
+    student: nn.Module
+    #: ZeroQ's distilled images (the teacher's normalised input space), kept so that they
+    #: can be shown; None for naive (its noise is not worth keeping)
+    images: torch.Tensor | None
+    #: optimisation steps taken: ZeroQ's distillation steps; naive takes none
+    iterations: int
+
+
+def calibrated_student(cfg, teacher, device="cpu") -> Calibrated:
+    """The student of a calibration-only ``cfg.method`` (:data:`CALIBRATION_METHODS`) built
+    from ``teacher`` (a :class:`qimera.teachers.LoadedTeacher` whose model is on
+    ``device``): ZeroQ calibrates on ``cfg.zeroq``'s distilled batch, naive on
+    ``cfg.naive``'s noise, both seeded by ``cfg.train.seed``."""
+    if cfg.method == "naive":
+        return Calibrated(naive_student(cfg, teacher, device), None, 0)
+    if cfg.method != "zeroq":
+        raise ValueError(f"method={cfg.method!r} is not calibration-only ({', '.join(CALIBRATION_METHODS)})")
+    z = cfg.zeroq
+    student = build_student(cfg, teacher).to(device)
+    images = distill_zeroq_images(teacher.model, teacher.input_size, batch_size=z.batch_size, steps=z.steps,
+                                  lr=z.lr, seed=cfg.train.seed, device=device)
+    return Calibrated(calibrate(student, [images]), images, z.steps)

@@ -6,6 +6,7 @@ commands call ``python``)::
     dvc repro                                             # the offline digits demo
     dvc exp run -S preset=cifar10                         # a paper preset, 4w4a
     dvc exp run -S preset=cifar100 -S quant.w_bits=5 -S quant.a_bits=5
+    dvc exp run -S method=zeroq                           # a baseline: gdfq, zeroq or naive
     dvc exp run --queue -S generator.p=0.1,0.25,0.4 && dvc queue start
 
 Stage graph (``dvc.yaml``; each stage is ``python -m stages.<name>``; ``dvc dag`` draws it)::
@@ -16,6 +17,12 @@ Stage graph (``dvc.yaml``; each stage is ``python -m stages.<name>``; ``dvc dag`
     fetch_teacher    -> init_embeddings, train, evaluate, export (outputs/teacher/)
     init_embeddings  -> train (outputs/embeddings.pt)
     train            -> evaluate, export (outputs/train/)
+
+Every method runs through the same stages. ``qimera`` and ``gdfq`` train a generator and
+fine-tune the student; the calibration-only ``zeroq`` and ``naive``
+(:data:`qimera.baselines.CALIBRATION_METHODS`) only calibrate the student's activation
+ranges in ``train`` (:func:`qimera.baselines.calibrated_student`, as ``qimera run`` does:
+the same numbers), which then writes a checkpoint of epoch 0 with no generator.
 
 ``resolve`` reads all of params.yaml and writes one config fragment per consumer:
 ``teacher.yaml`` (fetch_teacher), ``embeddings.yaml`` (init_embeddings) and ``run.yaml``
@@ -43,7 +50,8 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
     "teacher": {...}, "naive": {...} | null, "student": {...}}``; each of teacher/naive/student
     is ``{"top1", "top5", "per_class": [...]}`` in percent (``per_class[c]`` is null for a
     class absent from the evaluation data; naive is null when ``naive.enabled`` is false).
-    The accuracies are the **final** epoch's (SPEC §5.4).
+    The accuracies are the **final** epoch's (SPEC §5.4). For zeroq and naive ``epochs`` is 0
+    and ``iterations`` is ZeroQ's distillation steps (naive: 0).
 ``outputs/config/run.yaml``
     the resolved run configuration (what ``qimera.config.Config`` validated).
 ``outputs/teacher/weights.pt``, ``outputs/teacher/teacher.json``
@@ -52,15 +60,20 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
     ``{"embeddings": (classes, D) tensor, "init": "teacher_fc" | "random", "seed": int}``.
 ``outputs/train/``
     ``checkpoint.pt`` and ``history.jsonl`` (the library's trainer: its checkpoint's
-    fingerprint says what it was trained from), ``train.json`` (epochs, iterations, resumed_from_epoch,
-    seconds) and ``mlflow_run.json`` (``{"run_id", "experiment_id", "experiment_name",
+    fingerprint says what it was trained from), ``train.json`` (method, epochs, iterations,
+    resumed_from_epoch, seconds) and ``mlflow_run.json`` (``{"run_id", "experiment_id", "experiment_name",
     "tracking_uri"}``); a persistent output, so that a killed ``train`` resumes from its
-    last epoch (and reopens its MLflow run) when rerun.
+    last epoch (and reopens its MLflow run) when rerun. zeroq and naive write the same
+    checkpoint file with ``epoch`` 0, ``generator`` None, an empty history (and ZeroQ's
+    first distilled images, ``calibration_images``); they never resume.
 ``outputs/history.csv``
     one row per epoch: ``epoch, loss_g, loss_g_ce, loss_g_bns, loss_s, top1, top5,
-    iters_per_second`` (``dvc plots show``).
+    iters_per_second`` (``dvc plots show``); only the header for zeroq and naive.
 ``outputs/figures/``
-    ``samples.png`` (class × class grid of generated samples) and ``curves.png``.
+    ``samples.png`` (class × class grid of generated samples) and ``curves.png``. Without a
+    generator, ``samples.png`` shows ZeroQ's distilled calibration images (not
+    class-conditional) or, for naive, says there are no samples; ``curves.png`` says there
+    are no training curves.
 ``outputs/export/``
     ``student.pt`` (state dict of the fake-quantized student), ``config.yaml`` (resolved
     config), ``integer/`` (:mod:`qimera.export`), ``student.onnx`` (Q/DQ ONNX,

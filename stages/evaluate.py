@@ -7,6 +7,11 @@ checkpoint. Also draws the class × class grid of generated samples and the trai
 curves (``outputs/figures``) and logs metrics, figures and metrics.json into the
 pipeline's MLflow run: RUNNING while this stage works on it, SCHEDULED (for ``export``)
 when it is done, KILLED when interrupted (Ctrl-C, SIGTERM, SIGHUP), FAILED on an error.
+
+A calibration-only method (zeroq, naive) has no generator and no epochs, and its figures
+say so rather than stand empty: ``samples.png`` shows ZeroQ's distilled calibration
+images as they are (they are not class-conditional, so there is no class × class grid)
+or says that naive has no samples; ``curves.png`` says there are no training curves.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from .common import (
     FIGURES_DIR,
     METRICS,
     TEACHER_RECORD,
+    TRAIN_RECORD,
     all_or_nothing,
     read_json,
     run_stage,
@@ -51,7 +57,6 @@ def _evaluate(run) -> None:
 
     from qimera.baselines import naive_student
     from qimera.evaluate import evaluate
-    from qimera.generators import build_generator
 
     cfg, prep, state, client, run_id, tcfg = run.cfg, run.prep, run.state, run.client, run.run_id, run.root_cfg
     teacher, device = prep.teacher, prep.device
@@ -72,26 +77,24 @@ def _evaluate(run) -> None:
         "w_bits": cfg.quant.w_bits,
         "a_bits": cfg.quant.a_bits,
         "epochs": int(state["epoch"]),
-        "iterations": int(state["epoch"]) * cfg.train.iters_per_epoch,
+        "iterations": int(read_json(TRAIN_RECORD)["iterations"]),
         "teacher": {"top1": round(record["top1"], 4), "top5": round(record["top5"], 4),
                     "per_class": _clean(record["per_class"])},
         "naive": _scores(naive),
         "student": _scores(student_res),
     }
 
-    generator = build_generator(tcfg, teacher)
-    generator.load_state_dict(state["generator"])
-    generator.to(device)
-    classes = figures.grid_classes(teacher.num_classes)
-    grid = figures.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
-
     final = {"teacher_top1": record["top1"], "teacher_top5": record["top5"],
              "student_top1": student_res.top1, "student_top5": student_res.top5}
     if naive is not None:
         final.update(naive_top1=naive.top1, naive_top5=naive.top5)
     with all_or_nothing(METRICS, FIGURES_DIR):
-        figures.save_sample_grid(FIGURES_DIR / "samples.png", grid, classes)
-        figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
+        _draw_samples(FIGURES_DIR / "samples.png", run)
+        if state["history"]:
+            figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
+        else:
+            figures.save_note(FIGURES_DIR / "curves.png", f"No training curves: {cfg.method} fine-tunes no "
+                                                           "weights (it only calibrates activation ranges).")
         write_json(METRICS, metrics)
         tracking.log_metrics(client, run_id, final, step=int(state["epoch"]))
         client.log_artifact(run_id, str(METRICS), "evaluation")
@@ -99,6 +102,30 @@ def _evaluate(run) -> None:
     naive_text = f"{naive.top1:.2f}%" if naive is not None else "off"
     print(f"evaluate: teacher {record['top1']:.2f}%  naive {naive_text}  "
           f"student {student_res.top1:.2f}% (top-5 {student_res.top5:.2f}%)")
+
+
+def _draw_samples(path, run) -> None:
+    """The generator's class × class grid; without a generator, the images the ranges were
+    calibrated on (ZeroQ's distilled batch, shown as it is: it has no classes), or a note."""
+    cfg, state, teacher, device = run.cfg, run.state, run.prep.teacher, run.prep.device
+    if state.get("generator") is not None:
+        from qimera.generators import build_generator
+
+        generator = build_generator(run.root_cfg, teacher)
+        generator.load_state_dict(state["generator"])
+        generator.to(device)
+        classes = figures.grid_classes(teacher.num_classes)
+        grid = figures.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
+        figures.save_sample_grid(path, grid, classes)
+    elif state.get("calibration_images") is not None:
+        images = state["calibration_images"]
+        figures.save_images(path, figures.image_grid(images, teacher.mean, teacher.std), (
+            f"{cfg.method}: no generator. {len(images)} of the {cfg.zeroq.batch_size} images the activation "
+            f"ranges were calibrated on,\ndistilled in {cfg.zeroq.steps} steps to match the teacher's BatchNorm "
+            "statistics (not class-conditional)"))
+    else:
+        figures.save_note(path, f"No samples: {cfg.method} has no generator (activation ranges calibrated "
+                                "on Gaussian noise).")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ With ``export.s3_prefix`` set, the files (all but ``model.json``) are uploaded t
 
 The student is logged with ``mlflow.pytorch.log_model`` (pickle serialization, the
 ``qimera`` package bundled as code) and registered as ``qimera-<preset>-w<bits>a<bits>``,
-with its tags (bits, top-1, teacher, preset, ...) given in the registering call, so no
-version is ever untagged. One MLflow run has one version: a rerun after an interrupted
+with its tags (bits, top-1, teacher, preset, method, ...) given in the registering call, so
+no version is ever untagged. Every method (qimera, gdfq, and the calibration-only zeroq and
+naive, whose students fine-tune no weights) registers under that one name; the ``method``
+tag tells the versions apart. One MLflow run has one version: a rerun after an interrupted
 export deletes the version that export left and registers anew. The alias ``champion``
-moves to it only when its (finite) top-1 beats the current champion's. Finally the
+moves to it only when its (finite) top-1 beats the current champion's, whatever the
+method: a baseline becomes the champion only by scoring strictly higher. Finally the
 pipeline's MLflow run is closed as FINISHED (FAILED on an error, KILLED on an interruption).
 
 All or nothing: the files are built in a temporary directory beside ``outputs/export``
@@ -175,7 +178,7 @@ def _build(student, run, name: str, record: dict, metrics: dict, options: dict) 
             student, tmp, run.prep.eval_data.loader, arch=record["arch"],
             arch_kwargs={"num_classes": record["num_classes"]}, input_size=record["input_size"],
             opset=options["onnx_opset"], verify_samples=options["verify_samples"], metadata={
-                "qimera.registered_model": name, "qimera.bits": bits_tag(cfg),
+                "qimera.registered_model": name, "qimera.bits": bits_tag(cfg), "qimera.method": cfg.method,
                 "qimera.teacher": f"{record['source']}:{record['name']}", "qimera.input_size": record["input_size"],
                 "qimera.mean": record["mean"], "qimera.std": record["std"], "qimera.mlflow_run_id": run.run_id})
         shutil.copyfile(RUN_CONFIG, tmp / EXPORT_CONFIG)

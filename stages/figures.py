@@ -1,4 +1,9 @@
-"""Figures for the MLflow run and ``dvc plots``: generated samples and training curves."""
+"""Figures for the MLflow run and ``dvc plots``: generated samples and training curves.
+
+A calibration-only method has neither a generator nor epochs: its ``samples.png`` shows
+the images its ranges were calibrated on (:func:`save_images`, ZeroQ's distilled batch)
+or says there is nothing to show (:func:`save_note`), and so does its ``curves.png``.
+"""
 
 from __future__ import annotations
 
@@ -49,13 +54,31 @@ def sample_grid(generator, classes: list[int], mean, std, *, lam: float = 0.5, s
             x = generator(mix, generator=rng).float()
     finally:
         generator.train(was_training)
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    x = (x * s + m).clamp(0, 1).cpu()  # (n*n, C, H, W)
+    return _tile(x, mean, std, n, n, pad)
+
+
+def _tile(x, mean, std, rows: int, cols: int, pad: int):
+    """Images ``x`` (N ≤ rows·cols, C, H, W) in the normalised input space as one float
+    array (rows·(H+pad)-pad, cols·(W+pad)-pad, C) in [0, 1]: row-major cells separated by
+    ``pad`` white pixels, missing cells white."""
+    import torch
+
+    x = x.detach().float().cpu()
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    x = (x * s + m).clamp(0, 1)
+    x = torch.cat([x, x.new_ones((rows * cols - len(x), *x.shape[1:]))])
     x = torch.nn.functional.pad(x, (0, pad, 0, pad), value=1.0)  # white lines between cells
     c, h, w = x.shape[1:]
-    grid = x.view(n, n, c, h, w).permute(0, 3, 1, 4, 2).reshape(n * h, n * w, c)
-    return grid[: n * h - pad, : n * w - pad].numpy()
+    grid = x.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    return grid[: rows * h - pad, : cols * w - pad].numpy()
+
+
+def image_grid(images, mean, std, *, cols: int = 8, pad: int = 1):
+    """``images`` (N, C, H, W, normalised as the teacher's inputs) as a grid of ``cols``
+    columns, in the form :func:`sample_grid` returns."""
+    cols = max(1, min(cols, len(images)))
+    return _tile(images, mean, std, math.ceil(len(images) / cols), cols, pad)
 
 
 def save_sample_grid(path: Path, grid, classes: list[int], class_names=None, *, lam: float = 0.5,
@@ -69,10 +92,7 @@ def save_sample_grid(path: Path, grid, classes: list[int], class_names=None, *, 
     cell = (grid.shape[0] + pad) / n  # pixels per cell, separator included
     names = [str(class_names[c]) if class_names else str(c) for c in classes]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * n, 1.0 + 0.9 * n), dpi=max(100, min(int(cell), 160)))
-    if grid.shape[2] == 1:
-        ax.imshow(grid[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(grid, interpolation="nearest")
+    _show(ax, grid)
     ticks = [cell * i + (cell - pad) / 2 for i in range(n)]
     ax.set_xticks(ticks, names)
     ax.set_yticks(ticks, names)
@@ -81,6 +101,43 @@ def save_sample_grid(path: Path, grid, classes: list[int], class_names=None, *, 
     ax.set_ylabel("class i")
     ax.set_title(f"generated samples: superposition of class i and class j (K=2, λ={lam})", fontsize=9)
     fig.tight_layout()
+    _save(path, fig)
+
+
+def _show(ax, grid) -> None:
+    if grid.shape[2] == 1:
+        ax.imshow(grid[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+
+
+def save_images(path: Path, grid, title: str) -> None:
+    """An :func:`image_grid` with a title, no axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = grid.shape[:2]
+    scale = 6.0 / max(height, width)
+    fig, ax = plt.subplots(figsize=(max(4.0, width * scale), 0.8 + height * scale), dpi=100)
+    _show(ax, grid)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    _save(path, fig)
+
+
+def save_note(path: Path, text: str) -> None:
+    """A figure that only says ``text`` (for a plot that has nothing to show)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 1.5), dpi=100)
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=10)
     _save(path, fig)
 
 

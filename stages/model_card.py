@@ -36,13 +36,56 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
     ]
 
 
+METHOD_NAMES = {"qimera": "Qimera", "gdfq": "GDFQ", "zeroq": "ZeroQ", "naive": "naive calibration"}
+
+
+def _how_it_was_made(config: dict) -> list[str]:
+    """The method's steps: a generator-based method fine-tunes the student; ZeroQ and naive
+    only calibrate its activation ranges."""
+    q, g, t = config["quant"], config["generator"], config["train"]
+    student = (f"The student, a copy of the teacher with per-channel {q['w_bits']}-bit weights and per-tensor "
+               f"{q['a_bits']}-bit activations")
+    if config["method"] == "zeroq":
+        z = config["zeroq"]
+        return [
+            "1. The teacher was frozen. Forward hooks on its BatchNorm layers record the statistics of their inputs.",
+            f"2. ZeroQ's distilled data: {z['batch_size']} random images were optimised for {z['steps']} Adam "
+            f"steps (lr {z['lr']}, seed {t['seed']}) so that their batch statistics match the teacher's BatchNorm "
+            "running statistics.",
+            f"3. {student}, had its activation ranges calibrated on these images, then frozen. "
+            "**No weights were fine-tuned.**",
+        ]
+    if config["method"] == "naive":
+        n = config["naive"]
+        return [
+            f"1. {student}, had its activation ranges calibrated on {n['batches']} batches of {n['batch_size']} "
+            f"Gaussian-noise images N(0, 1) in the teacher's normalised input space (seed {t['seed']}), then "
+            "frozen. **No weights were fine-tuned.**",
+        ]
+    return [
+        "1. The teacher was frozen. Forward hooks on its BatchNorm layers record the statistics of their inputs.",
+        f"2. A conditional generator ({g['variant']} variant, {g['dm_layers']} disentanglement layer(s), "
+        f"embeddings initialised `{g['embedding_init']}`) learned to produce images that the teacher "
+        "classifies as their class and whose batch statistics match the teacher's BatchNorm running statistics.",
+        f"3. With probability p = {g['p']} a batch superposes K = {g['k']} class embeddings per sample "
+        "(boundary supporting samples), labelled with the mixed soft label.",
+        f"4. {student} (ranges calibrated for {t['calibration_epochs']} epochs, then frozen), "
+        f"was fine-tuned on generated images by distillation from the teacher "
+        f"({t['epochs']} epochs × {t['iters_per_epoch']} iterations, batch {t['batch_size']}, seed {t['seed']}).",
+    ]
+
+
 def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, version: str | None,
                       verification: dict | None = None) -> str:
     """Teacher and its source, bits, accuracies, resolved config, and how it was made;
     with ``verification`` (the export stage's), the deployable files and their check."""
-    q, g, t = config["quant"], config["generator"], config["train"]
+    from qimera.baselines import CALIBRATION_METHODS
+
+    q = config["quant"]
     bits = f"{q['w_bits']}-bit weights, {q['a_bits']}-bit activations"
-    method = {"qimera": "Qimera", "gdfq": "GDFQ"}.get(config["method"], config["method"])
+    method = METHOD_NAMES.get(config["method"], config["method"])
+    made = ("calibration only: no weights fine-tuned" if config["method"] in CALIBRATION_METHODS
+            else f"final epoch {metrics.get('epochs')}, not selected on test data")
     lines = [
         f"# {name}" + (f" (version {version})" if version else ""),
         "",
@@ -64,20 +107,11 @@ def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, 
         "|---|---|",
         f"| teacher (full precision) | {_acc(metrics.get('teacher'))} |",
         f"| naive {q['w_bits']}w{q['a_bits']}a (ranges calibrated on Gaussian noise) | {_acc(metrics.get('naive'))} |",
-        f"| **this model** (final epoch {metrics.get('epochs')}, not selected on test data) | {_acc(metrics.get('student'))} |",
+        f"| **this model** ({made}) | {_acc(metrics.get('student'))} |",
         "",
         "## How it was made without data",
         "",
-        "1. The teacher was frozen. Forward hooks on its BatchNorm layers record the statistics of their inputs.",
-        f"2. A conditional generator ({g['variant']} variant, {g['dm_layers']} disentanglement layer(s), "
-        f"embeddings initialised `{g['embedding_init']}`) learned to produce images that the teacher "
-        "classifies as their class and whose batch statistics match the teacher's BatchNorm running statistics.",
-        f"3. With probability p = {g['p']} a batch superposes K = {g['k']} class embeddings per sample "
-        "(boundary supporting samples), labelled with the mixed soft label.",
-        f"4. The student, a copy of the teacher with per-channel {q['w_bits']}-bit weights and per-tensor "
-        f"{q['a_bits']}-bit activations (ranges calibrated for {t['calibration_epochs']} epochs, then frozen), "
-        f"was fine-tuned on generated images by distillation from the teacher "
-        f"({t['epochs']} epochs × {t['iters_per_epoch']} iterations, batch {t['batch_size']}, seed {t['seed']}).",
+        *_how_it_was_made(config),
         "",
         *(_deployment(teacher, verification) if verification else []),
         "## Resolved configuration",

@@ -8,8 +8,9 @@ later stages depend on, so that each stage reruns exactly when what it reads cha
 are skipped.
 
 Everything that can be checked without loading the teacher is checked here, before any
-other stage runs: the preset, every value (qimera's validation), the input files, the
-method, and that the MLflow store answers.
+other stage runs: the preset, every value (qimera's validation, which also allows the four
+methods: qimera, gdfq and the calibration-only zeroq and naive), the input files, and that
+the MLflow store answers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from .common import (
     EMBEDDINGS_CONFIG,
     RUN_CONFIG,
     TEACHER_CONFIG,
-    PipelineError,
     check_input_files,
     export_params,
     load_params,
@@ -30,18 +30,11 @@ from .common import (
 )
 from .tracking import connect, tracking_uri
 
-PIPELINE_METHODS = ("qimera", "gdfq")
-
 
 def main() -> None:
     root = repo_root()
     params = load_params()
     cfg = resolve_config(params, root)
-    if cfg.method not in PIPELINE_METHODS:
-        raise PipelineError(
-            f"method={cfg.method!r}: the pipeline trains a generator ({', '.join(PIPELINE_METHODS)}); "
-            f"run the {cfg.method} baseline with `qimera run {preset_file(root, cfg.preset)}`"
-        )
     check_input_files(cfg, root)
     export_params(params)
     connect(tracking_uri(params, root))
@@ -52,9 +45,11 @@ def main() -> None:
                                 "device": cfg.train.device})
     write_yaml(EMBEDDINGS_CONFIG, {"embedding_init": gen.embedding_init, "seed": cfg.train.seed})
     write_yaml(RUN_CONFIG, resolved)
+    budget = {"zeroq": f"calibration on images distilled in {cfg.zeroq.steps} steps",
+              "naive": "calibration on Gaussian noise"}.get(
+        cfg.method, f"{cfg.train.epochs} epochs x {cfg.train.iters_per_epoch} iterations")
     print(f"resolve: preset {cfg.preset} ({preset_file(root, cfg.preset, cfg.quant.w_bits, cfg.quant.a_bits).name}), "
-          f"{cfg.method} w{cfg.quant.w_bits}a{cfg.quant.a_bits}, {cfg.train.epochs} epochs x "
-          f"{cfg.train.iters_per_epoch} iterations")
+          f"{cfg.method} w{cfg.quant.w_bits}a{cfg.quant.a_bits}, {budget}")
 
 
 if __name__ == "__main__":

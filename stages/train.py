@@ -1,5 +1,12 @@
 """Stage ``train``: the generator and the quantized student, logged to MLflow per epoch.
 
+For a calibration-only method (``zeroq``, ``naive``: :data:`qimera.baselines.CALIBRATION_METHODS`)
+there is no generator and no epoch: the stage calibrates the student's activation ranges
+(:func:`qimera.baselines.calibrated_student`, as ``qimera run`` does) and writes the same
+checkpoint file, with ``epoch`` 0, no generator and an empty history (ZeroQ's distilled
+images ride along for the evaluate stage's figure). These are short, so a rerun always
+starts clean: an old checkpoint is discarded and a new MLflow run is opened.
+
 Validates everything first (config, the workspace teacher, the evaluation data, the
 generator's K against the teacher's classes, the MLflow store); only then does it open
 the MLflow run and train. ``outputs/train`` is a persistent DVC output: the trainer
@@ -15,7 +22,8 @@ of anything else (or of more epochs than asked) is discarded, with a line that s
 and training starts over.
 
 Outputs: ``outputs/train/`` (checkpoint, history.jsonl, train.json, mlflow_run.json) and
-``outputs/history.csv`` (one row per epoch, for ``dvc plots``).
+``outputs/history.csv`` (one row per epoch, for ``dvc plots``; only the header for a
+calibration-only method).
 
 Setting: ``QIMERA_EPOCH_HOOK=package.module:callable`` in the environment adds a callback
 that is called with each epoch's record (a dict: epoch, losses, top-1, ...) after that
@@ -37,6 +45,7 @@ from .common import (
     MLFLOW_RUN,
     RUN_CONFIG,
     TEACHER_RECORD,
+    TRAIN_DIR,
     TRAIN_RECORD,
     PipelineError,
     load_params,
@@ -46,6 +55,7 @@ from .common import (
     repo_root,
     root_relative,
     run_stage,
+    torch_save,
     workspace_teacher_config,
     write_json,
     write_text,
@@ -153,7 +163,64 @@ def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
     return run_id
 
 
+#: how many of ZeroQ's distilled images the checkpoint keeps for the samples figure
+KEPT_IMAGES = 16
+
+
+def _start_clean() -> None:
+    """Nothing of an earlier run of this stage stays (a calibration-only method never resumes)."""
+    import shutil
+
+    from qimera._files import remove_stale_temps
+    from qimera.trainer import HISTORY_NAME, checkpoint_file
+
+    for path in (checkpoint_file(TRAIN_DIR), TRAIN_DIR / HISTORY_NAME, TRAIN_RECORD, MLFLOW_RUN):
+        remove_stale_temps(path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+
+
+def _calibrate(client, uri: str, params: dict, cfg, prep, root) -> None:
+    """A calibration-only method: the calibrated student as a checkpoint of epoch 0 that
+    the later stages read like a trained one; the MLflow run opened, logged and handed over."""
+    import torch
+
+    from qimera.baselines import calibrated_student
+    from qimera.trainer import HISTORY_NAME, ResumeStatus, checkpoint_file
+
+    _start_clean()
+    status = ResumeStatus("none", f"{cfg.method} calibrates only: nothing to resume")
+    run_id = _open_run(client, uri, params, cfg, prep, status, root)
+    try:
+        start = time.perf_counter()
+        torch.manual_seed(cfg.train.seed)  # as `qimera run` does before anything else
+        prep.teacher.model.to(prep.device)
+        calibrated = calibrated_student(root_relative(cfg, root), prep.teacher, prep.device)
+        images = None if calibrated.images is None else calibrated.images[:KEPT_IMAGES].cpu()
+        state = {"format": 1, "method": cfg.method, "epoch": 0, "student": calibrated.student.state_dict(),
+                 "generator": None, "history": [], "config": cfg.resolved(), "calibration_images": images}
+        torch_save(checkpoint_file(TRAIN_DIR), state)
+        write_text(TRAIN_DIR / HISTORY_NAME, "")
+        write_text(HISTORY_CSV, history_csv([]))
+        seconds = time.perf_counter() - start
+        write_json(TRAIN_RECORD, {
+            "method": cfg.method, "epochs": 0, "iterations": calibrated.iterations, "resumed_from_epoch": 0,
+            "seconds_this_run": round(seconds, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        tracking.log_tags(client, run_id, {"resumed_from_epoch": "0"})
+        client.log_artifact(run_id, str(HISTORY_CSV), "training")
+        tracking.hand_over(client, run_id)  # SCHEDULED: evaluate takes it next
+    except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM, SIGHUP): KILLED; an error: FAILED
+        tracking.fail(client, run_id, exc)
+        raise
+    on = "Gaussian noise" if cfg.method == "naive" else f"images distilled in {calibrated.iterations} steps"
+    print(f"train: {cfg.method}: activation ranges calibrated on {on} in {seconds:.1f} s; "
+          "no weights were fine-tuned")
+
+
 def main() -> None:
+    from qimera.baselines import CALIBRATION_METHODS
     from qimera.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -163,6 +230,9 @@ def main() -> None:
     tracking.reap_dead_runs(client)
     hook = epoch_hook()
     prep = _prepare(cfg)
+    if cfg.method in CALIBRATION_METHODS:
+        _calibrate(client, uri, params, cfg, prep, root)
+        return
     trainer = _trainer(cfg, prep, root)
     status = _resume_or_start_over(trainer)
     run_id = _open_run(client, uri, params, cfg, prep, status, root)
@@ -175,7 +245,8 @@ def main() -> None:
         result = trainer.fit()
         write_text(HISTORY_CSV, history_csv(result.history))
         write_json(TRAIN_RECORD, {
-            "epochs": cfg.train.epochs, "iterations": cfg.train.epochs * cfg.train.iters_per_epoch,
+            "method": cfg.method, "epochs": cfg.train.epochs,
+            "iterations": cfg.train.epochs * cfg.train.iters_per_epoch,
             "resumed_from_epoch": result.resumed_from_epoch, "seconds_this_run": round(result.seconds, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })

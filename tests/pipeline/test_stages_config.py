@@ -244,15 +244,21 @@ def test_resolve_writes_fragments_that_change_only_with_what_they_hold(tmp_path,
     assert len(checked) == 5 and all(uri.startswith("sqlite:////") or "://" in uri for uri in checked)
 
 
-def test_unsupported_method_is_refused_by_resolve(tmp_path, monkeypatch):
+def test_resolve_takes_every_method_and_refuses_an_unknown_one(tmp_path, monkeypatch):
+    from qimera.config import ConfigError
     from stages import resolve
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(resolve, "repo_root", lambda: REPO)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(method="zeroq")))
-    with pytest.raises(PipelineError, match="method='zeroq'"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(method="foo")))
+    with pytest.raises(ConfigError, match="method='foo'.*'zeroq' or 'naive'"):
         resolve.main()
     assert not (tmp_path / "outputs").exists()
+    for method in ("zeroq", "naive"):  # the calibration-only baselines run through the pipeline too
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(method=method)))
+        resolve.main()
+        assert yaml.safe_load((tmp_path / "outputs" / "config" / "run.yaml").read_text())["method"] == method
 
 
 def test_teacher_arch_rebuilds_every_source(tmp_path, monkeypatch):
