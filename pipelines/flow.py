@@ -36,7 +36,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from stages.common import METRICS, MLFLOW_RUN, available_presets  # noqa: E402
+from stages.common import METRICS, MLFLOW_RUN, available_presets, format_value  # noqa: E402
 
 # ``imagenet`` is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher.
 IMAGENET_MODELS = {
@@ -86,20 +86,6 @@ def resolve_preset(preset: str, model: str = "resnet18", project: Path | None = 
             f"preset={preset!r} is unknown; allowed: imagenet, {', '.join(allowed)}"
         )
     return preset
-
-
-def format_value(value: Any) -> str:
-    """A Python value as the right-hand side of ``dvc exp run -S key=value``.
-
-    DVC parses it with Hydra's override grammar: numbers, booleans, null and lists are
-    written as JSON; plain words stay bare; any other string is single-quoted so that a
-    comma or a bracket in it is not read as a sweep or a list.
-    """
-    if isinstance(value, str):
-        if re.fullmatch(r"[\w.\-/+@]+", value):
-            return value
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return json.dumps(value, separators=(",", ":"))
 
 
 def dvc_command(

@@ -94,6 +94,11 @@ class Cell:
     column: str
     cfg: Config
     base_budget: tuple[int, int, int]  #: (epochs, iterations, batch) of the grid's base config
+    base_config: Path  #: the grid's base config file at this bit width
+    #: what the cell sets on top of ``base_config``, in the order applied (method, bits, the
+    #: file's and the grid's ``set``, the axis values, ``--set``, the seed): the same run
+    #: elsewhere (a DVC experiment) is ``base_config`` plus these
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out_dir(self) -> Path:
@@ -172,7 +177,8 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
             for combo in itertools.product(*(grid.axes[k] for k in axis_keys)):
                 values = dict(zip(axis_keys, combo))
                 for seed in seed_list:
-                    exp.cells.append(_cell(exp, grid, where, base, base_budget, method, bits, seed, values, overrides))
+                    exp.cells.append(_cell(exp, grid, where, cfg_path, base, base_budget, method, bits, seed, values,
+                                           overrides))
     seen: dict[str, str] = {}
     for cell in exp.cells:
         fp = cell.cfg.fingerprint(ignore=("train.out_dir",))
@@ -190,8 +196,8 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
     return exp
 
 
-def _cell(exp: Experiment, grid: GridSpec, where: str, base: dict, base_budget, method: str, bits: int, seed: int,
-          values: dict[str, Any], overrides: tuple[str, ...]) -> Cell:
+def _cell(exp: Experiment, grid: GridSpec, where: str, cfg_path: Path, base: dict, base_budget, method: str, bits: int,
+          seed: int, values: dict[str, Any], overrides: tuple[str, ...]) -> Cell:
     settings = {**exp.spec.set, **grid.set, **values}
     labels = {"label": grid.label, "method": method, "bits": f"{bits}w{bits}a", "seed": seed, **settings}
     row = _render(grid.row, labels, f"{where}: row")
@@ -199,17 +205,25 @@ def _cell(exp: Experiment, grid: GridSpec, where: str, base: dict, base_budget, 
     parts = [grid.label, method, f"w{bits}a{bits}", *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()),
              f"seed{seed}"]
     cell_id = _slug("-".join(str(p) for p in parts))
-    items = [_override("method", method), _override("quant.w_bits", bits), _override("quant.a_bits", bits)]
-    items += [_override(k, v) for k, v in settings.items()]
-    items += list(overrides)
-    items += [_override("train.seed", seed), _override("train.out_dir", str(exp.dir / cell_id)),
-              _override("train.progress", False)]
+    applied = {"method": method, "quant.w_bits": bits, "quant.a_bits": bits, **settings,
+               **_parsed(overrides), "train.seed": seed}
+    items = [_override(k, v) for k, v in applied.items()]
+    items += [_override("train.out_dir", str(exp.dir / cell_id)), _override("train.progress", False)]
     try:
         cfg = load_config(base, items)
     except ConfigError as exc:
         text = str(exc).removeprefix("invalid configuration: ")
         raise ExperimentError(f"{where}: cell {cell_id}: {text}") from None
-    return Cell(cell_id, grid.label, method, bits, seed, values, row, column, cfg, base_budget)
+    return Cell(cell_id, grid.label, method, bits, seed, values, row, column, cfg, base_budget, cfg_path, applied)
+
+
+def _parsed(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """``--set`` strings as ``{"section.key": value}``."""
+    out = {}
+    for item in overrides:
+        path, value = parse_override(item)
+        out[".".join(path)] = value
+    return out
 
 
 def _is_config_key(dotted: str) -> bool:
@@ -255,33 +269,62 @@ class Progress:
                 f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}]")
 
 
-def _run_cell(cell: Cell, progress: Progress, threads: int, log) -> bool:
+def record_cell(cell: Cell, status: str, summary: dict | None = None, **details: Any) -> dict:
+    """Write the cell's result: ``summary.json`` (when given) and then ``cell.json``, which
+    says ``status`` ("done", "failed") for this very configuration (its fingerprint) and
+    how it ran (``details``: exit status, error, DVC experiment, ...). Whoever ran the cell
+    (this module, a Prefect worker, a DVC experiment) records it so; the report reads
+    only these files."""
+    cell.out_dir.mkdir(parents=True, exist_ok=True)
+    if summary is not None:
+        atomic_write(cell.out_dir / SUMMARY, lambda h: h.write(json.dumps(summary, indent=2) + "\n"), "w")
+    record = {"cell": cell.id, "status": status, "fingerprint": cell.cfg.fingerprint(), **details}
+    atomic_write(cell.out_dir / CELL_RECORD, lambda h: h.write(json.dumps(record, indent=2) + "\n"), "w")
+    return record
+
+
+def cell_top1(cell: Cell) -> float | None:
+    """The finished cell's final-epoch student top-1 (None if not finished or not finite)."""
+    if not is_done(cell):
+        return None
+    top1 = json.loads((cell.out_dir / SUMMARY).read_text()).get("student_top1")
+    return float(top1) if isinstance(top1, (int, float)) and math.isfinite(top1) else None
+
+
+def run_cell(cell: Cell, *, threads: int | None = None) -> dict:
+    """Run one cell as ``qimera run`` on its resolved config (``config.yaml`` in its
+    directory) in a child process, which resumes from the cell's checkpoint if one is
+    there; record and return the outcome (``cell.json``'s content). ``threads`` sets
+    ``OMP_NUM_THREADS`` for the child unless the environment already does."""
     cell.out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = cell.out_dir / CELL_CONFIG
     text = yaml.safe_dump(cell.cfg.model_dump(mode="json"), sort_keys=False)
     atomic_write(cfg_file, lambda h: h.write(text), "w")
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    proc = subprocess.run([sys.executable, "-m", "qimera.cli", "run", str(cfg_file)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 0 and (cell.out_dir / SUMMARY).is_file():
+        return record_cell(cell, "done", returncode=0)
+    error = (proc.stderr.strip().splitlines() or [""])[-1][:2000]
+    return record_cell(cell, "failed", returncode=proc.returncode, error=error)
+
+
+def _run_tracked(cell: Cell, progress: Progress, threads: int, log) -> bool:
     with progress.lock:
         progress.running += 1
         log(f"{progress.line()} {cell.id}: started")
-    proc = subprocess.run([sys.executable, "-m", "qimera.cli", "run", str(cfg_file)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ok = proc.returncode == 0 and (cell.out_dir / SUMMARY).is_file()
-    record = {"cell": cell.id, "status": "done" if ok else "failed", "fingerprint": cell.cfg.fingerprint(),
-              "returncode": proc.returncode}
-    if not ok:
-        record["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:2000]
-    atomic_write(cell.out_dir / CELL_RECORD, lambda h: h.write(json.dumps(record, indent=2) + "\n"), "w")
+    record = run_cell(cell, threads=threads)
+    ok = record["status"] == "done"
     with progress.lock:
         progress.running -= 1
         if ok:
             progress.done += 1
-            top1 = json.loads((cell.out_dir / SUMMARY).read_text()).get("student_top1")
-            log(f"{progress.line()} {cell.id}: top-1 {top1}")
+            log(f"{progress.line()} {cell.id}: top-1 {cell_top1(cell)}")
         else:
             progress.failed += 1
-            log(f"{progress.line()} {cell.id}: FAILED (exit {proc.returncode}): {record['error']}")
+            log(f"{progress.line()} {cell.id}: FAILED (exit {record['returncode']}): {record['error']}")
     return ok
 
 
@@ -296,7 +339,7 @@ def run_experiment(exp: Experiment, *, jobs: int = 1, log=None) -> dict[str, int
         f"{jobs} at a time")
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda c: _run_cell(c, progress, threads, log), todo))
+        results = list(pool.map(lambda c: _run_tracked(c, progress, threads, log), todo))
     failed = results.count(False)
     return {"skipped": skipped, "done": len(results) - failed, "failed": failed}
 
@@ -331,10 +374,9 @@ def collect(exp: Experiment) -> list[Entry]:
                                               exp.spec.paper.get(cell.row, {}).get(cell.column)))
         entry.budgets.add(cell.budget)
         entry.reduced |= cell.budget != cell.base_budget
-        if is_done(cell):
-            top1 = json.loads((cell.out_dir / SUMMARY).read_text()).get("student_top1")
-            if isinstance(top1, (int, float)) and math.isfinite(top1):
-                entry.values.append(float(top1))
+        top1 = cell_top1(cell)
+        if top1 is not None:
+            entry.values.append(top1)
     return list(entries.values())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -159,6 +160,20 @@ def preset_file(root: Path, preset: Any, w_bits: Any = None, a_bits: Any = None)
         if matching.is_file():
             return matching
     return configs / f"{preset}-w4a4.yaml"
+
+
+def format_value(value: Any) -> str:
+    """A Python value as the right-hand side of ``dvc exp run -S key=value``.
+
+    DVC parses it with Hydra's override grammar: numbers, booleans, null and lists are
+    written as JSON; plain words stay bare; any other string is single-quoted so that a
+    comma or a bracket in it is not read as a sweep or a list.
+    """
+    if isinstance(value, str):
+        if re.fullmatch(r"[\w.\-/+@]+", value):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _merge_non_null(base: dict, overrides: dict, where: str = "") -> None:

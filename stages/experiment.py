@@ -3,13 +3,25 @@ experiment, one nested child run per cell, so that the MLflow UI compares the ce
 by side. The report (report.md, report.csv, report.png) is an artifact of the parent.
 
     python -m stages.experiment experiments/demo-grid.yaml [--jobs J] [--seeds N] [--set key=value ...]
+                                [--via local|dvc] [--queue-only]
 
-The cells are run by the library (:func:`qimera.experiments.run_experiment`: skips the
-finished ones, resumes the half-finished ones); afterwards every finished cell is logged
-from the files it left (its resolved config, history.jsonl, summary.json). Logging is
-idempotent: a cell already logged under this parent (tag ``qimera.cell``) is updated,
-not duplicated. The store is chosen as for the pipeline (:func:`stages.tracking.tracking_uri`);
-the MLflow experiment is named after the experiment file's ``name``.
+``--via local`` (the default): the cells are run by the library
+(:func:`qimera.experiments.run_experiment`: skips the finished ones, resumes the
+half-finished ones); afterwards every finished cell is logged as a child run from the
+files it left (its resolved config, history.jsonl, summary.json).
+
+``--via dvc``: every unfinished cell is queued as a DVC experiment of the pipeline
+(:mod:`stages.experiment_dvc`), the queue is run with ``J`` workers (``dvc exp run
+--run-all -j J``), and each successful experiment's metrics are recorded in the cell's
+directory. Each cell's pipeline run is itself the child run (the stages tag it with the
+parent, params ``mlflow.parent_run`` and ``mlflow.cell``). ``--queue-only`` stops after
+queueing: start the queue yourself (``dvc queue start -j J``) and rerun the command to
+collect the results; cells still queued or running are not queued twice.
+
+Logging is idempotent: a cell already logged under this parent (tag ``qimera.cell``) is
+updated, not duplicated. The store is chosen as for the pipeline
+(:func:`stages.tracking.tracking_uri`); the MLflow experiment is named after the
+experiment file's ``name``.
 """
 
 from __future__ import annotations
@@ -17,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any, Callable
 
 from .common import repo_root, run_stage
 from . import tracking
 
 PARENT_TAG = "qimera.experiment"
-CELL_TAG = "qimera.cell"
+CELL_TAG = tracking.CELL_TAG
 
 
 def _parent(client, exp_id: str, name: str, path: str) -> str:
@@ -39,19 +52,24 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
     """Log every finished cell of ``exp`` as a child of ``parent_id``; returns how many."""
     from qimera.experiments import SUMMARY, is_done
 
-    children = {r.data.tags.get(CELL_TAG): r.info.run_id for r in client.search_runs(
-        [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
+    children: dict[str, str] = {}
+    for r in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000):
+        cell_id = r.data.tags.get(CELL_TAG)
+        if cell_id and (cell_id not in children or r.info.status == "FINISHED"):
+            children[cell_id] = r.info.run_id  # a pipeline run that failed before a rerun is not the cell
     logged = 0
     for cell in exp.cells:
         if not is_done(cell):
             continue
         summary = json.loads((cell.out_dir / SUMMARY).read_text())
-        run_id = children.get(cell.id)
-        if run_id is None:
-            run_id = client.create_run(exp_id, run_name=cell.id, tags={
-                "mlflow.parentRunId": parent_id, CELL_TAG: cell.id, PARENT_TAG: exp.spec.name,
+        tags = {"mlflow.parentRunId": parent_id, CELL_TAG: cell.id, PARENT_TAG: exp.spec.name,
                 "qimera.row": cell.row, "qimera.column": cell.column, "method": cell.method,
-                "bits": f"w{cell.bits}a{cell.bits}"}).info.run_id
+                "bits": f"w{cell.bits}a{cell.bits}"}
+        # a DVC cell's pipeline run is the child already (its summary names it)
+        run_id = summary.get("mlflow_run_id") if summary.get("mlflow_run_id") in children.values() else None
+        run_id = run_id or children.get(cell.id)
+        if run_id is None:
+            run_id = client.create_run(exp_id, run_name=cell.id, tags=tags).info.run_id
             params = tracking.flatten(cell.cfg.resolved())
             params.update({f"axis.{k}": json.dumps(v) for k, v in cell.values.items()})
             tracking.log_params(client, run_id, params)
@@ -59,6 +77,8 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
             if history.is_file():
                 for line in history.read_text().splitlines():
                     tracking.log_epoch(client, run_id, json.loads(line))
+        else:
+            tracking.log_tags(client, run_id, tags)
         tracking.log_metrics(client, run_id, {k: summary.get(k) for k in (
             "student_top1", "student_top5", "teacher_top1", "naive_top1", "seconds")})
         client.set_terminated(run_id, "FINISHED")
@@ -66,23 +86,25 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
     return logged
 
 
-def main(argv: list[str] | None = None) -> None:
-    from qimera.experiments import load_experiment, report, run_experiment
+def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]]) -> dict[str, Any]:
+    """Run an experiment's cells under its MLflow parent run and report them.
 
-    p = argparse.ArgumentParser(prog="python -m stages.experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment")
-    p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-    exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
-    uri = tracking.tracking_uri({}, repo_root())
+    ``run_cells(parent_run_id)`` runs (or schedules) the cells and returns the counts
+    ``{"failed": n, "pending": n, ...}``. Then the report is written, every finished cell
+    is logged as a child (:func:`log_cells`), the report is attached to the parent, and
+    the parent is closed: FINISHED, FAILED when a cell failed, SCHEDULED while cells are
+    still pending. Returns ``{"counts", "paths", "parent", "logged", "uri"}``.
+    """
+    from qimera.experiments import report
+
+    root = repo_root()
+    uri = tracking.tracking_uri({}, root)
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, exp.spec.name, uri)
-    parent = _parent(client, exp_id, exp.spec.name, args.experiment)
+    parent = _parent(client, exp_id, exp.spec.name, experiment_file)
     client.update_run(parent, status="RUNNING")
     try:
-        counts = run_experiment(exp, jobs=max(1, args.jobs))
+        counts = run_cells(parent)
         paths = report(exp)
         logged = log_cells(client, exp, parent, exp_id)
         for path in paths.values():
@@ -92,10 +114,57 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as exc:
         tracking.fail(client, parent, exc)
         raise
-    client.set_terminated(parent, "FINISHED" if not counts["failed"] else "FAILED")
-    print(paths["md"].read_text())
-    print(f"experiment {exp.spec.name}: MLflow parent run {parent} with {logged} child runs at {tracking.redact(uri)}",
-          file=sys.stderr)
+    if counts.get("pending"):
+        client.update_run(parent, status="SCHEDULED")  # more cells will come: not finished yet
+    else:
+        client.set_terminated(parent, "FINISHED" if not counts["failed"] else "FAILED")
+    return {"counts": counts, "paths": paths, "parent": parent, "logged": logged, "uri": tracking.redact(uri)}
+
+
+def _run_with_dvc(exp, args, parent: str) -> dict[str, int]:
+    from . import experiment_dvc
+    from .common import PARAMS_FILE, load_params
+
+    root = repo_root()
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    queued = experiment_dvc.queue_cells(exp, root, load_params(root / PARAMS_FILE),
+                                        {"experiment": exp.spec.name, "parent_run": parent}, log)
+    log(f"experiment {exp.spec.name}: {len(exp.cells)} cells, {queued['finished']} finished already, "
+        f"{queued['queued']} queued now, {queued['pending']} queued or running before")
+    if not args.queue_only and queued["queued"] + queued["pending"]:
+        status = experiment_dvc.run_queue(root, max(1, args.jobs))
+        if status:
+            log(f"experiment {exp.spec.name}: `dvc exp run --run-all` exited with {status}")
+    counts = experiment_dvc.import_results(exp, root)
+    if counts["pending"]:
+        log(f"experiment {exp.spec.name}: {counts['pending']} cell(s) still queued or running in DVC "
+            f"(`dvc queue status`); rerun this command when they are done")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qimera.experiments import load_experiment, run_experiment
+
+    p = argparse.ArgumentParser(prog="python -m stages.experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--via", choices=("local", "dvc"), default="local",
+                   help="run the cells here (local) or as queued DVC experiments of the pipeline (dvc)")
+    p.add_argument("--queue-only", action="store_true", help="with --via dvc: queue the cells and stop")
+    args = p.parse_args(argv)
+    if args.queue_only and args.via != "dvc":
+        p.error("--queue-only needs --via dvc")
+    exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
+    if args.via == "dvc":
+        out = tracked(exp, args.experiment, lambda parent: _run_with_dvc(exp, args, parent))
+    else:
+        out = tracked(exp, args.experiment, lambda parent: run_experiment(exp, jobs=max(1, args.jobs)))
+    counts = out["counts"]
+    print(out["paths"]["md"].read_text())
+    print(f"experiment {exp.spec.name}: MLflow parent run {out['parent']} with {out['logged']} child runs at "
+          f"{out['uri']}", file=sys.stderr)
     if counts["failed"]:
         print(f"experiment {exp.spec.name}: {counts['failed']} cell(s) failed; rerun to retry them", file=sys.stderr)
         sys.exit(1)

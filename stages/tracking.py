@@ -234,6 +234,23 @@ def experiment_name(params: dict, cfg) -> str:
     return ((params.get("mlflow") or {}).get("experiment")) or cfg.preset
 
 
+#: the tag that names an experiment cell's run (also on the child runs stages.experiment makes)
+CELL_TAG = "qimera.cell"
+
+
+def nesting_tags(params: dict) -> dict[str, str]:
+    """Tags that make the pipeline's run a cell of an experiment: ``mlflow.parent_run``
+    (the experiment's parent run, so the MLflow UI nests it) and ``mlflow.cell`` (the cell
+    id), both set by ``python -m stages.experiment --via dvc`` for each queued cell."""
+    section = params.get("mlflow") or {}
+    tags = {}
+    if section.get("parent_run"):
+        tags["mlflow.parentRunId"] = str(section["parent_run"])
+    if section.get("cell"):
+        tags[CELL_TAG] = str(section["cell"])
+    return tags
+
+
 # --------------------------------------------------------------------------- params and tags
 
 

@@ -144,7 +144,8 @@ def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
     config logged."""
     record = read_json(TEACHER_RECORD)
     tags = tracking.run_tags(cfg, prep.device, {"teacher.sha256": record["sha256"],
-                                                "teacher.top1": f"{record['top1']:.4f}"})
+                                                "teacher.top1": f"{record['top1']:.4f}",
+                                                **tracking.nesting_tags(params)})
     exp_name = tracking.experiment_name(params, cfg)
     run_id = tracking.open_run(client, uri, exp_name, cfg, resume=status.resumable, tags=tags,
                                name=tracking.run_name(cfg))

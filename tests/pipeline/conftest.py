@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_project import DvcProject, make_dvc_project
+from servers import kill_group, prefect_server
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +88,14 @@ def isolated_aws_files(tmp_path: Path) -> dict[str, str]:
     return {"AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
             "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """A Prefect server on 127.0.0.1:<free port> with its home and database in a tmp dir
+    (one per test module), killed by process group at the end."""
+    server, info = prefect_server(tmp_path_factory.mktemp("prefect"))
+    try:
+        yield info
+    finally:
+        kill_group(server)

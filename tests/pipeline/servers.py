@@ -4,9 +4,11 @@ whole process group at teardown."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,3 +67,79 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, name: str, timeout
         if time.monotonic() > deadline:
             pytest.fail(f"{name} not healthy after {timeout} s:\n{tail(log)}")
         time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- Prefect
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+PREFECT_START_S = 90
+
+
+def prefect_server(root: Path):
+    """Start a Prefect server on 127.0.0.1:<free port> with its home and database under
+    ``root``; returns ``(process, {"env", "settings", "api", "server_log"})``. The caller
+    kills the process group (:func:`kill_group`)."""
+    port = free_port()
+    settings = {
+        "PREFECT_HOME": str(root / "home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "DO_NOT_TRACK": "1",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
+    env.update(settings, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(server, f"http://127.0.0.1:{port}/api/health", log, "prefect server", PREFECT_START_S)
+    except BaseException:
+        kill_group(server)
+        raise
+    return server, {"env": env, "settings": settings, "api": settings["PREFECT_API_URL"], "server_log": log}
+
+
+def prefect_cli(env: dict, *args: str, cwd: Path, timeout: float = 120) -> str:
+    """``prefect <args>``; fails the test unless it exits with 0. Returns its output."""
+    proc = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"prefect {' '.join(args)} exited with {proc.returncode}:\n{out}"
+    return out
+
+
+def flow_run_id(out: str) -> str:
+    """The flow run id that ``prefect deployment run`` printed."""
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert m, out
+    return m.group(1)
+
+
+def flow_run(api: str, run_id: str) -> dict:
+    r = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_flow_run(api: str, run_id: str, worker: subprocess.Popen, worker_log: Path, timeout: float) -> dict:
+    """Poll the flow run until it ends; fails the test when the worker dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = flow_run(api, run_id)["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        if worker.poll() is not None:
+            pytest.fail(f"worker exited with {worker.returncode}:\n{tail(worker_log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"flow run still {state['type']} after {timeout} s:\n{tail(worker_log)}")
+        time.sleep(2)

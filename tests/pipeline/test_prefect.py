@@ -10,8 +10,6 @@ started in its own session and killed by process group at teardown.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import free_port, kill_group, tail, wait_healthy
+from servers import flow_run as _flow_run, flow_run_id as _flow_run_id, kill_group, prefect_cli as _cli, tail
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,63 +30,9 @@ POOL = "qimera-pool"
 # fixture's already tiny params.yaml.
 TINY = {"train.epochs": 1, "train.iters_per_epoch": 2, "data.limit": 200}
 
-SERVER_START_S = 90
 RUN_WAIT_S = 240
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    """A Prefect server on 127.0.0.1:<free port> with its home and database in a tmp dir."""
-    root = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    settings = {
-        "PREFECT_HOME": str(root / "home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "DO_NOT_TRACK": "1",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
-    env.update(settings, PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_healthy(server, f"http://127.0.0.1:{port}/api/health", log, "prefect server", SERVER_START_S)
-        yield {"env": env, "settings": settings, "api": settings["PREFECT_API_URL"], "server_log": log}
-    finally:
-        kill_group(server)
-
-
-def _cli(env: dict, *args: str, cwd: Path, timeout: float = 120) -> str:
-    proc = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"prefect {' '.join(args)} exited with {proc.returncode}:\n{out}"
-    return out
-
-
-def _flow_run_id(out: str) -> str:
-    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
-    assert m, out
-    return m.group(1)
-
-
-def _flow_run(api: str, flow_run_id: str) -> dict:
-    r = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10)
-    r.raise_for_status()
-    return r.json()
 
 
 RESULT_SCRIPT = """

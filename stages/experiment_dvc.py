@@ -1,0 +1,207 @@
+"""An experiment's cells as queued DVC experiments of the pipeline (dvc.yaml).
+
+Each cell of an experiment file (:mod:`qimera.experiments`) becomes one ``dvc exp run
+--queue`` of the pipeline, named ``<cell id>-<first 8 hex digits of its config's
+fingerprint>`` (a cell whose config changes gets a new name, never an old result), with
+``-S preset=<the cell's base config>`` and ``-S ++key=value`` for what the cell sets.
+:func:`cell_params` checks, before anything is queued, that the pipeline's ``resolve``
+stage turns those params into exactly the cell's config (params.yaml's own non-null
+values are overridden where they differ), so the DVC experiment is the same run as
+``qimera experiment run`` would make.
+
+The queue runs with ``dvc exp run --run-all -j J`` (``dvc queue start -j J`` plus
+following the logs) or later by the user's own ``dvc queue start``. :func:`import_results`
+then writes each successful experiment's ``metrics.json`` into the cell's directory
+(``runs/<experiment>/<cell>/summary.json`` and ``cell.json``, as a local run leaves them),
+so ``qimera experiment report`` and the MLflow parent run read one kind of result,
+whoever ran the cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import PipelineError, available_presets, format_value, preset_file, resolve_config
+
+#: config keys that differ between a cell and its pipeline run by design
+_PIPELINE_OWNED = ("preset", "train.out_dir", "train.progress")
+#: DVC's experiment states (``dvc exp show``/``dvc queue status``) that need no new queue entry
+_PENDING = ("Queued", "Running", "Success")
+
+
+def experiment_name(cell) -> str:
+    """The DVC experiment name of ``cell`` (valid as a git ref: cell ids are slugs)."""
+    return f"{cell.id}-{cell.cfg.fingerprint()[:8]}"
+
+
+def preset_of(cell, root: Path) -> str:
+    """The pipeline preset whose file is the cell's base config."""
+    target = (root / cell.base_config).resolve()
+    for name in available_presets(root):
+        if preset_file(root, name, cell.bits, cell.bits).resolve() == target:
+            return name
+    raise PipelineError(
+        f"cell {cell.id}: its base config {str(cell.base_config)!r} is not a pipeline preset "
+        f"(configs/<preset>.yaml or configs/<preset>-w<b>a<b>.yaml; presets: {', '.join(available_presets(root))}); "
+        "run this experiment with `qimera experiment run` instead"
+    )
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _with(params: dict, sets: dict[str, Any]) -> dict:
+    out = json.loads(json.dumps(params))
+    for dotted, value in sets.items():
+        node = out
+        *parents, last = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise PipelineError(f"params.yaml: {key!r} is not a section (setting {dotted})")
+            node = child
+        node[last] = value
+    return out
+
+
+def cell_params(cell, params: dict, root: Path) -> dict[str, Any]:
+    """The ``-S`` settings (``{"preset": …, "section.key": value}``) under which the pipeline,
+    starting from ``params`` (params.yaml), runs exactly ``cell``'s config."""
+    sets: dict[str, Any] = {"preset": preset_of(cell, root), **cell.settings}
+    want = {k: v for k, v in _flat(cell.cfg.resolved()).items() if k not in _PIPELINE_OWNED}
+    for _ in range(2):  # the second pass only confirms what the first one added
+        got = _flat(resolve_config(_with(params, sets), root).resolved())
+        differ = [k for k, v in want.items() if got.get(k) != v]
+        if not differ:
+            return sets
+        sets.update({k: want[k] for k in differ})
+    raise PipelineError(
+        f"cell {cell.id}: the pipeline cannot express {', '.join(differ)} as params.yaml values "
+        "(null in params.yaml means \"the preset's value\"); run this experiment with `qimera experiment run`"
+    )
+
+
+def queue_command(dvc: str, name: str, sets: dict[str, Any]) -> list[str]:
+    cmd = [dvc, "exp", "run", "--queue", "--name", name]
+    for key, value in sets.items():
+        cmd += ["-S", f"{key}={format_value(value)}" if key == "preset" else f"++{key}={format_value(value)}"]
+    return cmd
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` next to the running interpreter (the project's venv), else PATH's."""
+    local = Path(sys.executable).with_name("dvc")
+    return str(local) if local.exists() else "dvc"
+
+
+def experiments(root: Path) -> dict[str, dict]:
+    """DVC's experiments of the workspace's baseline commit, by name (``dvc exp show``)."""
+    import dvc.api
+
+    rows = dvc.api.exp_show(repo=str(root))
+    return {row["Experiment"]: row for row in rows if row.get("Experiment")}
+
+
+def _run(cmd: list[str], root: Path, env: dict | None = None, *, echo: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    # the stages run `python`: make it this interpreter (the venv's)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if echo:
+        return subprocess.run(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=subprocess.STDOUT,
+                              text=True)
+    return subprocess.run(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
+
+def queue_cells(exp, root: Path, params: dict, mlflow: dict[str, str], log) -> dict[str, int]:
+    """Queue every cell that is neither finished nor already queued, running or done in
+    DVC; returns the counts ``{"queued", "pending", "finished"}``. ``mlflow``: the
+    ``mlflow.*`` params every cell's run gets (experiment, parent run)."""
+    from qimera.experiments import is_done
+
+    plans = []
+    for cell in exp.cells:  # everything is checked before anything is queued
+        if not is_done(cell):
+            plans.append((cell, cell_params(cell, params, root)))
+    known = experiments(root)
+    counts = {"queued": 0, "pending": 0, "finished": len(exp.cells) - len(plans)}
+    dvc = dvc_executable()
+    for cell, sets in plans:
+        name = experiment_name(cell)
+        state = (known.get(name) or {}).get("State")
+        if state in _PENDING:
+            counts["pending"] += 1
+            continue
+        if name in known:  # failed before: remove it, so that the name can be queued again
+            _run([dvc, "exp", "remove", name], root)
+        extra = {f"mlflow.{k}": v for k, v in mlflow.items()}
+        extra["mlflow.cell"] = cell.id
+        proc = _run(queue_command(dvc, name, {**sets, **extra}), root)
+        if proc.returncode != 0:
+            raise PipelineError(f"cell {cell.id}: `dvc exp run --queue` exited with {proc.returncode}: "
+                                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        counts["queued"] += 1
+        log(f"queued DVC experiment {name}")
+    return counts
+
+
+def run_queue(root: Path, jobs: int) -> int:
+    """``dvc exp run --run-all -j jobs``: start ``jobs`` queue workers and follow every
+    queued experiment to its end. Returns DVC's exit status."""
+    return _run([dvc_executable(), "exp", "run", "--run-all", "-j", str(jobs)], root, echo=True).returncode
+
+
+def _summary(cell, metrics: dict, name: str) -> dict:
+    def top(section: str, key: str = "top1"):
+        entry = metrics.get(section)
+        return entry.get(key) if isinstance(entry, dict) else None
+
+    return {"method": cell.method, "w_bits": metrics.get("w_bits"), "a_bits": metrics.get("a_bits"),
+            "teacher_top1": top("teacher"), "naive_top1": top("naive"), "student_top1": top("student"),
+            "student_top5": top("student", "top5"), "iterations": metrics.get("iterations"), "seconds": None,
+            "seed": cell.seed, "out_dir": str(cell.out_dir), "student_per_class": top("student", "per_class"),
+            "dvc_experiment": name, "mlflow_run_id": metrics.get("mlflow_run_id")}
+
+
+def import_results(exp, root: Path) -> dict[str, int]:
+    """Record every cell whose DVC experiment has ended (summary.json from its
+    metrics.json, cell.json); returns ``{"done", "failed", "pending"}``."""
+    from qimera.experiments import is_done, record_cell
+
+    from .common import METRICS
+
+    known = experiments(root)
+    counts = {"done": 0, "failed": 0, "pending": 0}
+    for cell in exp.cells:
+        if is_done(cell):
+            continue
+        name = experiment_name(cell)
+        row = known.get(name)
+        state = (row or {}).get("State")
+        if state == "Success":
+            shown = subprocess.run(["git", "show", f"{row['rev']}:{METRICS}"], cwd=root, capture_output=True, text=True)
+            if shown.returncode == 0:
+                record_cell(cell, "done", _summary(cell, json.loads(shown.stdout), name), dvc_experiment=name,
+                            dvc_rev=row["rev"])
+                counts["done"] += 1
+                continue
+            state = f"Success without {METRICS}"
+        if state in ("Queued", "Running"):
+            counts["pending"] += 1
+        elif row is not None:
+            record_cell(cell, "failed", dvc_experiment=name, error=f"DVC experiment {name}: {state}")
+            counts["failed"] += 1
+    return counts
