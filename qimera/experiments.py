@@ -55,11 +55,26 @@ class GridSpec(_Strict):
     label: str
     config: str
     methods: list[Method] = Field(default_factory=lambda: ["qimera"], min_length=1)
-    bits: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    #: bit widths: ``4`` (4w4a) or ``"2w4a"`` (weights 2, activations 4); read as (w, a) pairs
+    bits: list[int | str] = Field(default_factory=lambda: [4], min_length=1, validate_default=True)
     set: dict[str, Any] = Field(default_factory=dict)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     row: str = "{label} {bits}"
     column: str = "{method}"
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int | str]) -> list[tuple[int, int]]:
+        pairs = []
+        for item in v:
+            m = re.fullmatch(r"(\d+)w(\d+)a", item) if isinstance(item, str) else None
+            if isinstance(item, int) and not isinstance(item, bool):
+                pairs.append((item, item))
+            elif m:
+                pairs.append((int(m.group(1)), int(m.group(2))))
+            else:
+                raise ValueError(f"bits entry {item!r}: give a number (4 means 4w4a) or a string such as '2w4a'")
+        return pairs
 
     @field_validator("axes")
     @classmethod
@@ -87,7 +102,8 @@ class Cell:
     id: str
     grid: str
     method: str
-    bits: int
+    w_bits: int
+    a_bits: int
     seed: int
     values: dict[str, Any]  #: the axis values of this cell
     row: str
@@ -103,6 +119,11 @@ class Cell:
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.train.out_dir)
+
+    @property
+    def bits(self) -> str:
+        """The bit widths as the paper writes them: ``4w4a``."""
+        return f"{self.w_bits}w{self.a_bits}a"
 
     @property
     def budget(self) -> tuple[int, int, int]:
@@ -166,10 +187,14 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
             if not _is_config_key(key):
                 raise ExperimentError(f"{where}: {key!r} is not a config key (configs/README.md lists them)")
         for method, bits in itertools.product(grid.methods, grid.bits):
-            cfg_path = Path(grid.config.replace("{bits}", str(bits)))
+            w, a = bits
+            if "{bits}" in grid.config and w != a:
+                raise ExperimentError(f"{where}: bits {w}w{a}a: config {grid.config!r} names {{bits}}, which needs "
+                                      "equal weight and activation bits; give a config file without {bits}")
+            cfg_path = Path(grid.config.replace("{bits}", str(w)))
             base = read_yaml_mapping(cfg_path, f"{where}: config {str(cfg_path)!r}", ExperimentError)
             try:
-                base_cfg = load_config(base, [_override("quant.w_bits", bits), _override("quant.a_bits", bits)])
+                base_cfg = load_config(base, [_override("quant.w_bits", w), _override("quant.a_bits", a)])
             except ConfigError as exc:
                 raise ExperimentError(f"{where}: config {str(cfg_path)!r}: {exc}") from None
             base_budget = (base_cfg.train.epochs, base_cfg.train.iters_per_epoch, base_cfg.train.batch_size)
@@ -196,16 +221,17 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
     return exp
 
 
-def _cell(exp: Experiment, grid: GridSpec, where: str, cfg_path: Path, base: dict, base_budget, method: str, bits: int,
-          seed: int, values: dict[str, Any], overrides: tuple[str, ...]) -> Cell:
+def _cell(exp: Experiment, grid: GridSpec, where: str, cfg_path: Path, base: dict, base_budget, method: str,
+          bits: tuple[int, int], seed: int, values: dict[str, Any], overrides: tuple[str, ...]) -> Cell:
+    w, a = bits
     settings = {**exp.spec.set, **grid.set, **values}
-    labels = {"label": grid.label, "method": method, "bits": f"{bits}w{bits}a", "seed": seed, **settings}
+    labels = {"label": grid.label, "method": method, "bits": f"{w}w{a}a", "seed": seed, **settings}
     row = _render(grid.row, labels, f"{where}: row")
     column = _render(grid.column, labels, f"{where}: column")
-    parts = [grid.label, method, f"w{bits}a{bits}", *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()),
+    parts = [grid.label, method, f"w{w}a{a}", *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()),
              f"seed{seed}"]
     cell_id = _slug("-".join(str(p) for p in parts))
-    applied = {"method": method, "quant.w_bits": bits, "quant.a_bits": bits, **settings,
+    applied = {"method": method, "quant.w_bits": w, "quant.a_bits": a, **settings,
                **_parsed(overrides), "train.seed": seed}
     items = [_override(k, v) for k, v in applied.items()]
     items += [_override("train.out_dir", str(exp.dir / cell_id)), _override("train.progress", False)]
@@ -214,7 +240,7 @@ def _cell(exp: Experiment, grid: GridSpec, where: str, cfg_path: Path, base: dic
     except ConfigError as exc:
         text = str(exc).removeprefix("invalid configuration: ")
         raise ExperimentError(f"{where}: cell {cell_id}: {text}") from None
-    return Cell(cell_id, grid.label, method, bits, seed, values, row, column, cfg, base_budget, cfg_path, applied)
+    return Cell(cell_id, grid.label, method, w, a, seed, values, row, column, cfg, base_budget, cfg_path, applied)
 
 
 def _parsed(overrides: tuple[str, ...]) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
         summary = json.loads((cell.out_dir / SUMMARY).read_text())
         tags = {"mlflow.parentRunId": parent_id, CELL_TAG: cell.id, PARENT_TAG: exp.spec.name,
                 "qimera.row": cell.row, "qimera.column": cell.column, "method": cell.method,
-                "bits": f"w{cell.bits}a{cell.bits}"}
+                "bits": f"w{cell.w_bits}a{cell.a_bits}"}
         # a DVC cell's pipeline run is the child already (its summary names it)
         run_id = summary.get("mlflow_run_id") if summary.get("mlflow_run_id") in children.values() else None
         run_id = run_id or children.get(cell.id)

@@ -43,7 +43,7 @@ def preset_of(cell, root: Path) -> str:
     """The pipeline preset whose file is the cell's base config."""
     target = (root / cell.base_config).resolve()
     for name in available_presets(root):
-        if preset_file(root, name, cell.bits, cell.bits).resolve() == target:
+        if preset_file(root, name, cell.w_bits, cell.a_bits).resolve() == target:
             return name
     raise PipelineError(
         f"cell {cell.id}: its base config {str(cell.base_config)!r} is not a pipeline preset "

@@ -103,6 +103,8 @@ def test_bad_experiment_files_fail_before_any_cell(workdir):
         ({"grids": [{"label": "x", "config": "missing.yaml"}]}, "config 'missing.yaml' does not exist"),
         ({"paper": {"digits 4w4a": {"p=0.3": 1.0}}}, r"paper\['digits 4w4a'\]\['p=0.3'\] matches no table entry"),
         ({"grids": [{"label": "x", "config": "base.yaml", "column": "{generator.q}"}]}, "{generator.q} names nothing"),
+        ({"grids": [{"label": "x", "config": "base.yaml", "bits": ["2x4"]}]}, "bits entry '2x4'"),
+        ({"grids": [{"label": "x", "config": "base-{bits}.yaml", "bits": ["2w4a"]}]}, r"bits 2w4a: .*names \{bits\}"),
     ]
     for extra, message in cases:
         path = _experiment(workdir, "bad", **extra)
@@ -114,6 +116,14 @@ def test_bad_experiment_files_fail_before_any_cell(workdir):
         load_experiment(_experiment(workdir), overrides=("train.epochs",))
 
 
+def test_bits_may_differ_for_weights_and_activations(workdir):
+    grids = [{"label": "x", "config": "base.yaml", "methods": ["naive"], "bits": [3, "2w4a"], "row": "{bits}",
+              "column": "{method}"}]
+    exp = load_experiment(_experiment(workdir, "pairs", grids=grids, paper={}))
+    got = {(c.cfg.quant.w_bits, c.cfg.quant.a_bits, c.row, c.id.split("-")[2]) for c in exp.cells}
+    assert got == {(3, 3, "3w3a", "w3a3"), (2, 4, "2w4a", "w2a4")}
+
+
 def test_cli_reports_bad_experiments_in_one_line(workdir):
     path = _experiment(workdir, "bad", grids=[{"label": "x", "config": "base.yaml", "axes": {"generator.pp": [1]}}])
     res = subprocess.run([sys.executable, "-m", "qimera.cli", "experiment", "run", str(path)], cwd=workdir,
@@ -122,7 +132,7 @@ def test_cli_reports_bad_experiments_in_one_line(workdir):
     assert res.stderr.strip().count("\n") == 0 and "not a config key" in res.stderr
 
 
-@pytest.mark.parametrize("name", ["demo-grid", "main", "table6", "table7", "table8", "table9", "shared-dm"])
+@pytest.mark.parametrize("name", ["demo-grid", "demo-ladder", "main", "table6", "table7", "table8", "table9", "shared-dm"])
 def test_shipped_experiments_validate(name, monkeypatch):
     path = REPO / "experiments" / f"{name}.yaml"
     if not path.is_file():
