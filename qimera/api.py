@@ -71,6 +71,9 @@ class RunResult:
             "iterations": self.iterations,
             "seconds": round(self.seconds, 2),
             "seed": self.cfg.train.seed,
+            # results depend on it on the CPU (the order of float sums): OMP_NUM_THREADS=1 qimera run
+            # reproduces `make demo`, which runs one thread per process
+            "torch_threads": torch.get_num_threads(),
             "out_dir": self.cfg.train.out_dir,
         }
 

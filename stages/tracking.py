@@ -294,6 +294,13 @@ def prefect_flow_run_id() -> str | None:
     return None
 
 
+def torch_threads() -> int:
+    """torch's intra-op threads: CPU results depend on it (the order of float sums)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def device_tag(device) -> str:
     import torch
 
@@ -309,6 +316,7 @@ def run_tags(cfg, device, extra: dict | None = None) -> dict[str, str]:
         "method": cfg.method,
         "bits": bits_tag(cfg),
         "device": device_tag(device),
+        "torch_threads": str(torch_threads()),
         "mlflow.source.name": "dvc.yaml",
         "mlflow.source.type": "JOB",
     }
