@@ -136,10 +136,12 @@ class Experiment:
     spec: ExperimentSpec
     path: Path
     cells: list[Cell] = field(default_factory=list)
+    #: where the experiment's directory is made (``<runs_dir>/<name>/``)
+    runs_dir: Path = RUNS_DIR
 
     @property
     def dir(self) -> Path:
-        return RUNS_DIR / self.spec.name
+        return Path(self.runs_dir) / self.spec.name
 
 
 # --------------------------------------------------------------------------- loading
@@ -163,11 +165,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
 
 
-def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overrides: tuple[str, ...] = ()) -> Experiment:
+def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overrides: tuple[str, ...] = (),
+                    runs_dir: str | os.PathLike = RUNS_DIR) -> Experiment:
     """Read and validate an experiment file; every cell's config is resolved and checked.
 
     ``seeds``: run seeds ``1..seeds`` instead of the file's. ``overrides``: extra
-    ``section.key=value`` settings for every cell (after the file's ``set``).
+    ``section.key=value`` settings for every cell (after the file's ``set``). ``runs_dir``:
+    where ``<name>/<cell>/`` go (default ``runs``).
     """
     path = Path(path)
     data = read_yaml_mapping(path, f"experiment file {str(path)!r}", ExperimentError)
@@ -180,7 +184,7 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
     for item in overrides:
         parse_override(item)  # a malformed --set fails here, before any cell
     seed_list = list(range(1, seeds + 1)) if seeds else spec.seeds
-    exp = Experiment(spec, path)
+    exp = Experiment(spec, path, runs_dir=Path(runs_dir))
     for g, grid in enumerate(spec.grids):
         where = f"{path}: grids[{g}] ({grid.label})"
         for key in [*spec.set, *grid.set, *grid.axes]:

@@ -17,6 +17,7 @@ Stage graph (``dvc.yaml``; each stage is ``python -m stages.<name>``; ``dvc dag`
     fetch_teacher    -> init_embeddings, train, evaluate, export (outputs/teacher/)
     init_embeddings  -> train (outputs/embeddings.pt)
     train            -> evaluate, export (outputs/train/)
+    ladder           (independent: experiments/demo-ladder.yaml, the bit-width table)
 
 Every method runs through the same stages. ``qimera`` and ``gdfq`` train a generator and
 fine-tune the student; the calibration-only ``zeroq`` and ``naive``
@@ -74,6 +75,12 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
     generator, ``samples.png`` shows ZeroQ's distilled calibration images (not
     class-conditional) or, for naive, says there are no samples; ``curves.png`` says there
     are no training curves.
+``outputs/ladder/``, ``outputs/ladder.json``
+    the ``ladder`` stage (:mod:`stages.ladder`): the cells of params ``ladder.experiment``
+    (by default the digits demo's naive, GDFQ and Qimera by bit width) with their report,
+    and as DVC metrics ``{"experiment", "columns": [...], "rows": {row: {column: top-1}},
+    "teacher_top1", "budget", "cells", "failed", "mlflow_parent_run", "report"}``
+    (``{"experiment": null, "skipped": ...}`` when ``ladder.experiment`` is null).
 ``outputs/export/``
     ``student.pt`` (state dict of the fake-quantized student), ``config.yaml`` (resolved
     config), ``integer/`` (:mod:`qimera.export`), ``student.onnx`` (Q/DQ ONNX,

@@ -49,9 +49,14 @@ EXPORT_CONFIG = "config.yaml"
 MODEL_CARD = "MODEL_CARD.md"
 MODEL_RECORD = "model.json"
 METRICS = Path("metrics.json")
+#: the ladder stage's cells and report, and its metrics (stages/ladder.py)
+LADDER_DIR = OUTPUTS / "ladder"
+LADDER_METRICS = OUTPUTS / "ladder.json"
 
+#: how the reports name the methods
+METHOD_NAMES = {"qimera": "Qimera", "gdfq": "GDFQ", "zeroq": "ZeroQ", "naive": "naive calibration"}
 #: params.yaml keys that are not config overrides
-NON_CONFIG_KEYS = ("preset", "mlflow", "export")
+NON_CONFIG_KEYS = ("preset", "mlflow", "export", "ladder")
 #: paths in the config that are read relative to the repository root
 ROOT_RELATIVE_PATHS = (("teacher", "weights"), ("teacher", "cache_dir"), ("data", "path"), ("data", "root"))
 #: columns of outputs/history.csv, in order

@@ -38,11 +38,12 @@ PARENT_TAG = "qimera.experiment"
 CELL_TAG = tracking.CELL_TAG
 
 
-def _parent(client, exp_id: str, name: str, path: str) -> str:
-    runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{name}' and tags.`qimera.role` = 'parent'",
-                              max_results=1)
-    if runs:
-        return runs[0].info.run_id
+def _parent(client, exp_id: str, name: str, path: str, *, reuse: bool = True) -> str:
+    if reuse:
+        runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{name}' and tags.`qimera.role` = 'parent'",
+                                  max_results=1)
+        if runs:
+            return runs[0].info.run_id
     run = client.create_run(exp_id, run_name=name, tags={PARENT_TAG: name, "qimera.role": "parent",
                                                          "qimera.experiment_file": path})
     return run.info.run_id
@@ -86,7 +87,8 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
     return logged
 
 
-def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]]) -> dict[str, Any]:
+def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]], *, reuse_parent: bool = True,
+            tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run an experiment's cells under its MLflow parent run and report them.
 
     ``run_cells(parent_run_id)`` runs (or schedules) the cells and returns the counts
@@ -94,6 +96,10 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     is logged as a child (:func:`log_cells`), the report is attached to the parent, and
     the parent is closed: FINISHED, FAILED when a cell failed, SCHEDULED while cells are
     still pending. Returns ``{"counts", "paths", "parent", "logged", "uri"}``.
+
+    ``reuse_parent``: log under the experiment's existing parent run (a rerun of the same
+    cells); False makes a new one (cells computed afresh, as the pipeline's ``ladder``
+    stage does). ``tags`` are added to the parent run.
     """
     from qimera.experiments import report
 
@@ -101,9 +107,11 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     uri = tracking.tracking_uri({}, root)
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, exp.spec.name, uri)
-    parent = _parent(client, exp_id, exp.spec.name, experiment_file)
+    parent = _parent(client, exp_id, exp.spec.name, experiment_file, reuse=reuse_parent)
     client.update_run(parent, status="RUNNING")
     try:
+        if tags:
+            tracking.log_tags(client, parent, tags)
         counts = run_cells(parent)
         paths = report(exp)
         logged = log_cells(client, exp, parent, exp_id)

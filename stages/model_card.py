@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from .common import METHOD_NAMES
+
 
 def _acc(m: dict | None) -> str:
     return "–" if not m else f"{m['top1']:.2f}% top-1, {m['top5']:.2f}% top-5"
@@ -36,7 +38,6 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
     ]
 
 
-METHOD_NAMES = {"qimera": "Qimera", "gdfq": "GDFQ", "zeroq": "ZeroQ", "naive": "naive calibration"}
 
 
 def _how_it_was_made(config: dict) -> list[str]:

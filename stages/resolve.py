@@ -9,8 +9,9 @@ are skipped.
 
 Everything that can be checked without loading the teacher is checked here, before any
 other stage runs: the preset, every value (qimera's validation, which also allows the four
-methods: qimera, gdfq and the calibration-only zeroq and naive), the input files, and that
-the MLflow store answers.
+methods: qimera, gdfq and the calibration-only zeroq and naive), the input files, the
+``ladder`` section and its experiment file (stages/ladder.py), and that the MLflow store
+answers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .common import (
     run_stage,
     write_yaml,
 )
+from .ladder import load_ladder
 from .tracking import connect, tracking_uri
 
 
@@ -37,6 +39,7 @@ def main() -> None:
     cfg = resolve_config(params, root)
     check_input_files(cfg, root)
     export_params(params)
+    load_ladder(params)  # the ladder stage's params and experiment file, checked now too
     connect(tracking_uri(params, root))
 
     resolved = cfg.resolved()

@@ -8,8 +8,16 @@
     Qimera 4w4a (final epoch)            98.52  100.00
 
 followed, when the export stage has run, by where the deployable files are and how they
-scored (``outputs/export/verification.json``, ``model.json``). The method and bit widths
-come from ``outputs/config/run.yaml`` when it is there.
+scored (``outputs/export/verification.json``, ``model.json``), and, when the ``ladder``
+stage has run, by its bit-width table (``outputs/ladder.json``)::
+
+    bit-width ladder (final-epoch top-1 %; experiments/demo-ladder.yaml, budget ...)
+    model                      4w4a    2w4a    4w2a
+    teacher (full precision)  98.70   98.70   98.70
+    naive (noise calibration) 98.52   63.89   75.93
+    ...
+
+The method and bit widths come from ``outputs/config/run.yaml`` when it is there.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import EXPORT_DIR, METRICS, MODEL_RECORD, RUN_CONFIG, read_json, read_yaml
+from .common import EXPORT_DIR, LADDER_METRICS, METHOD_NAMES, METRICS, MODEL_RECORD, RUN_CONFIG, read_json, read_yaml
 
-METHOD_NAMES = {"qimera": "Qimera", "gdfq": "GDFQ"}
+#: the ladder's row names (its rows are methods)
+LADDER_NAMES = {**METHOD_NAMES, "naive": "naive (noise calibration)"}
 
 
 def table(metrics: dict, method: str = "qimera") -> str:
@@ -34,16 +43,41 @@ def table(metrics: dict, method: str = "qimera") -> str:
 
 def main(argv: list[str]) -> int:
     path = Path(argv[0]) if argv else METRICS
-    if not path.is_file():
+    ladder = ladder_table(read_json(LADDER_METRICS)) if LADDER_METRICS.is_file() else ""
+    if not path.is_file() and not ladder:
         print(f"{path} not found: run the pipeline first (dvc repro)", file=sys.stderr)
         return 2
-    metrics = read_json(path)
-    method = read_yaml(RUN_CONFIG).get("method", "qimera") if RUN_CONFIG.is_file() else "qimera"
-    if metrics.get("mlflow_run_id"):
-        print(f"MLflow run {metrics['mlflow_run_id']}; `dvc exp show` and `mlflow ui` list it")
-    print(table(metrics, method))
-    print(exports_line())
+    if path.is_file():
+        metrics = read_json(path)
+        method = read_yaml(RUN_CONFIG).get("method", "qimera") if RUN_CONFIG.is_file() else "qimera"
+        if metrics.get("mlflow_run_id"):
+            print(f"MLflow run {metrics['mlflow_run_id']}; `dvc exp show` and `mlflow ui` list it")
+        print(table(metrics, method))
+        print(exports_line())
+    if ladder:
+        print()
+        print(ladder)
     return 0
+
+
+def ladder_table(ladder: dict) -> str:
+    """The ladder stage's table: a row per method (teacher first), a column per bit width."""
+    rows, columns = ladder.get("rows") or {}, ladder.get("columns") or []
+    if not rows:
+        return ""
+    width = max(len(LADDER_NAMES.get(r, r)) for r in [*rows, "teacher (full precision)"]) + 2
+
+    def fmt(v):
+        return f"{v:8.2f}" if isinstance(v, (int, float)) else f"{'–':>8}"
+
+    lines = [f"bit-width ladder (final-epoch top-1 %; {ladder['experiment']}, epochs x iterations x batch "
+             f"{ladder['budget']})", f"{'model':<{width}}" + "".join(f"{c:>8}" for c in columns)]
+    if ladder.get("teacher_top1") is not None:
+        lines.append(f"{'teacher (full precision)':<{width}}" + fmt(ladder["teacher_top1"]) * len(columns))
+    for row, values in rows.items():
+        lines.append(f"{LADDER_NAMES.get(row, row):<{width}}" + "".join(fmt(values.get(c)) for c in columns))
+    lines.append(f"(report: {ladder['report']})")
+    return "\n".join(lines)
 
 
 def exports_line(export_dir: Path = EXPORT_DIR) -> str:

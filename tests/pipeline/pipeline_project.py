@@ -2,7 +2,7 @@
 
 :func:`make_dvc_project` builds a :class:`DvcProject`: a fresh git repository in
 a temporary directory holding ``dvc.yaml``, ``params.yaml``, ``stages/``, ``configs/``,
-``qimera/``, ``.dvc/config``, ``.gitignore`` and ``.dvcignore``, committed, with
+``qimera/``, ``experiments/``, ``.dvc/config``, ``.gitignore`` and ``.dvcignore``, committed, with
 ``params.yaml`` cut down to a seconds-long demo (:data:`TINY_PARAMS`). Its ``env`` puts
 the running interpreter's bin directory first on PATH (the stages call ``python``),
 points ``MLFLOW_TRACKING_URI`` at a SQLite file in the temporary directory, caches the
@@ -26,13 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
-PROJECT_DIRS = ("stages", "configs", "qimera")
+PROJECT_DIRS = ("stages", "configs", "qimera", "experiments")
 #: params.yaml overrides for a demo pipeline that runs in seconds (no warm-up and a
 #: milestone at 1: configs refuse a warm-up that outlasts the run and milestones beyond it)
 TINY_PARAMS = {
     "train": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16, "device": "cpu", "warmup_epochs": 0,
               "calibration_epochs": 1, "lr_milestones": [1]},
     "naive": {"batches": 2, "batch_size": 16},
+    # the ladder stage has its own test (test_ladder.py); elsewhere it is switched off
+    "ladder": {"experiment": None},
 }
 #: variables of the caller's environment that would leak into the project's runs
 _SCRUB = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT",

@@ -3,8 +3,8 @@ prefect.yaml, one worker, and ``qimera-experiment/demo-grid`` run by name. The e
 flow run fans the cells out as ``qimera-cell/cell`` flow runs on the pool's ``cells``
 queue, then reports and tracks the experiment in MLflow.
 
-Runs in the ``dvc_project`` fixture's temporary copy of the project, with ``pipelines/``,
-``prefect.yaml`` and ``experiments/`` added; every process is killed by process group.
+Runs in the ``dvc_project`` fixture's temporary copy of the project (which has
+``experiments/``), with ``pipelines/`` and ``prefect.yaml`` added; every process is killed by process group.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def test_every_experiment_file_has_a_deployment():
 def test_experiment_deployment_fans_cells_out_and_reports(prefect_env, dvc_project, teacher_cache, tmp_path):
     api = prefect_env["api"]
     project = dvc_project.path
-    for rel in ("pipelines", "experiments"):
-        shutil.copytree(REPO / rel, project / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(REPO / "pipelines", project / "pipelines", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
     env = {**dvc_project.env, **prefect_env["settings"]}
     penv = {**env, "PWD": str(project)}

@@ -20,7 +20,9 @@ PAPER = ("cifar10", "cifar100", "imagenet-resnet18", "imagenet-resnet50", "image
 
 
 def params(**sections) -> dict:
+    """params.yaml with ``sections`` merged in; the ladder off (these tests run outside the repository)."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base["ladder"] = {"experiment": None}
     for key, value in sections.items():
         if isinstance(value, dict):
             base.setdefault(key, {}).update(value)
@@ -198,12 +200,15 @@ def test_prefect_flow_run_id_comes_from_the_environment(monkeypatch):
 
 def test_stage_graph_is_exact():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == ["resolve", "fetch_teacher", "init_embeddings", "train", "evaluate", "export"]
+    assert list(dvc) == ["resolve", "fetch_teacher", "init_embeddings", "train", "evaluate", "export", "ladder"]
     assert dvc["resolve"]["params"] == [{"params.yaml": None}]  # all of params.yaml
     for name, stage in dvc.items():
         assert stage["cmd"] == f"python -m stages.{name}"
-        # the others read config fragments; export also reads the params' export section
-        assert name == "resolve" or stage.get("params", []) == (["export"] if name == "export" else [])
+        # the others read config fragments; export and ladder also read their params sections
+        assert name == "resolve" or stage.get("params", []) == ([name] if name in ("export", "ladder") else [])
+    # the ladder does not depend on the preset's pipeline: a new preset never reruns it
+    assert not any(d.startswith("outputs/") for d in dvc["ladder"]["deps"])
+    assert {"outputs/ladder.json": {"cache": False}} in dvc["ladder"]["metrics"]
     deps = {name: set(stage["deps"]) for name, stage in dvc.items()}
     assert "outputs/config/teacher.yaml" in deps["fetch_teacher"]
     assert "outputs/config/embeddings.yaml" in deps["init_embeddings"]
@@ -415,3 +420,32 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "ONNX (opset 20) with QuantizeLinear/DequantizeLinear: 20 integer weight tensors" in card
     assert "(1 kept as exact float ops" in card and "onnxruntime 91.25%" in card and "99.96% of the images" in card
     assert "mean [0.5, 0.5, 0.5] and std [0.25, 0.25, 0.25]" in card
+
+
+def test_ladder_params_are_checked_in_one_line(tmp_path, monkeypatch):
+    from stages.ladder import DEFAULTS, ladder_params, load_ladder
+
+    monkeypatch.chdir(REPO)
+    assert ladder_params({}) == DEFAULTS
+    assert len(load_ladder({}).cells) == 9  # the shipped ladder: 3 methods x 3 bit widths
+    assert load_ladder({"ladder": {"experiment": None}}) is None
+    for section, message in [("x", "ladder='x': must be a mapping"), ({"job": 2}, "ladder.job: unknown key"),
+                             ({"jobs": 0}, "ladder.jobs=0"), ({"jobs": True}, "ladder.jobs=True"),
+                             ({"set": "train.epochs=1"}, "ladder.set='train.epochs=1'"),
+                             ({"experiment": 3}, "ladder.experiment=3"),
+                             ({"experiment": "experiments/nope.yaml"}, "ladder.experiment='experiments/nope.yaml': file")]:
+        with pytest.raises(PipelineError, match=message):
+            load_ladder({"ladder": section})
+
+
+def test_summary_prints_the_ladder_table():
+    from stages.summary import ladder_table
+
+    text = ladder_table({"experiment": "experiments/demo-ladder.yaml", "columns": ["4w4a", "2w2a"],
+                         "rows": {"naive": {"4w4a": 98.5, "2w2a": 45.7}, "qimera": {"4w4a": 98.3, "2w2a": None}},
+                         "teacher_top1": 98.7, "budget": "20 x 50 x 128", "report": "r.md"})
+    lines = text.splitlines()
+    assert "20 x 50 x 128" in lines[0] and lines[1].split() == ["model", "4w4a", "2w2a"]
+    assert lines[2].split()[-2:] == ["98.70", "98.70"] and lines[3].split()[-2:] == ["98.50", "45.70"]
+    assert lines[4].startswith("Qimera") and lines[4].split()[-2:] == ["98.30", "–"]
+    assert ladder_table({"experiment": None, "skipped": "off"}) == ""
