@@ -502,7 +502,8 @@ def _plot(exp: Experiment, rows, columns, table, path: Path) -> Path | None:
                 ax.plot([p[0] for p in paper], [p[1] for p in paper], ls="--", marker="x",
                         color=line[0].get_color(), alpha=0.7)
         ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-        ax.set_ylabel("final-epoch top-1 (%)  (dashed: paper)")
+        has_paper = any(e.paper is not None for e in table.values())
+        ax.set_ylabel("final-epoch top-1 (%)" + ("  (dashed: paper)" if has_paper else ""))
         ax.legend(fontsize=7)
     import textwrap
 
