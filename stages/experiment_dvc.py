@@ -149,6 +149,7 @@ def queue_cells(exp, root: Path, params: dict, mlflow: dict[str, str], log) -> d
             _run([dvc, "exp", "remove", name], root)
         extra = {f"mlflow.{k}": v for k, v in mlflow.items()}
         extra["mlflow.cell"] = cell.id
+        extra["ladder.experiment"] = None  # a cell is one run: not the demo's ladder stage too
         proc = _run(queue_command(dvc, name, {**sets, **extra}), root)
         if proc.returncode != 0:
             raise PipelineError(f"cell {cell.id}: `dvc exp run --queue` exited with {proc.returncode}: "
