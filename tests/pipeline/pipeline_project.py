@@ -90,6 +90,15 @@ class DvcProject:
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
+    def experiment_runs(self, experiment: str):
+        """The one FINISHED parent run of an experiment (stages.experiment) and its child runs."""
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        parents = client.search_runs([exp.experiment_id], "tags.`qimera.role` = 'parent'")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        return parents[0], children
+
     def read_json(self, rel: str):
         import json
 

@@ -123,11 +123,7 @@ def test_a_queued_dvc_cell_is_the_same_run_and_a_child_of_the_experiment(dvc_pro
     shown = dvc_project.dvc("exp", "show", "--json", check=True).stdout
     assert record["dvc_experiment"] in shown
 
-    client = dvc_project.client()
-    exp = client.get_experiment_by_name("dvc-cells")
-    parent = client.search_runs([exp.experiment_id], "tags.`qimera.role` = 'parent'")
-    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    parent, children = dvc_project.experiment_runs("dvc-cells")
     assert len(children) == 1
     child = children[0]
     # the child is the pipeline's own run (trained, evaluated, exported), not a copy of it
@@ -139,6 +135,6 @@ def test_a_queued_dvc_cell_is_the_same_run_and_a_child_of_the_experiment(dvc_pro
     again = dvc_project.run(cmd, timeout=300)  # finished: nothing is queued or run again
     assert again.returncode == 0, again.stdout[-4000:]
     assert "1 finished already, 0 queued now" in again.stdout
-    assert len(client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")) == 1
+    assert len(dvc_project.experiment_runs("dvc-cells")[1]) == 1
     report = (project / "runs" / "dvc-cells" / "report.md").read_text()
     assert f"{summary['student_top1']:.2f} ± 0.00 (N=1)" in report

@@ -90,13 +90,9 @@ def test_experiment_deployment_fans_cells_out_and_reports(prefect_env, dvc_proje
         assert json.loads((cell_dir / "cell.json").read_text())["status"] == "done"
 
     # MLflow: one parent, one child per cell, the report attached
-    client = dvc_project.client()
-    exp = client.get_experiment_by_name("demo-grid")
-    parents = client.search_runs([exp.experiment_id], "tags.`qimera.role` = 'parent'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    parent, children = dvc_project.experiment_runs("demo-grid")
     assert len(children) == 4
-    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} >= {"report/report.md"}
+    assert {a.path for a in dvc_project.client().list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
     # the flow run's artifact is the report
     arts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
         "artifacts": {"flow_run_id": {"any_": [parent_id]}}}).json()
