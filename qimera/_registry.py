@@ -151,6 +151,7 @@ class Registry(Mapping[str, Loader]):
 TEACHER_SOURCES = Registry("teacher.source", "source", {
     "pytorchcv": "qimera.teachers.pytorchcv:load",
     "torchvision": "qimera.teachers.torchvision:load",
+    "timm": "qimera.teachers.timm:load",
     "checkpoint": "qimera.teachers.checkpoint:load",
     "demo": "qimera.teachers.demo:load",
 })

@@ -24,6 +24,7 @@ from .baselines import CALIBRATION_METHODS, calibrated_student, naive_student
 from .config import Config, ConfigError, load_config, make_out_dir
 from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
+from .generators import generated_side
 from .teachers import LoadedTeacher, load_teacher
 from .trainer import EpochCallback, Trainer, resolve_device
 
@@ -111,14 +112,14 @@ def _prepare(cfg: Config, out_dir: Path, existed: bool, with_data: bool) -> Prep
                 f"generator.k={gen.k}: must be between 1 and the teacher's number of classes "
                 f"({teacher.num_classes})"
             )
-        if teacher.input_size[1] % 4 or teacher.input_size[2] % 4 or teacher.input_size[1] != teacher.input_size[2]:
-            raise ConfigError(
-                f"teacher input size {teacher.input_size}: the generator makes square images whose side "
-                "is divisible by 4"
-            )
+        try:  # square sides only; others than multiples of 4 are generated larger and cropped
+            generated_side(teacher.input_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     eval_data = None
     if with_data:
-        eval_data = load_eval_data(cfg.data, default_mean=teacher.mean, default_std=teacher.std)
+        eval_data = load_eval_data(cfg.data, default_mean=teacher.mean, default_std=teacher.std,
+                                   transform=teacher.eval_transform)
         check_fits_teacher(eval_data, teacher.input_size, teacher.num_classes)
     return Prepared(cfg, teacher, eval_data, device, out_dir, existed)
 

@@ -93,7 +93,7 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _needs(self):
-        if self.source in ("pytorchcv", "torchvision") and not self.name:
+        if self.source in ("pytorchcv", "torchvision", "timm") and not self.name:
             raise ValueError(f"teacher.name is required when teacher.source={self.source!r}")
         if self.source == "checkpoint":
             missing = [k for k in ("arch", "weights") if not getattr(self, k)]

@@ -12,7 +12,9 @@ Supported datasets (``data.name``):
     ``data.download`` is true). Held in memory as one normalised tensor.
 ``imagenet``
     An ImageNet-style validation split at ``data.path`` laid out as one folder per class,
-    read with :class:`torchvision.datasets.ImageFolder`, Resize(256) -> CenterCrop(224).
+    read with :class:`torchvision.datasets.ImageFolder` and preprocessed as the teacher
+    expects (:class:`EvalTransform`: resize the shorter side, centre-crop to the teacher's
+    input size, normalise); without a teacher, Resize(256) -> CenterCrop(224), bilinear.
 ``npz``
     A ``.npz`` archive at ``data.path`` with ``images`` (uint8 ``(N, H, W, 3)`` RGB,
     ``(N, H, W, 1)`` or ``(N, H, W)`` grayscale, or float in ``[0, 1]``) and ``labels``
@@ -26,18 +28,22 @@ Every problem with the inputs raises :class:`DataError`, whose message names the
 
 Each dataset is a loader ``loader(config: DataConfig) -> EvalData`` in :data:`DATA_LOADERS`
 (``{data.name: loader}``); :func:`register_dataset` adds one, and ``data.name`` then
-validates and loads.
+validates and loads. A loader that also takes a keyword ``transform`` receives the
+teacher's :class:`EvalTransform` (the built-in ``imagenet`` loader does; the in-memory
+datasets are stored at their final size and only take the normalisation).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -60,6 +66,8 @@ from qimera.normalisation import (
 __all__ = [
     "DataError",
     "EvalData",
+    "EvalTransform",
+    "STANDARD_CROP_RATIO",
     "DATASETS",
     "DATA_LOADERS",
     "DEFAULT_NORMALISATION",
@@ -73,6 +81,74 @@ __all__ = [
 
 class DataError(ValueError):
     """Evaluation data is missing, malformed, or inconsistent with the configuration."""
+
+
+#: crop side / resize side of the usual ImageNet evaluation (224 of 256). Used where a
+#: model zoo states no ratio of its own.
+STANDARD_CROP_RATIO = 0.875
+
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """How an image file becomes a teacher's input: resize the shorter side to ``resize``
+    (``interpolation``, antialiased), centre-crop to ``crop`` = ``(height, width)``,
+    scale to ``[0, 1]``, normalise with ``mean``/``std``.
+
+    The one description of evaluation preprocessing: every teacher source fills it in
+    (:attr:`qimera.teachers.LoadedTeacher.eval_transform`) from what its zoo publishes,
+    because accuracy depends on it (Inception-v3 wants 342 -> 299, timm's ResNets 235 ->
+    224 bicubic), and :meth:`compose` turns it into the torchvision pipeline.
+    """
+
+    resize: int
+    crop: tuple[int, int]
+    interpolation: Interpolation
+    mean: Stats
+    std: Stats
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("nearest", "bilinear", "bicubic"):
+            raise ValueError(f"interpolation={self.interpolation!r}: allowed nearest, bilinear, bicubic")
+        if len(self.crop) != 2 or min(self.crop) < 1 or self.resize < 1:
+            raise ValueError(f"resize={self.resize}, crop={self.crop}: expected positive sizes, crop (height, width)")
+
+    @classmethod
+    def from_ratio(cls, crop: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], *,
+                   ratio: float = STANDARD_CROP_RATIO, interpolation: Interpolation = "bilinear") -> "EvalTransform":
+        """The transform that crops ``crop`` out of an image resized to
+        ``ceil(max(crop) / ratio)`` (256 for 224 and 342 for 299 at the standard ratio,
+        as torchvision's weights use)."""
+        hw = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+        # rounded first, so that float error in a quotient that is a whole number does not
+        # push the ceiling one pixel up
+        resize = math.ceil(round(max(hw) / ratio, 6))
+        return cls(resize, hw, interpolation, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def with_crop(self, crop: tuple[int, int]) -> "EvalTransform":
+        """The same preprocessing for another input size (``teacher.input_size`` set by
+        hand): the resize keeps its ratio to the crop."""
+        crop = (int(crop[0]), int(crop[1]))
+        if crop == tuple(self.crop):
+            return self
+        return dataclasses.replace(self, crop=crop, resize=max(1, round(max(crop) * self.resize / max(self.crop))))
+
+    def compose(self) -> Callable[[Any], torch.Tensor]:
+        """The torchvision pipeline: a PIL image in, a normalised float ``(C, H, W)`` tensor out."""
+        from torchvision import transforms
+
+        return transforms.Compose([
+            transforms.Resize(self.resize, interpolation=transforms.InterpolationMode(self.interpolation),
+                              antialias=True),
+            transforms.CenterCrop(list(self.crop)),
+            transforms.ToTensor(),
+            transforms.Normalize(list(self.mean), list(self.std)),
+        ])
+
+
+#: what ``imagenet`` data get without a teacher's transform (SPEC §3: 256 -> 224)
+_DEFAULT_IMAGE_TRANSFORM = EvalTransform.from_ratio(224, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclass
@@ -335,12 +411,11 @@ def _read_npz(
 
 def _image_folder(
     path: str | os.PathLike[str] | None,
-    mean: Stats,
-    std: Stats,
+    transform: EvalTransform,
     limit: int | None,
 ) -> tuple[Dataset, int, int]:
     """Return ``(dataset, num_samples, num_classes)`` of an ImageFolder validation split."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     if path is None or str(path).strip() == "":
         raise DataError(
@@ -353,16 +428,8 @@ def _image_folder(
             f"data.path={str(path)!r} is not a directory; for data.name='imagenet' it must be "
             "the validation split laid out as one sub-folder per class (ImageFolder layout)"
         )
-    transform = transforms.Compose(
-        [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
     try:
-        dataset: Dataset = datasets.ImageFolder(str(folder), transform=transform)
+        dataset: Dataset = datasets.ImageFolder(str(folder), transform=transform.compose())
     except (FileNotFoundError, OSError) as exc:
         raise DataError(
             f"data.path={str(path)!r} is not a usable ImageFolder ({exc}); expected one "
@@ -394,14 +461,17 @@ def _load_digits(config: DataConfig) -> EvalData:
     return _in_memory(config, images.clone(), labels, DIGITS_NUM_CLASSES)  # normalised in place
 
 
-def _load_imagenet(config: DataConfig) -> EvalData:
+def _load_imagenet(config: DataConfig, transform: EvalTransform | None = None) -> EvalData:
+    """An ImageFolder split preprocessed with ``transform`` (the teacher's; the standard
+    256 -> 224 without one); ``data.mean``/``data.std`` override its normalisation."""
     m, s = _resolve_stats(config.name, 3, config.mean, config.std)
-    dataset, num_samples, num_classes = _image_folder(config.path, m, s, config.limit)
+    transform = dataclasses.replace(transform or _DEFAULT_IMAGE_TRANSFORM, mean=m, std=s)
+    dataset, num_samples, num_classes = _image_folder(config.path, transform, config.limit)
     return EvalData(
         loader=_make_loader(dataset, config),
         num_classes=num_classes,
         num_samples=num_samples,
-        input_size=(3, 224, 224),
+        input_size=(3, *transform.crop),
         mean=m,
         std=s,
         name=config.name,
@@ -417,6 +487,7 @@ def load_eval_data(
     *,
     default_mean: Sequence[float] | None = None,
     default_std: Sequence[float] | None = None,
+    transform: EvalTransform | None = None,
     **fields: Any,
 ) -> EvalData:
     """Load the evaluation set ``config`` describes (see the module docstring).
@@ -429,8 +500,11 @@ def load_eval_data(
 
     Args:
         default_mean, default_std: the statistics used where ``data.mean`` / ``data.std``
-            are not set (a run passes the teacher's); without them, the dataset's
+            are not set; without them, ``transform``'s, else the dataset's
             :data:`DEFAULT_NORMALISATION` (ImageNet's for 3-channel ``npz`` data).
+        transform: the teacher's preprocessing (a run passes
+            ``teacher.eval_transform``): image-file datasets resize and crop with it;
+            ``data.mean``/``data.std`` still override its normalisation.
 
     Raises:
         DataError: on any missing file, malformed array or inconsistent setting.
@@ -438,11 +512,25 @@ def load_eval_data(
     config = section_config(DataConfig, "data", config, fields, DataError, key="name")
     if config.name not in DATA_LOADERS:  # unregistered after the config was validated
         raise DataError(f"data.name={config.name!r}: {DATA_LOADERS.unknown(config.name)}")
+    if transform is not None:
+        default_mean = transform.mean if default_mean is None else default_mean
+        default_std = transform.std if default_std is None else default_std
     update = {key: list(default) for key, default in (("mean", default_mean), ("std", default_std))
               if default is not None and not getattr(config, key)}
     if update:
         config = config.model_copy(update=update)
-    return DATA_LOADERS[config.name](config)
+    loader = DATA_LOADERS[config.name]
+    if transform is not None and _takes_transform(loader):
+        return loader(config, transform=transform)
+    return loader(config)
+
+
+def _takes_transform(loader: Callable[..., Any]) -> bool:
+    """Whether a dataset loader accepts the teacher's ``transform`` keyword."""
+    try:
+        return "transform" in inspect.signature(loader).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def check_fits_teacher(data: EvalData, input_size: Sequence[int], num_classes: int) -> None:

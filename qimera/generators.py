@@ -15,10 +15,14 @@ Choices where the paper is silent (documented in README):
 * Between stacked DM layers stands LeakyReLU(0.2); there is none after the last one.
 * GDFQ's variant multiplies embedding and noise (``E[c] ⊙ σ_z·ε``) and does not
   standardize; it has no DM layers and is never superposed.
+* The network doubles its side twice, so it makes sides divisible by 4. A teacher whose
+  side is not (Inception-v3: 299) gets images generated at the next multiple of 4 (300)
+  and centre-cropped (:func:`generated_side`, :meth:`Generator.forward`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +38,33 @@ from .ops import upsample2x_conv3x3
 GEN_BN_EPS = 0.8
 DM_WIDTH = 100
 LEAKY_SLOPE = 0.2
+
+
+def generated_side(input_size: Sequence[int]) -> int:
+    """The side the generator network works at for a teacher input ``(C, H, W)``: the
+    smallest multiple of 4 that is at least ``H`` (its two ×2 upsamplings start from
+    ``side / 4``); the output is then centre-cropped to ``H``, which wastes at most 3
+    rows and columns (299 -> 300 for Inception-v3).
+
+    Raises:
+        ValueError: the input is not square (the generator makes square images); the
+            message says so with the size.
+    """
+    _, h, w = (int(v) for v in input_size)
+    if h != w or h < 1:
+        raise ValueError(
+            f"teacher input size {tuple(int(v) for v in input_size)}: the generator makes square images "
+            "(height = width); set teacher.input_size to a square size"
+        )
+    return -(-h // 4) * 4
+
+
+def center_crop(x: torch.Tensor, side: int) -> torch.Tensor:
+    """The central ``side × side`` window of NCHW ``x``; an odd surplus leaves the extra
+    row/column at the bottom/right (offset ``(S - side) // 2``)."""
+    top = (x.shape[-2] - side) // 2
+    left = (x.shape[-1] - side) // 2
+    return x[..., top: top + side, left: left + side]
 
 
 @dataclass
@@ -110,7 +141,8 @@ class Generator(nn.Module):
     Args:
         num_classes: C.
         embed_dim: D, the width of the class embeddings (the teacher's FC input width).
-        img_size: output side ``s`` (divisible by 4).
+        img_size: output side ``s``; the network works at :func:`generated_side` (``s``
+            rounded up to a multiple of 4) and centre-crops to ``s``.
         channels: output channels (3 for RGB, 1 for the digits demo).
         dm_layers: L, number of disentanglement-mapping layers (width 100); 0 = none.
         noise_scale: σ_z.
@@ -131,18 +163,19 @@ class Generator(nn.Module):
         conditional_bn: bool = False,
     ):
         super().__init__()
-        if img_size % 4:
-            raise ValueError(f"generator img_size={img_size}: must be divisible by 4")
+        side = generated_side((channels, img_size, img_size))
         if combine not in ("add", "multiply"):
             raise ValueError(f"generator.combine={combine!r}: allowed 'add', 'multiply'")
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.img_size = img_size
+        #: the side the network generates before the centre crop to ``img_size``
+        self.generated_size = side
         self.channels = channels
         self.noise_scale = float(noise_scale)
         self.combine = combine
         self.conditional_bn = conditional_bn
-        self.init_size = img_size // 4
+        self.init_size = side // 4
 
         self.embedding = nn.Embedding(num_classes, embed_dim)
         nn.init.normal_(self.embedding.weight)  # N(0, 1), the "random" initialisation
@@ -199,6 +232,10 @@ class Generator(nn.Module):
         x = F.leaky_relu(self.bn1(self._up_conv(self.conv1, x), mix), LEAKY_SLOPE)
         x = F.leaky_relu(self.bn2(self._up_conv(self.conv2, x), mix), LEAKY_SLOPE)
         x = torch.tanh(self.conv3(x))
+        if self.generated_size != self.img_size:
+            # crop before the output BatchNorm, so that the images the teacher sees are the
+            # standardised ones
+            x = center_crop(x, self.img_size)
         return self.out_bn(x)
 
     def _up_conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

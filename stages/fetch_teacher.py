@@ -78,7 +78,8 @@ def _load_inputs():
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         teacher = load_teacher(inputs.teacher)
-        data = load_eval_data(inputs.data, default_mean=teacher.mean, default_std=teacher.std)
+        data = load_eval_data(inputs.data, default_mean=teacher.mean, default_std=teacher.std,
+                              transform=teacher.eval_transform)  # the teacher's own resize and crop
         check_fits_teacher(data, teacher.input_size, teacher.num_classes)
     return teacher, data, device, remote
 

@@ -14,6 +14,7 @@ from qimera.data import (
     DEFAULT_NORMALISATION,
     DataError,
     EvalData,
+    EvalTransform,
     load_eval_data,
 )
 from qimera.models.digits_cnn import DIGITS_MEAN, DIGITS_STD
@@ -202,6 +203,83 @@ def test_imagenet_bad_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data\.mean"):
         (tmp_path / "a").mkdir()
         load_eval_data("imagenet", path=tmp_path, mean=[0.5])
+
+
+# --------------------------------------------------------------------------- the teacher's transform
+
+
+def _random_image(width: int = 500, height: int = 375, seed: int = 0):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize(("name", "resize", "crop"), [("resnet18", 256, 224), ("inception_v3", 342, 299)])
+def test_torchvision_teacher_transform_is_torchvisions(name: str, resize: int, crop: int) -> None:
+    """The transform a torchvision teacher brings equals its weights' ``transforms()``."""
+    from qimera.teachers import TORCHVISION_TEACHERS
+    from qimera.teachers.torchvision import weights_spec
+
+    reference = TORCHVISION_TEACHERS[name].transforms()
+    ours = weights_spec(TORCHVISION_TEACHERS[name]).eval_transform
+    assert (ours.resize, ours.crop) == (reference.resize_size[0], (reference.crop_size[0],) * 2) == (resize, (crop, crop))
+    assert ours.interpolation == reference.interpolation.value == "bilinear"
+    assert ours.mean == tuple(reference.mean) and ours.std == tuple(reference.std)
+    for image in (_random_image(), _random_image(333, 480, seed=1)):
+        torch.testing.assert_close(ours.compose()(image), reference(image), rtol=0, atol=1e-6)
+
+
+def test_imagenet_folder_preprocessed_as_the_teacher_says(tmp_path: Path) -> None:
+    """An Inception-v3 teacher's 342 -> 299 reaches the ImageFolder data; ``data.mean`` /
+    ``data.std`` still override its normalisation."""
+    from qimera.teachers import TORCHVISION_TEACHERS
+    from qimera.teachers.torchvision import weights_spec
+
+    weights = TORCHVISION_TEACHERS["inception_v3"]
+    transform = weights_spec(weights).eval_transform
+    for cls in ("n01", "n02"):
+        (tmp_path / cls).mkdir()
+        _random_image(seed=len(cls) + ord(cls[-1])).save(tmp_path / cls / "0.png")
+    data = load_eval_data("imagenet", path=tmp_path, transform=transform)
+    assert data.input_size == (3, 299, 299) and data.mean == transform.mean
+    x, _ = _all(data)
+    from PIL import Image
+
+    with Image.open(tmp_path / "n01" / "0.png") as image:
+        expected = weights.transforms()(image.convert("RGB"))
+    torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
+
+    overridden = load_eval_data("imagenet", path=tmp_path, transform=transform, mean=[0.5] * 3, std=[0.25] * 3)
+    assert overridden.mean == (0.5,) * 3 and overridden.std == (0.25,) * 3
+    x2, _ = _all(overridden)
+    torch.testing.assert_close(x2[0], ((expected * torch.tensor(transform.std)[:, None, None]
+                                        + torch.tensor(transform.mean)[:, None, None]) - 0.5) / 0.25,
+                               rtol=0, atol=1e-5)
+
+
+def test_eval_transform_from_ratio_and_with_crop() -> None:
+    mean, std = DEFAULT_NORMALISATION["imagenet"]
+    assert EvalTransform.from_ratio(224, mean, std).resize == 256
+    assert EvalTransform.from_ratio(299, mean, std).resize == 342  # ceil(341.7), as torchvision's weights
+    assert EvalTransform.from_ratio((224, 224), mean, std, ratio=0.95).resize == 236
+    t = EvalTransform.from_ratio(224, mean, std)
+    assert t.with_crop((224, 224)) is t
+    assert (t.with_crop((160, 160)).resize, t.with_crop((160, 160)).crop) == (183, (160, 160))  # ratio kept
+    with pytest.raises(ValueError, match="interpolation='lanczos'"):
+        EvalTransform(256, (224, 224), "lanczos", mean, std)  # type: ignore[arg-type]
+
+
+def test_without_a_teacher_imagenet_is_256_to_224(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    _random_image().save(tmp_path / "a" / "0.png")
+    data = load_eval_data("imagenet", path=tmp_path)
+    x, _ = _all(data)
+    from torchvision import transforms
+
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                    transforms.Normalize(*DEFAULT_NORMALISATION["imagenet"])])
+    torch.testing.assert_close(x[0], reference(_random_image()), rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- digits

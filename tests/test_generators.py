@@ -131,3 +131,42 @@ def test_initial_embeddings_are_the_seeds_and_not_the_global_rng():
     assert a.shape == (10, 64) and torch.equal(a, b)  # another process draws the same table
     assert not torch.equal(a, initial_embeddings("random", teacher, 4))
     assert torch.equal(initial_embeddings("teacher_fc", teacher, 3), teacher.fc_weight)
+
+
+# ----------------------------------------------------------------- sides not divisible by 4
+
+
+def test_generated_side_rounds_up_to_a_multiple_of_4():
+    from qimera.generators import generated_side
+
+    assert [generated_side((3, s, s)) for s in (32, 224, 299, 30, 1)] == [32, 224, 300, 32, 4]
+    with pytest.raises(ValueError, match=r"teacher input size \(3, 224, 200\): the generator makes square images"):
+        generated_side((3, 224, 200))
+
+
+def test_center_crop_window():
+    from qimera.generators import center_crop
+
+    x = torch.arange(36.0).reshape(1, 1, 6, 6)
+    assert torch.equal(center_crop(x, 3), x[..., 1:4, 1:4])  # offset (6 - 3) // 2
+    assert torch.equal(center_crop(x, 5), x[..., :5, :5])  # odd surplus: extra row/column left out at the end
+    assert center_crop(x, 6) is not None and torch.equal(center_crop(x, 6), x)
+
+
+def test_generator_for_a_299_teacher_generates_300_and_crops():
+    gen = Generator(5, 16, img_size=299, conditional_bn=True)
+    assert (gen.img_size, gen.generated_size, gen.init_size) == (299, 300, 75)
+    assert gen.fc.out_features == 128 * 75 * 75
+    g = torch.Generator().manual_seed(0)
+    x = gen(sample_superposed(2, 5, 2, generator=g, device="cpu"), generator=g)
+    assert x.shape == (2, 3, 299, 299)
+    # cropped before the output BatchNorm: the images the teacher sees are standardised
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.var((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-2, rtol=0)  # eps 1e-5
+    x.mean().backward()
+    assert gen.embedding.weight.grad is not None
+
+
+def test_generator_sizes_divisible_by_4_are_not_cropped():
+    gen = Generator(3, 8, img_size=32)
+    assert (gen.generated_size, gen.init_size) == (32, 8)

@@ -110,3 +110,26 @@ def test_registered_dataset(tmp_path):
         DATA_LOADERS.unregister("ones")
     with pytest.raises(ConfigError, match=r"data.name='ones': unknown dataset; allowed: cifar10"):
         load_config({"data": {"name": "ones"}, "quant": {"w_bits": 4, "a_bits": 4}})
+
+
+def test_a_source_without_a_transform_gets_the_standard_one_and_prepare_passes_it_on(toy, tmp_path):
+    """A source that states no evaluation transform gets the standard one (0.875 crop
+    ratio, bilinear, its mean/std); ``qimera.prepare`` hands the teacher's transform to
+    every dataset loader that takes a ``transform`` keyword."""
+    seen = []
+
+    def load_probe(config, transform=None) -> EvalData:
+        seen.append(transform)
+        images = torch.zeros(2, 1, 8, 8)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(2, dtype=torch.int64)))
+        return EvalData(loader, 1, 2, (1, 8, 8), tuple(config.mean), tuple(config.std), config.name)
+
+    register_dataset("probe", load_probe)
+    try:
+        prep = qimera.prepare({"teacher": {"source": "toy"}, "data": {"name": "probe"},
+                               "quant": {"w_bits": 4, "a_bits": 4}, "train": {"out_dir": str(tmp_path / "run")}})
+    finally:
+        DATA_LOADERS.unregister("probe")
+    t = prep.teacher.eval_transform
+    assert (t.resize, t.crop, t.interpolation, t.mean, t.std) == (10, (8, 8), "bilinear", (0.3,), (0.4,))
+    assert seen == [t] and prep.eval_data.mean == (0.3,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from pathlib import Path
 
@@ -239,6 +240,11 @@ def test_zoo_tables() -> None:
     assert PYTORCHCV_TEACHERS["resnet20_cifar10"].mean == (0.4914, 0.4822, 0.4465)
     assert PYTORCHCV_TEACHERS["resnet20_cifar100"].num_classes == 100
     assert PYTORCHCV_TEACHERS["resnet50"].input_size == (3, 224, 224)
+    # the supplement's Table 10 teachers, as ZeroQ/DSG used them
+    assert PYTORCHCV_TEACHERS["inceptionv3"].input_size == (3, 299, 299)
+    assert {"sqnxt23_w1", "sqnxt23_w3d2", "sqnxt23_w2", "sqnxt23v5_w1", "shufflenet_g1_w1",
+            "shufflenet_g8_w1"} <= set(PYTORCHCV_TEACHERS)
+    assert {"pytorchcv", "torchvision", "timm", "checkpoint", "demo"} <= set(SOURCES)
     assert set(TORCHVISION_TEACHERS) == {
         "resnet18", "resnet50", "mobilenet_v2", "inception_v3", "shufflenet_v2_x1_0", "squeezenet1_1"
     }
@@ -316,3 +322,58 @@ def test_pytorchcv_mobilenetv2_conv_head_builds() -> None:
     teacher = load_teacher("pytorchcv", name="mobilenetv2_w1", pretrained=False)
     assert teacher.num_classes == 1000 and teacher.fc_weight.shape == (1000, 1280)
     assert teacher.input_size == (3, 224, 224)
+
+
+# ----------------------------------------------------------------- evaluation transforms
+
+
+def test_torchvision_teacher_brings_its_weights_transform() -> None:
+    teacher = load_teacher("torchvision", name="resnet18", pretrained=False)
+    reference = TORCHVISION_TEACHERS["resnet18"].transforms()
+    t = teacher.eval_transform
+    assert (t.resize, t.crop, t.interpolation) == (reference.resize_size[0], (224, 224), "bilinear")
+    assert t.mean == teacher.mean and t.std == teacher.std
+
+
+def test_pytorchcv_transform_from_its_published_crop_ratio() -> None:
+    from qimera.teachers.pytorchcv import _crop_ratio
+
+    assert _crop_ratio("sqnxt23_w1") == 0.875 and _crop_ratio("inceptionv3") == 0.875
+    assert _crop_ratio("resnet20_cifar10") is None  # pytorchcv gives none: the standard ratio
+    t = load_teacher("pytorchcv", name="shufflenet_g1_w1", pretrained=False).eval_transform
+    assert (t.resize, t.crop, t.interpolation) == (256, (224, 224), "bilinear")
+    t = load_teacher("pytorchcv", name="inceptionv3", pretrained=False).eval_transform
+    assert (t.resize, t.crop) == (342, (299, 299))
+
+
+def test_transform_follows_teacher_settings() -> None:
+    """``teacher.input_size`` / ``mean`` / ``std`` set by hand reach the transform too."""
+    teacher = load_teacher("torchvision", name="resnet18", pretrained=False, input_size=[3, 160, 160],
+                           mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    t = teacher.eval_transform
+    assert (t.resize, t.crop, t.mean, t.std) == (183, (160, 160), (0.5,) * 3, (0.25,) * 3)
+
+
+def test_checkpoint_teacher_gets_the_standard_transform(tmp_path: Path, resnet20_state) -> None:
+    path = _save(resnet20_state, tmp_path / "w.pt")
+    t = load_teacher("checkpoint", arch=ARCH20, weights=path).eval_transform
+    assert (t.resize, t.crop, t.interpolation, t.mean) == (37, (32, 32), "bilinear", IMAGENET["mean"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the timm extra is not installed")
+@pytest.mark.parametrize("name", ["resnet50.a1_in1k", "inception_v3.tv_in1k"])
+def test_timm_teacher_transform_is_timms(name: str) -> None:
+    """timm's data config (input size, crop_pct, interpolation, mean, std) and its eval
+    transform give the same tensor as the teacher's transform."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    teacher = load_teacher("timm", name=name, pretrained=False)
+    config = timm.data.resolve_model_data_config(teacher.model)
+    assert teacher.input_size == config["input_size"]
+    assert (teacher.mean, teacher.std) == (config["mean"], config["std"])
+    assert teacher.eval_transform.interpolation == config["interpolation"] == "bicubic"
+    reference = timm.data.create_transform(**config)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    torch.testing.assert_close(teacher.eval_transform.compose()(image), reference(image), rtol=0, atol=1e-6)

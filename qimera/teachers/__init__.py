@@ -9,6 +9,9 @@ Its ``source`` picks the loader from :data:`TEACHER_SOURCES`, one module per sou
     :data:`PYTORCHCV_TEACHERS`), the zoo the Qimera paper used.
 ``torchvision`` (:mod:`qimera.teachers.torchvision`)
     A pretrained model from torchvision, by ``name`` (one of :data:`TORCHVISION_TEACHERS`).
+``timm`` (:mod:`qimera.teachers.timm`)
+    Any timm model, by ``name`` (``resnet50.a1_in1k``), downloaded or from a local
+    ``weights`` file; needs the optional extra ``qimera[timm]``.
 ``checkpoint`` (:mod:`qimera.teachers.checkpoint`)
     Any importable architecture ``arch="package.module:callable"`` plus a local weights
     file ``weights`` (a state dict, loaded with ``weights_only=True``). This is the way to
@@ -18,10 +21,11 @@ Its ``source`` picks the loader from :data:`TEACHER_SOURCES`, one module per sou
 
 :func:`load_teacher` returns a :class:`LoadedTeacher`: the model in eval mode with frozen
 parameters, its classifier weight (used by Qimera's boundary-sample generator), the
-number of classes, the input size and normalisation it expects, and the ``arch``
-(``module:callable``) that rebuilds the network without weights. Every teacher must
-contain ``nn.BatchNorm2d`` layers (:func:`check_batchnorm`), because the generator loss
-matches their running statistics.
+number of classes, the input size and normalisation it expects, how its evaluation
+images are resized and cropped (:class:`EvalTransform`, from the zoo's own
+preprocessing), and the ``arch`` (``module:callable``) that rebuilds the network without
+weights. Every teacher must contain ``nn.BatchNorm2d`` layers (:func:`check_batchnorm`),
+because the generator loss matches their running statistics.
 
 Pretrained downloads that fail raise a single :class:`TeacherError` which points to the
 ``checkpoint`` source.
@@ -42,7 +46,8 @@ from qimera._registry import TEACHER_SOURCES, section_config
 from qimera.config import TeacherConfig
 from qimera.normalisation import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 
-from .base import LoadedTeacher, TeacherError, TeacherSpec, check_batchnorm, find_classifier, finish_teacher
+from .base import EvalTransform, LoadedTeacher, TeacherError, TeacherSpec, check_batchnorm, find_classifier
+from .base import finish_teacher
 from .checkpoint import load_state_dict_file
 from .pytorchcv import PYTORCHCV_TEACHERS
 from .torchvision import TORCHVISION_TEACHERS
@@ -51,6 +56,7 @@ __all__ = [
     "TeacherError",
     "TeacherSpec",
     "LoadedTeacher",
+    "EvalTransform",
     "SOURCES",
     "TEACHER_SOURCES",
     "PYTORCHCV_TEACHERS",

@@ -3,6 +3,7 @@ model, and :func:`finish_teacher`, the last step of every loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,12 +14,15 @@ import torch.nn as nn
 
 from qimera._files import sha256_file
 from qimera.config import TeacherConfig
+from qimera.data import EvalTransform
 
 __all__ = [
+    "EvalTransform",
     "TeacherError",
     "TeacherSpec",
     "LoadedTeacher",
     "check_batchnorm",
+    "drop_auxiliary_head",
     "find_classifier",
     "finish_teacher",
     "require_name",
@@ -34,12 +38,15 @@ class TeacherError(ValueError):
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """What a named zoo model expects: class count, input size and normalisation."""
+    """What a named zoo model expects: class count, input size and normalisation, and how
+    its evaluation images are resized and cropped (``None``: the standard 0.875 crop ratio,
+    bilinear, :meth:`EvalTransform.from_ratio`)."""
 
     num_classes: int
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    eval_transform: EvalTransform | None = None
 
 
 @dataclass
@@ -63,6 +70,9 @@ class LoadedTeacher:
     weights_path: str | None = None
     #: SHA-256 (hex) of ``weights_path``.
     sha256: str | None = None
+    #: How evaluation images are preprocessed for this teacher (resize, crop to
+    #: ``input_size``, interpolation, ``mean``/``std``); :func:`finish_teacher` always sets it.
+    eval_transform: EvalTransform | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -86,13 +96,16 @@ def _is_download_error(exc: BaseException) -> bool:
     return module.split(".")[0] in {"urllib", "urllib3", "requests", "http", "socket"}
 
 
-def download_error(source: str, name: str, arch_hint: str, exc: BaseException) -> TeacherError:
-    """The one error of a failed pretrained download: it points to ``source: checkpoint``."""
+def download_error(source: str, name: str, arch_hint: str, exc: BaseException,
+                   alternative: str | None = None) -> TeacherError:
+    """The one error of a failed pretrained download: it points to ``source: checkpoint``
+    (and to ``alternative``, another way to give a local file, where the source has one)."""
     what = "download failed" if _is_download_error(exc) else "loading the pretrained weights failed"
+    also = f" ({alternative})" if alternative else ""
     return TeacherError(
         f"teacher.source {source}: teacher.name {name!r}: {what} ({one_line(exc)}). "
         "On an offline machine, download the weights elsewhere and use source: checkpoint "
-        f"with arch: {arch_hint} and weights: /path/to/file"
+        f"with arch: {arch_hint} and weights: /path/to/file{also}"
     )
 
 
@@ -126,6 +139,22 @@ def check_batchnorm(model: nn.Module, key: str = "teacher") -> None:
             f"{key} has no BatchNorm2d layer: Qimera's generator loss matches BN statistics; "
             "choose a teacher with BatchNorm2d layers (e.g. a ResNet or MobileNetV2)"
         )
+
+
+def drop_auxiliary_head(model: nn.Module) -> bool:
+    """Remove an auxiliary classifier that runs only in training mode (torchvision's
+    Inception-v3 ``AuxLogits``); returns whether there was one.
+
+    A teacher only ever runs in eval mode, where that head is dead code; but its
+    BatchNorm2d layers would still be found by the BNS loss, which matches every
+    BatchNorm2d of the teacher and would wait for statistics that never come. Eval-mode
+    outputs are unchanged (the model returns plain logits either way).
+    """
+    if getattr(model, "AuxLogits", None) is None or not hasattr(model, "aux_logits"):
+        return False
+    model.AuxLogits = None
+    model.aux_logits = False
+    return True
 
 
 def find_classifier(model: nn.Module, num_classes: int | None = None) -> nn.Linear | nn.Conv2d:
@@ -185,12 +214,16 @@ def finish_teacher(
     Puts the model in eval mode with frozen parameters, checks it (BatchNorm2d present,
     classifier found), and takes ``teacher.mean``/``std``/``input_size`` where the config
     gives them, else ``spec``'s (the source's defaults; ``spec.num_classes <= 0`` means
-    "infer from the classifier"). The config has already checked each field on its own;
-    this checks the mean/std channel count against the input size, after the model is
-    built and loaded, so that a checkpoint that does not fit its arch is reported first.
+    "infer from the classifier"). The evaluation transform is ``spec.eval_transform`` (or
+    the standard 0.875 crop ratio) cropped to the input size and normalised with the
+    resolved mean/std, so that it always agrees with what the teacher is fed in training.
+    The config has already checked each field on its own; this checks the mean/std channel
+    count against the input size, after the model is built and loaded, so that a
+    checkpoint that does not fit its arch is reported first.
     """
     model.eval()
     model.requires_grad_(False)
+    drop_auxiliary_head(model)
     check_batchnorm(model)
     wanted = config.num_classes if config.num_classes is not None else (
         spec.num_classes if spec.num_classes > 0 else None)
@@ -206,6 +239,9 @@ def finish_teacher(
                 "(teacher.input_size)"
             )
 
+    base = spec.eval_transform or EvalTransform.from_ratio(tuple(input_size[1:]), mean, std)
+    eval_transform = dataclasses.replace(base.with_crop(tuple(input_size[1:])), mean=mean, std=std)
+
     digest = sha256_file(weights_path) if weights_path is not None and os.path.isfile(weights_path) else None
     return LoadedTeacher(
         model=model,
@@ -219,4 +255,5 @@ def finish_teacher(
         arch=arch,
         weights_path=weights_path,
         sha256=digest,
+        eval_transform=eval_transform,
     )

@@ -20,9 +20,9 @@ from qimera._registry import import_callable
 from qimera.config import TeacherConfig
 from qimera.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
-from .base import LoadedTeacher, TeacherError, TeacherSpec, finish_teacher, one_line
+from .base import LoadedTeacher, TeacherError, TeacherSpec, drop_auxiliary_head, finish_teacher, one_line
 
-__all__ = ["load_state_dict_file", "load"]
+__all__ = ["load_state_dict_file", "local_weights_path", "load_weights_file", "load"]
 
 #: what a checkpoint teacher expects unless the config says otherwise (the class count
 #: comes from its classifier)
@@ -104,7 +104,8 @@ def _format_key_diff(missing: list[str], unexpected: list[str], shapes: list[str
     return "; ".join(parts)
 
 
-def _load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+def _load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
+                       what: str = "teacher.arch") -> None:
     """Load ``state`` into ``model``, raising a readable :class:`TeacherError` on mismatch."""
     expected = model.state_dict()
     missing = [
@@ -118,7 +119,7 @@ def _load_weights_into(model: nn.Module, state: Mapping[str, torch.Tensor], wher
     ]
     if missing or unexpected or shapes:
         raise TeacherError(
-            f"teacher.weights: {where} does not match teacher.arch: "
+            f"teacher.weights: {where} does not match {what}: "
             + _format_key_diff(missing, unexpected, shapes)
         )
     model.load_state_dict(dict(state), strict=False)
@@ -166,12 +167,32 @@ def _build_arch(arch: str, num_classes: int | None) -> nn.Module:
     return model
 
 
-def load(config: TeacherConfig) -> LoadedTeacher:
-    """Build ``teacher.arch`` and load ``teacher.weights`` into it (both required by the config)."""
-    path = _check_local_path(config.weights)
+def local_weights_path(weights: str) -> Path:
+    """``teacher.weights`` as an existing local file (URLs and missing files are refused
+    with one line), checked before any network is built."""
+    path = _check_local_path(weights)
     if not path.is_file():
         raise TeacherError(f"teacher.weights: file not found: {str(path)!r}")
+    return path
+
+
+def load_weights_file(model: nn.Module, path: Path, what: str = "teacher.arch") -> None:
+    """Load the state dict in the local file ``path`` into ``model``: every key and shape
+    must match (the error lists the differences and names ``what`` as the model).
+
+    The one tolerance: weights without the training-only auxiliary head (a teacher saved
+    after :func:`finish_teacher` dropped it, as the pipeline's ``fetch_teacher`` saves
+    Inception-v3) load into an arch that builds one; the head is dropped first."""
+    state = load_state_dict_file(path)
+    if getattr(model, "AuxLogits", None) is not None and not any(k.startswith("AuxLogits.") for k in state):
+        drop_auxiliary_head(model)
+    _load_weights_into(model, state, repr(str(path)), what)
+
+
+def load(config: TeacherConfig) -> LoadedTeacher:
+    """Build ``teacher.arch`` and load ``teacher.weights`` into it (both required by the config)."""
+    path = local_weights_path(config.weights)
     model = _build_arch(config.arch, config.num_classes)
-    _load_weights_into(model, load_state_dict_file(path), repr(str(path)))
+    load_weights_file(model, path)
     return finish_teacher(config, model, name=config.name or config.arch, arch=config.arch,
                           spec=_DEFAULTS, weights_path=str(path))

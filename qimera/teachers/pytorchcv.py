@@ -1,5 +1,10 @@
 """Source ``pytorchcv``: a pretrained model of pytorchcv's zoo (the one the Qimera paper
-used), by ``teacher.name`` (one of :data:`PYTORCHCV_TEACHERS`)."""
+used), by ``teacher.name`` (one of :data:`PYTORCHCV_TEACHERS`).
+
+Evaluation preprocessing: pytorchcv publishes each ImageNet model's input size and crop
+ratio (``img_size``, ``img_scale`` in its ``model_metainfos.csv``, 0.875 for every model
+here), not the interpolation; images are resized to ``ceil(size / ratio)`` (256 for 224,
+342 for 299), bilinear, and centre-cropped (:meth:`EvalTransform.from_ratio`)."""
 
 from __future__ import annotations
 
@@ -11,23 +16,50 @@ from typing import Any
 from qimera.config import TeacherConfig
 from qimera.normalisation import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 
-from .base import LoadedTeacher, TeacherError, TeacherSpec, check_num_classes, download_error, finish_teacher
-from .base import one_line, require_name
+from .base import EvalTransform, LoadedTeacher, TeacherError, TeacherSpec, check_num_classes, download_error
+from .base import finish_teacher, one_line, require_name
 
 __all__ = ["PYTORCHCV_TEACHERS", "pytorchcv_arch", "load"]
 
 _CIFAR10 = TeacherSpec(10, (3, 32, 32), CIFAR10_MEAN, CIFAR10_STD)
 _CIFAR100 = TeacherSpec(100, (3, 32, 32), CIFAR100_MEAN, CIFAR100_STD)
 _IMAGENET = TeacherSpec(1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD)
+_IMAGENET_299 = TeacherSpec(1000, (3, 299, 299), IMAGENET_MEAN, IMAGENET_STD)
 
-#: pytorchcv model names accepted by the ``pytorchcv`` source.
+#: pytorchcv model names accepted by the ``pytorchcv`` source: the SPEC §3 teachers, and
+#: the networks of the supplement's Table 10 (which names none; ZeroQ's pytorchcv model
+#: list has ``inceptionv3``, ``sqnxt23_w2`` and ``shufflenet_g1_w1``): InceptionV3,
+#: SqueezeNext-23 (all widths, v1 and v5) and ShuffleNet (width 1, all group counts).
 PYTORCHCV_TEACHERS: dict[str, TeacherSpec] = {
     "resnet20_cifar10": _CIFAR10,
     "resnet20_cifar100": _CIFAR100,
     "resnet18": _IMAGENET,
     "resnet50": _IMAGENET,
     "mobilenetv2_w1": _IMAGENET,
+    "inceptionv3": _IMAGENET_299,
+    **{f"sqnxt23{v}_w{w}": _IMAGENET for v in ("", "v5") for w in ("1", "3d2", "2")},
+    **{f"shufflenet_g{g}_w1": _IMAGENET for g in (1, 2, 3, 4, 8)},
 }
+
+
+def _crop_ratio(name: str) -> float | None:
+    """pytorchcv's published crop ratio (``img_scale``) for ``name``; ``None`` where it
+    gives none (the CIFAR models) or the table cannot be read."""
+    try:
+        from pytorchcv.models.common.model_store import get_model_metainfos_file_path, load_csv
+
+        rows = load_csv(get_model_metainfos_file_path())
+        column = rows[0].index("img_scale")
+        value = next(row[column] for row in rows[1:] if row[0] == name)
+        return float(value) if 0.0 < float(value) <= 1.0 else None
+    except Exception:  # noqa: BLE001 - NA, a missing row or another pytorchcv layout: the standard ratio
+        return None
+
+
+def _eval_transform(name: str, spec: TeacherSpec) -> EvalTransform:
+    ratio = _crop_ratio(name)
+    return EvalTransform.from_ratio(spec.input_size[1:], spec.mean, spec.std,
+                                    **({} if ratio is None else {"ratio": ratio}))
 
 
 def pytorchcv_arch(name: str) -> str:
@@ -77,5 +109,5 @@ def load(config: TeacherConfig) -> LoadedTeacher:
             ) from exc
         raise download_error("pytorchcv", name, arch, exc) from exc
     weights_path = _weights_file(name, config.cache_dir) if config.pretrained else None
-    return finish_teacher(config, model, name=name, arch=arch,
-                          spec=dataclasses.replace(spec, num_classes=n_cls), weights_path=weights_path)
+    spec = dataclasses.replace(spec, num_classes=n_cls, eval_transform=_eval_transform(name, spec))
+    return finish_teacher(config, model, name=name, arch=arch, spec=spec, weights_path=weights_path)

@@ -15,10 +15,10 @@ import torch
 
 from qimera.config import TeacherConfig
 
-from .base import LoadedTeacher, TeacherError, TeacherSpec, check_num_classes, download_error, finish_teacher
-from .base import one_line, require_name
+from .base import EvalTransform, LoadedTeacher, TeacherError, TeacherSpec, check_num_classes, download_error
+from .base import finish_teacher, one_line, require_name
 
-__all__ = ["TORCHVISION_TEACHERS", "inception_v3", "torchvision_arch", "load"]
+__all__ = ["TORCHVISION_TEACHERS", "inception_v3", "torchvision_arch", "weights_spec", "load"]
 
 
 def _torchvision_teachers() -> dict[str, Any]:
@@ -56,18 +56,28 @@ def torchvision_arch(name: str) -> str:
     return f"torchvision.models:{name}"
 
 
+def weights_spec(weights: Any) -> TeacherSpec:
+    """What a torchvision ``Weights`` enum member says its model expects, read from its
+    ``transforms()`` (available offline: the enum carries no tensors)."""
+    transform = weights.transforms()
+    crop = int(transform.crop_size[0])
+    mean = tuple(float(v) for v in transform.mean)
+    std = tuple(float(v) for v in transform.std)
+    return TeacherSpec(
+        num_classes=len(weights.meta["categories"]),
+        input_size=(3, crop, crop),
+        mean=mean,
+        std=std,
+        eval_transform=EvalTransform(resize=int(transform.resize_size[0]), crop=(crop, crop),
+                                     interpolation=transform.interpolation.value, mean=mean, std=std),
+    )
+
+
 def load(config: TeacherConfig) -> LoadedTeacher:
     """Build (and with ``teacher.pretrained``, download) ``teacher.name`` from torchvision."""
     name = require_name(config, TORCHVISION_TEACHERS)
     weights = TORCHVISION_TEACHERS[name]
-    transform = weights.transforms()
-    crop = int(transform.crop_size[0])
-    spec = TeacherSpec(
-        num_classes=len(weights.meta["categories"]),
-        input_size=(3, crop, crop),
-        mean=tuple(float(v) for v in transform.mean),
-        std=tuple(float(v) for v in transform.std),
-    )
+    spec = weights_spec(weights)
     n_cls = check_num_classes(config, spec.num_classes)
     import torchvision
 

@@ -31,8 +31,9 @@ def test_presets_and_imagenet_models():
 
 
 def test_presets_match_the_config_files():
-    assert q.available_presets(REPO) == ["cifar10", "cifar10-shared", "cifar100", "demo", "imagenet-mobilenetv2",
-                                         "imagenet-resnet18", "imagenet-resnet50"]
+    assert q.available_presets(REPO) == ["cifar10", "cifar10-shared", "cifar100", "demo", "imagenet-inceptionv3",
+                                         "imagenet-mobilenetv2", "imagenet-resnet18", "imagenet-resnet50",
+                                         "imagenet-shufflenet", "imagenet-sqnxt23"]
     assert q.resolve_preset("cifar10-shared", project=REPO) == "cifar10-shared"
     with pytest.raises(q.FlowInputError, match="allowed: imagenet, cifar10, "):
         q.resolve_preset("nope", project=REPO)

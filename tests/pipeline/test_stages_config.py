@@ -86,7 +86,8 @@ def test_unknown_preset_lists_the_allowed_ones():
         resolve_config(params(preset="resnet9000"), REPO)
     assert str(err.value) == (
         "preset='resnet9000' is not a preset; allowed: cifar10, cifar10-shared, cifar100, demo, "
-        "imagenet-mobilenetv2, imagenet-resnet18, imagenet-resnet50")
+        "imagenet-inceptionv3, imagenet-mobilenetv2, imagenet-resnet18, imagenet-resnet50, imagenet-shufflenet, "
+        "imagenet-sqnxt23")
     with pytest.raises(PipelineError):
         resolve_config(params(preset=None), REPO)
 
