@@ -1,4 +1,5 @@
-"""Console script: ``qimera run CONFIG.yaml [--set section.key=value ...]``."""
+"""Console script: ``qimera run CONFIG.yaml [--set section.key=value ...]`` (also ``check``,
+``experiment run|report`` and ``figure pca|samples``)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,29 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("experiment")
     ep.add_argument("--seeds", type=_positive_int, default=None, metavar="N")
     ep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _figure_parser(sub)
     return p
+
+
+def _figure_parser(sub) -> None:
+    """``qimera figure pca|samples RUN_DIR``: the paper's Figures 3/5 and 6 for a trained run."""
+    f = sub.add_parser("figure", help="the paper's figures for a trained run: pca (Figures 3, 5), samples (Figure 6)")
+    fsub = f.add_subparsers(dest="figure", required=True, parser_class=_Parser)
+    fp = fsub.add_parser("pca", help="PCA of the teacher's penultimate features per class pair, with the λ path")
+    fs = fsub.add_parser("samples", help="the class x class grid (K=2, λ=0.5), rows of plain samples per class")
+    for q in (fp, fs):
+        q.add_argument("run_dir", help="a run's train.out_dir (holds checkpoint.pt)")
+        q.add_argument("--out", default=None, metavar="DIR", help="where to write (default RUN_DIR/figures)")
+        q.add_argument("--config", default=None, metavar="FILE",
+                       help="the run's config, when its checkpoint does not hold one")
+        q.add_argument("--seed", type=int, default=None, help="noise seed (default the run's train.seed)")
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
+    fp.add_argument("--pairs", default=None, metavar="A-B,C-D,...", help="class pairs (default 0-1,1-2,...,8-9)")
+    fp.add_argument("--samples", type=_positive_int, default=64, metavar="N",
+                    help="generated samples per class and per boundary cloud (default 64)")
+    fs.add_argument("--classes", default=None, metavar="I,J,...",
+                    help="classes of the rows (default all when C <= 10, else 0, C/10, ...)")
+    fs.add_argument("--per-class", type=_positive_int, default=8, metavar="N", help="samples per row (default 8)")
 
 
 def _positive_int(text: str) -> int:
@@ -73,6 +96,25 @@ def _experiment(args) -> int:
         print(f"qimera: error: {counts['failed']} cell(s) failed (their cell.json says why); rerun to retry them",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _figure(args) -> int:
+    """Draw one figure command's files and list them; its bad input is one line, status 2."""
+    from . import figures
+
+    try:
+        common = dict(out=args.out, config=args.config, seed=args.seed, device=args.device)
+        if args.figure == "pca":
+            pairs = figures.parse_pairs(args.pairs) if args.pairs is not None else None
+            paths = figures.pca_figures(args.run_dir, pairs, samples=args.samples, **common)
+        else:
+            classes = figures.parse_classes(args.classes) if args.classes is not None else None
+            paths = figures.sample_figures(args.run_dir, classes, per_class=args.per_class, **common)
+    except figures.FigureError as exc:
+        print(f"qimera: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
     return 0
 
 
@@ -106,6 +148,8 @@ def _main(args) -> int:
     try:
         if args.command == "experiment":
             return _experiment(args)
+        if args.command == "figure":
+            return _figure(args)
         if args.command == "check":
             prep = prepare(args.config, args.overrides)
             text = json.dumps(prep.cfg.resolved(), indent=2)

@@ -10,6 +10,7 @@ INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"), ("qimera.data", "DataError"),
     ("qimera.export", "ExportError"), ("qimera.trainer", "TrainingDiverged"), ("qimera.trainer", "CheckpointError"),
     ("qimera.evaluate", "NonFiniteError"), ("qimera.experiments", "ExperimentError"),
+    ("qimera.figures", "FigureError"),
 )
 
 

@@ -71,10 +71,12 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
     one row per epoch: ``epoch, loss_g, loss_g_ce, loss_g_bns, loss_s, top1, top5,
     iters_per_second`` (``dvc plots show``); only the header for zeroq and naive.
 ``outputs/figures/``
-    ``samples.png`` (class × class grid of generated samples) and ``curves.png``. Without a
+    ``samples.png`` (class × class grid of generated samples, Figure 6), ``pca.png`` (the
+    teacher's penultimate features of generated samples per adjacent class pair, with the
+    embedding path, Figure 5: :mod:`qimera.figures`) and ``curves.png``. Without a
     generator, ``samples.png`` shows ZeroQ's distilled calibration images (not
-    class-conditional) or, for naive, says there are no samples; ``curves.png`` says there
-    are no training curves.
+    class-conditional) or, for naive, says there are no samples; ``pca.png`` and
+    ``curves.png`` say there is no generator and no training curves.
 ``outputs/ladder/``, ``outputs/ladder.json``
     the ``ladder`` stage (:mod:`stages.ladder`): the cells of params ``ladder.experiment``
     (by default the digits demo's naive, GDFQ and Qimera by bit width) with their report,

@@ -3,15 +3,18 @@
 The teacher's numbers come from ``outputs/teacher/teacher.json`` (fetch_teacher measured
 them on the same evaluation data). The naive baseline is the same quantization with
 activation ranges calibrated on Gaussian noise; the student is the final epoch's
-checkpoint. Also draws the class × class grid of generated samples and the training
-curves (``outputs/figures``) and logs metrics, figures and metrics.json into the
-pipeline's MLflow run: RUNNING while this stage works on it, SCHEDULED (for ``export``)
-when it is done, KILLED when interrupted (Ctrl-C, SIGTERM, SIGHUP), FAILED on an error.
+checkpoint. Also draws the class × class grid of generated samples (Figure 6), the PCA
+of their teacher features per class pair (Figure 5, ``pca.png``; both from
+:mod:`qimera.figures`) and the training curves (``outputs/figures``) and logs metrics,
+figures and metrics.json into the pipeline's MLflow run: RUNNING while this stage works
+on it, SCHEDULED (for ``export``) when it is done, KILLED when interrupted (Ctrl-C,
+SIGTERM, SIGHUP), FAILED on an error.
 
 A calibration-only method (zeroq, naive) has no generator and no epochs, and its figures
 say so rather than stand empty: ``samples.png`` shows ZeroQ's distilled calibration
 images as they are (they are not class-conditional, so there is no class × class grid)
-or says that naive has no samples; ``curves.png`` says there are no training curves.
+or says that naive has no samples; ``curves.png`` and ``pca.png`` say there are no
+training curves and no generated samples.
 """
 
 from __future__ import annotations
@@ -89,7 +92,9 @@ def _evaluate(run) -> None:
     if naive is not None:
         final.update(naive_top1=naive.top1, naive_top5=naive.top5)
     with all_or_nothing(METRICS, FIGURES_DIR):
-        _draw_samples(FIGURES_DIR / "samples.png", run)
+        generator = _trained_generator(run)
+        _draw_samples(FIGURES_DIR / "samples.png", run, generator)
+        _draw_pca(FIGURES_DIR / "pca.png", run, generator)
         if state["history"]:
             figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
         else:
@@ -104,28 +109,52 @@ def _evaluate(run) -> None:
           f"student {student_res.top1:.2f}% (top-5 {student_res.top5:.2f}%)")
 
 
-def _draw_samples(path, run) -> None:
-    """The generator's class × class grid; without a generator, the images the ranges were
-    calibrated on (ZeroQ's distilled batch, shown as it is: it has no classes), or a note."""
-    cfg, state, teacher, device = run.cfg, run.state, run.prep.teacher, run.prep.device
-    if state.get("generator") is not None:
-        from qimera.generators import build_generator
+def _trained_generator(run):
+    """The run's generator with the final checkpoint's weights, on the run's device; None
+    for a calibration-only method."""
+    if run.state.get("generator") is None:
+        return None
+    from qimera.generators import build_generator
 
-        generator = build_generator(run.root_cfg, teacher)
-        generator.load_state_dict(state["generator"])
-        generator.to(device)
-        classes = figures.grid_classes(teacher.num_classes)
-        grid = figures.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
-        figures.save_sample_grid(path, grid, classes)
+    generator = build_generator(run.root_cfg, run.prep.teacher)
+    generator.load_state_dict(run.state["generator"])
+    return generator.to(run.prep.device)
+
+
+def _draw_samples(path, run, generator) -> None:
+    """The generator's class × class grid (Figure 6); without a generator, the images the
+    ranges were calibrated on (ZeroQ's distilled batch, shown as it is: it has no classes),
+    or a note."""
+    from qimera import figures as paper
+
+    cfg, state, teacher, device = run.cfg, run.state, run.prep.teacher, run.prep.device
+    if generator is not None:
+        classes = paper.grid_classes(teacher.num_classes)
+        grid = paper.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
+        paper.save_sample_grid(path, grid, classes, paper.dataset_class_names(cfg.data.name, teacher.num_classes))
     elif state.get("calibration_images") is not None:
         images = state["calibration_images"]
-        figures.save_images(path, figures.image_grid(images, teacher.mean, teacher.std), (
+        paper.save_images(path, paper.image_grid(images, teacher.mean, teacher.std), (
             f"{cfg.method}: no generator. {len(images)} of the {cfg.zeroq.batch_size} images the activation "
             f"ranges were calibrated on,\ndistilled in {cfg.zeroq.steps} steps to match the teacher's BatchNorm "
             "statistics (not class-conditional)"))
     else:
         figures.save_note(path, f"No samples: {cfg.method} has no generator (activation ranges calibrated "
                                 "on Gaussian noise).")
+
+
+def _draw_pca(path, run, generator) -> None:
+    """Figure 5: the PCA of the teacher's features of generated samples per adjacent class
+    pair, with the no-noise path between the two classes; a note without a generator."""
+    from qimera import figures as paper
+
+    cfg, teacher = run.cfg, run.prep.teacher
+    if generator is None:
+        figures.save_note(path, f"No PCA of generated samples: {cfg.method} has no generator.")
+        return
+    points = paper.pca_points(teacher, generator, paper.default_pairs(teacher.num_classes), seed=cfg.train.seed,
+                              device=run.prep.device)
+    paper.save_pca_pairs(path, points, paper.dataset_class_names(cfg.data.name, teacher.num_classes))
 
 
 if __name__ == "__main__":

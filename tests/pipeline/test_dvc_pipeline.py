@@ -105,7 +105,7 @@ def test_repro_runs_the_demo_and_records_everything(built):
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["qimera.bits"] == "w4a4" and meta["qimera.mlflow_run_id"] == m["mlflow_run_id"]
     assert run_cfg["preset"] == "demo" and run_cfg["train"]["out_dir"] == "outputs/train"
-    for png in ("samples.png", "curves.png"):
+    for png in ("samples.png", "pca.png", "curves.png"):
         assert (built.path / "outputs/figures" / png).read_bytes()[:4] == b"\x89PNG"
 
     client = built.client()
@@ -136,8 +136,8 @@ def test_repro_runs_the_demo_and_records_everything(built):
         return out
 
     arts = set(listing())
-    assert {"config/run.yaml", "figures/samples.png", "figures/curves.png", "evaluation/metrics.json",
-            "training/history.csv", "export/config.yaml", "export/student.onnx", "export/verification.json",
+    assert {"config/run.yaml", "figures/samples.png", "figures/pca.png", "figures/curves.png",
+            "evaluation/metrics.json", "training/history.csv", "export/config.yaml", "export/student.onnx", "export/verification.json",
             "export/integer/quant_map.json", "export/integer/student.safetensors"} <= arts, arts
     assert final["onnx_top1"] == pytest.approx(v["onnx_top1"])
 
