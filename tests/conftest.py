@@ -49,3 +49,14 @@ def tiny_teacher(tiny_config):
     t = tiny_config["teacher"]
     return load_teacher("checkpoint", arch=t["arch"], weights=t["weights"], num_classes=10,
                         input_size=(1, 8, 8), mean=(0.3,), std=(0.4,))
+
+
+@pytest.fixture
+def short_socket_timeout():
+    """Keep any (failing) download attempt from hanging: a 5 s socket timeout."""
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    yield
+    socket.setdefaulttimeout(previous)

@@ -6,7 +6,6 @@ bad teachers are refused with one line before any work."""
 from __future__ import annotations
 
 import importlib.util
-import socket
 import sys
 from pathlib import Path
 
@@ -27,13 +26,8 @@ needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None,
                                 reason="the timm extra (pip install 'qimera[timm]') is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _short_socket_timeout():
-    """Keep any (failing) download attempt from hanging."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(5)
-    yield
-    socket.setdefaulttimeout(previous)
+#: any (failing) download attempt gives up quickly (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("short_socket_timeout")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 from pathlib import Path
 
 import pytest
@@ -35,13 +34,8 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _short_socket_timeout():
-    """Keep any (failing) download attempt from hanging."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(5)
-    yield
-    socket.setdefaulttimeout(previous)
+#: any (failing) download attempt gives up quickly (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("short_socket_timeout")
 
 
 @pytest.fixture(scope="module")
