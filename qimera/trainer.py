@@ -132,6 +132,16 @@ def checkpoint_file(out_dir: str | Path) -> Path:
     return Path(out_dir) / CHECKPOINT_NAME
 
 
+def discard_checkpoint(out_dir: str | Path) -> None:
+    """Remove the checkpoint and history a run left in ``out_dir`` (and temporaries of
+    them that a killed write left behind): the next run there starts over."""
+    for path in (checkpoint_file(out_dir), Path(out_dir) / HISTORY_NAME):
+        remove_stale_temps(path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+
+
 def read_checkpoint(out_dir: str | Path, *, mmap: bool = False) -> dict:
     """The checkpoint a run left in ``out_dir``, loaded safely on the CPU (tensors only,
     ``weights_only=True``)."""
@@ -354,10 +364,7 @@ class Trainer:
 
     def discard_checkpoint(self) -> None:
         """Remove the checkpoint and history of ``out_dir``: the next :meth:`fit` starts over."""
-        for path in (self.checkpoint_path, self.history_path):
-            if path.is_dir():
-                shutil.rmtree(path)
-            path.unlink(missing_ok=True)
+        discard_checkpoint(self.out_dir)
 
     def maybe_resume(self) -> bool:
         """Continue the checkpoint in ``out_dir`` when there is one and ``train.resume``

@@ -133,10 +133,18 @@ def _resume_or_start_over(trainer):
     if not status.resumable:
         if status.found:
             print(f"train: starting over ({status.reason})")
-        trainer.discard_checkpoint()
-        TRAIN_RECORD.unlink(missing_ok=True)
-        MLFLOW_RUN.unlink(missing_ok=True)
+        _discard_outputs()
     return status
+
+
+def _discard_outputs() -> None:
+    """Everything an earlier run of this stage left: the checkpoint and history, train.json
+    and the record of its MLflow run (which is then not reopened)."""
+    from qimera.trainer import discard_checkpoint
+
+    discard_checkpoint(TRAIN_DIR)
+    TRAIN_RECORD.unlink(missing_ok=True)
+    MLFLOW_RUN.unlink(missing_ok=True)
 
 
 def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
@@ -168,20 +176,6 @@ def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
 KEPT_IMAGES = 16
 
 
-def _start_clean() -> None:
-    """Nothing of an earlier run of this stage stays (a calibration-only method never resumes)."""
-    import shutil
-
-    from qimera._files import remove_stale_temps
-    from qimera.trainer import HISTORY_NAME, checkpoint_file
-
-    for path in (checkpoint_file(TRAIN_DIR), TRAIN_DIR / HISTORY_NAME, TRAIN_RECORD, MLFLOW_RUN):
-        remove_stale_temps(path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        path.unlink(missing_ok=True)
-
-
 def _calibrate(client, uri: str, params: dict, cfg, prep, root) -> None:
     """A calibration-only method: the calibrated student as a checkpoint of epoch 0 that
     the later stages read like a trained one; the MLflow run opened, logged and handed over."""
@@ -190,7 +184,7 @@ def _calibrate(client, uri: str, params: dict, cfg, prep, root) -> None:
     from qimera.baselines import calibrated_student
     from qimera.trainer import HISTORY_NAME, ResumeStatus, checkpoint_file
 
-    _start_clean()
+    _discard_outputs()  # a calibration-only method never resumes
     status = ResumeStatus("none", f"{cfg.method} calibrates only: nothing to resume")
     run_id = _open_run(client, uri, params, cfg, prep, status, root)
     try:
