@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ._files import atomic_write
-from .generators import ClassMix, Generator, pair_mix
+from .generators import ClassMix, Generator, mix_weights, pair_mix
 
 #: λ steps of the path between two class embeddings (λ = 0, 1/100, …, 1)
 PATH_STEPS = 100
@@ -160,8 +160,7 @@ def neutral_noise(generator: Generator, mix: ClassMix) -> torch.Tensor:
 def training_lam(n: int, seed: int) -> torch.Tensor:
     """λ of the second class for ``n`` K = 2 samples, as training draws it:
     ``softmax(g)`` with ``g ~ N(0, I_2)``."""
-    g = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
-    return torch.softmax(g, dim=1)[:, 1]
+    return mix_weights(n, 2, generator=torch.Generator().manual_seed(seed), device="cpu")[:, 1]
 
 
 def generate(generator: Generator, mix: ClassMix, *, noise: torch.Tensor | None = None, seed: int = 0,

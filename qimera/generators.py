@@ -92,10 +92,14 @@ def sample_plain(batch_size: int, num_classes: int, *, generator: torch.Generato
 def sample_superposed(
     batch_size: int, num_classes: int, k: int, *, generator: torch.Generator | None, device
 ) -> ClassMix:
-    """K labels uniformly with replacement, ``λ = softmax(g)``, ``g ~ N(0, I_K)``."""
+    """K labels uniformly with replacement, weights :func:`mix_weights`."""
     labels = torch.randint(num_classes, (batch_size, k), generator=generator, device=device)
-    g = torch.randn(batch_size, k, generator=generator, device=device)
-    return ClassMix(labels, torch.softmax(g, dim=1))
+    return ClassMix(labels, mix_weights(batch_size, k, generator=generator, device=device))
+
+
+def mix_weights(batch_size: int, k: int, *, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The superposition weights of ``batch_size`` samples: ``λ = softmax(g)``, ``g ~ N(0, I_K)``."""
+    return torch.softmax(torch.randn(batch_size, k, generator=generator, device=device), dim=1)
 
 
 def pair_mix(c1: int, c2: int, lam: torch.Tensor) -> ClassMix:
