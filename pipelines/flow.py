@@ -36,7 +36,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from stages.common import METRICS, MLFLOW_RUN, available_presets, format_value  # noqa: E402
+from stages.common import METRICS, MLFLOW_RUN, available_presets, dvc_executable, format_value  # noqa: E402
 
 # ``imagenet`` is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher.
 IMAGENET_MODELS = {
@@ -187,12 +187,6 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "| model | top-1 (%) | top-5 (%) |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def _dvc_executable() -> str:
-    """The ``dvc`` next to the running interpreter (the project's venv), else PATH's."""
-    local = Path(sys.executable).with_name("dvc")
-    return str(local) if local.exists() else "dvc"
-
-
 def _retry_unless_config_error(task_, task_run, state) -> bool:
     """``retry_condition_fn``: no retry for :class:`FlowInputError`."""
     try:
@@ -310,7 +304,7 @@ def qimera_flow(
             "project (run `prefect deploy` from the repository root)"
         )
     resolved = resolve_preset(preset, model, project)
-    cmd = dvc_command(_dvc_executable(), resolved, w_bits, a_bits, overrides)
+    cmd = dvc_command(dvc_executable(), resolved, w_bits, a_bits, overrides)
     logger.info("preset %s at %dw%da in %s", resolved, w_bits, a_bits, project)
     pipeline = run_pipeline.with_options(retries=len(retry_delays), retry_delay_seconds=list(retry_delays))
     out = pipeline(cmd, str(project))

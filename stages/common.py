@@ -167,6 +167,12 @@ def preset_file(root: Path, preset: Any, w_bits: Any = None, a_bits: Any = None)
     return configs / f"{preset}-w4a4.yaml"
 
 
+def dvc_executable() -> str:
+    """The ``dvc`` next to the running interpreter (the project's venv), else PATH's."""
+    local = Path(sys.executable).with_name("dvc")
+    return str(local) if local.exists() else "dvc"
+
+
 def format_value(value: Any) -> str:
     """A Python value as the right-hand side of ``dvc exp run -S key=value``.
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import PipelineError, available_presets, format_value, preset_file, resolve_config
+from .common import PipelineError, available_presets, dvc_executable, format_value, preset_file, resolve_config
 
 #: config keys that differ between a cell and its pipeline run by design
 _PIPELINE_OWNED = ("preset", "train.out_dir", "train.progress")
@@ -100,12 +100,6 @@ def queue_command(dvc: str, name: str, sets: dict[str, Any]) -> list[str]:
     for key, value in sets.items():
         cmd += ["-S", f"{key}={format_value(value)}" if key == "preset" else f"++{key}={format_value(value)}"]
     return cmd
-
-
-def dvc_executable() -> str:
-    """The ``dvc`` next to the running interpreter (the project's venv), else PATH's."""
-    local = Path(sys.executable).with_name("dvc")
-    return str(local) if local.exists() else "dvc"
 
 
 def experiments(root: Path) -> dict[str, dict]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch.nn as nn
 
 from qimera.config import TeacherConfig
+from qimera.data import STANDARD_CROP_RATIO
 
 from .base import EvalTransform, LoadedTeacher, TeacherError, TeacherSpec, check_num_classes, download_error
 from .base import finish_teacher, one_line
@@ -95,7 +96,7 @@ def timm_spec(model: nn.Module, name: str) -> TeacherSpec:
             f"teacher.name: timm model {name!r} is evaluated with {interpolation!r} interpolation; "
             f"qimera's evaluation transform supports {', '.join(_INTERPOLATIONS)}"
         )
-    crop_pct = float(data.get("crop_pct") or 0.875)
+    crop_pct = float(data.get("crop_pct") or STANDARD_CROP_RATIO)
     crop_mode = data.get("crop_mode") or "center"
     if crop_mode != "center":
         warnings.warn(
