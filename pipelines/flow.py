@@ -38,13 +38,18 @@ if str(PROJECT_DIR) not in sys.path:
 
 from stages.common import METRICS, MLFLOW_RUN, available_presets, dvc_executable, format_value  # noqa: E402
 
-# ``imagenet`` is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher.
+# ``imagenet`` is this flow's shorthand: the ``model`` parameter picks the ImageNet teacher,
+# one per ImageNet preset (the paper's three and the supplement's Table 10 teachers).
 IMAGENET_MODELS = {
     "resnet18": "imagenet-resnet18",
     "resnet50": "imagenet-resnet50",
     "mobilenetv2": "imagenet-mobilenetv2",
+    "inceptionv3": "imagenet-inceptionv3",
+    "sqnxt23": "imagenet-sqnxt23",
+    "shufflenet": "imagenet-shufflenet",
 }
-Model = Literal["resnet18", "resnet50", "mobilenetv2"]
+#: the ``model`` parameter's allowed values (the deployments' schema): IMAGENET_MODELS' keys
+Model = Literal["resnet18", "resnet50", "mobilenetv2", "inceptionv3", "sqnxt23", "shufflenet"]
 Bits = Annotated[int, Field(ge=2, le=8)]
 #: the pipeline task's default retry policy: one retry after each delay (seconds)
 RETRY_DELAYS = (30, 120)
@@ -289,8 +294,9 @@ def qimera_flow(
             ``model``) or a full ImageNet preset such as ``imagenet-resnet50``.
         w_bits: weight bit width (2..8).
         a_bits: activation bit width (2..8).
-        model: ImageNet teacher when ``preset`` is ``imagenet``: resnet18, resnet50 or
-            mobilenetv2. Ignored for the other presets.
+        model: ImageNet teacher when ``preset`` is ``imagenet``: resnet18, resnet50,
+            mobilenetv2, or the Table 10 teachers inceptionv3, sqnxt23, shufflenet
+            (``imagenet-<model>``). Ignored for the other presets.
         overrides: extra ``params.yaml`` values, ``{"train.epochs": 2, "generator.p": 0.25}``,
             passed as ``dvc exp run -S ++key=value`` (keys params.yaml lacks are added).
         retry_delays: seconds to wait before each retry of a transient failure (one retry

@@ -65,6 +65,11 @@ class TeacherConfig(_Section):
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     input_size: Optional[list[int]] = None
+    #: evaluation images: the shorter side is resized to this before the centre crop to the
+    #: input size (``None``: the source's own transform)
+    eval_resize: Optional[int] = Field(default=None, ge=1)
+    #: evaluation images are resized with this (``None``: the source's own transform)
+    eval_interpolation: Optional[Literal["nearest", "bilinear", "bicubic"]] = None
 
     @field_validator("source")
     @classmethod
@@ -270,8 +275,13 @@ class Config(_Section):
         return d
 
     def fingerprint(self, ignore: tuple[str, ...] = ()) -> str:
-        """sha256 of the resolved config without the ``section.key`` names in ``ignore``."""
+        """sha256 of the resolved config without the ``section.key`` names in ``ignore``
+        (and without the keys of :data:`FINGERPRINT_WHEN_SET` while they are None)."""
         d = self.resolved()
+        for dotted in FINGERPRINT_WHEN_SET:
+            sec, _, key = dotted.partition(".")
+            if d.get(sec, {}).get(key, 0) is None:
+                d[sec].pop(key)
         for dotted in ignore:
             sec, _, key = dotted.partition(".")
             if key:
@@ -279,6 +289,13 @@ class Config(_Section):
             else:
                 d.pop(sec, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+#: keys added after fingerprints were first recorded: left out of the fingerprint while
+#: None (their default, the behaviour from before they existed), so that a configuration
+#: that does not set them keeps its fingerprint: its checkpoint still resumes and its
+#: finished experiment cells are not run again
+FINGERPRINT_WHEN_SET = ("teacher.eval_resize", "teacher.eval_interpolation")
 
 
 def _format_errors(err: ValidationError, data: dict) -> str:

@@ -133,6 +133,16 @@ def dataset_class_names(data_name: str, num_classes: int) -> list[str] | None:
     return None
 
 
+def class_labels(teacher_names: Sequence[str] | None, data_name: str, num_classes: int) -> list[str] | None:
+    """The class names the figures label classes with: the teacher's
+    (:attr:`qimera.teachers.LoadedTeacher.class_names`, or the pipeline's ``teacher.json``
+    ``class_names``) where it has one per class, else :func:`dataset_class_names`;
+    ``None`` means "label by index"."""
+    if teacher_names is not None and len(teacher_names) == num_classes:
+        return [str(n) for n in teacher_names]
+    return dataset_class_names(data_name, num_classes)
+
+
 def _label(c: int, class_names: Sequence[str] | None) -> str:
     return f"{c}: {class_names[c].split(',')[0]}" if class_names else str(c)
 
@@ -653,7 +663,7 @@ def pca_figures(run_dir: str | Path, pairs: Sequence[tuple[int, int]] | None = N
     teacher, generator = run.load(dev)
     pts = pca_points(teacher, generator, pairs, samples=samples,
                      seed=run.cfg.train.seed if seed is None else seed, device=dev)
-    names = dataset_class_names(run.cfg.data.name, run.num_classes)
+    names = class_labels(teacher.class_names, run.cfg.data.name, run.num_classes)
     paths = [folder / "pca_pairs.png", folder / "pca_all.png", folder / "pca_points.npz"]
     save_pca_pairs(paths[0], pts, names)
     save_pca_all(paths[1], pts, names)
@@ -682,7 +692,7 @@ def sample_figures(run_dir: str | Path, classes: Sequence[int] | None = None, *,
     grid = sample_grid(generator, full, m, s, seed=seed, device=dev)
     rows = class_rows(generator, chosen, m, s, per_class=per_class, seed=seed, device=dev)
     boundary = sample_grid(generator, chosen, m, s, seed=seed, device=dev)
-    names = dataset_class_names(run.cfg.data.name, run.num_classes)
+    names = class_labels(teacher.class_names, run.cfg.data.name, run.num_classes)
     paths = [folder / "samples_grid.png", folder / "samples_rows.png", folder / "samples_boundary.png",
              folder / "samples.npz"]
     save_sample_grid(paths[0], grid, full, names)

@@ -56,7 +56,8 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
 ``outputs/config/run.yaml``
     the resolved run configuration (what ``qimera.config.Config`` validated).
 ``outputs/teacher/weights.pt``, ``outputs/teacher/teacher.json``
-    the teacher's state dict and its record (source, arch, sha256, top-1/top-5).
+    the teacher's state dict and its record (source, arch, evaluation resize and
+    interpolation, class names or null, sha256, top-1/top-5).
 ``outputs/embeddings.pt``
     ``{"embeddings": (classes, D) tensor, "init": "teacher_fc" | "random", "seed": int}``.
 ``outputs/train/``

@@ -313,12 +313,15 @@ def bits_tag(cfg) -> str:
 
 def workspace_teacher(record: dict, weights: str | os.PathLike = TEACHER_WEIGHTS):
     """The ``checkpoint`` teacher (a :class:`qimera.config.TeacherConfig`) that rebuilds the
-    workspace copy ``weights`` as ``teacher.json``'s ``record`` describes it."""
+    workspace copy ``weights`` as ``teacher.json``'s ``record`` describes it, with the
+    original teacher's evaluation resize and interpolation (a ``teacher.json`` written
+    before they were recorded gives the checkpoint source's standard transform)."""
     from qimera.config import TeacherConfig
 
     return TeacherConfig(
         source="checkpoint", name=record["name"], arch=record["arch"], weights=str(weights),
         num_classes=record["num_classes"], input_size=record["input_size"], mean=record["mean"], std=record["std"],
+        eval_resize=record.get("eval_resize"), eval_interpolation=record.get("eval_interpolation"),
     )
 
 

@@ -109,6 +109,15 @@ def _evaluate(run) -> None:
           f"student {student_res.top1:.2f}% (top-5 {student_res.top5:.2f}%)")
 
 
+def _class_names(run) -> list[str] | None:
+    """The figures' class labels: the fetched teacher's names (``teacher.json``; the
+    workspace checkpoint teacher carries none), else the dataset's, else none."""
+    from qimera import figures as paper
+
+    return paper.class_labels(read_json(TEACHER_RECORD).get("class_names"), run.cfg.data.name,
+                              run.prep.teacher.num_classes)
+
+
 def _trained_generator(run):
     """The run's generator with the final checkpoint's weights, on the run's device; None
     for a calibration-only method."""
@@ -131,7 +140,7 @@ def _draw_samples(path, run, generator) -> None:
     if generator is not None:
         classes = paper.grid_classes(teacher.num_classes)
         grid = paper.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
-        paper.save_sample_grid(path, grid, classes, paper.dataset_class_names(cfg.data.name, teacher.num_classes))
+        paper.save_sample_grid(path, grid, classes, _class_names(run))
     elif state.get("calibration_images") is not None:
         images = state["calibration_images"]
         paper.save_images(path, paper.image_grid(images, teacher.mean, teacher.std), (
@@ -154,7 +163,7 @@ def _draw_pca(path, run, generator) -> None:
         return
     points = paper.pca_points(teacher, generator, paper.default_pairs(teacher.num_classes), seed=cfg.train.seed,
                               device=run.prep.device)
-    paper.save_pca_pairs(path, points, paper.dataset_class_names(cfg.data.name, teacher.num_classes))
+    paper.save_pca_pairs(path, points, _class_names(run))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ evaluation data, and writes
 * ``outputs/teacher/weights.pt``: its state dict (``torch.save``);
 * ``outputs/teacher/teacher.json``: source, name, the importable ``arch`` that rebuilds it
   (``module:callable``, :attr:`qimera.teachers.LoadedTeacher.arch`), classes, input size,
-  normalisation, the sha256 of the workspace file and of the file it came from, and its
-  top-1/top-5/per-class accuracy.
+  normalisation, the evaluation resize and interpolation (``eval_resize``,
+  ``eval_interpolation``: the teacher's own, e.g. timm's bicubic 235 -> 224), the class
+  names (a list, or null where the weights carry none), the sha256 of the workspace file
+  and of the file it came from, and its top-1/top-5/per-class accuracy.
 
 Later stages load the teacher from that file as a ``checkpoint`` teacher
-(:func:`stages.common.workspace_teacher`). Both files are written into a temporary directory beside
+(:func:`stages.common.workspace_teacher`), with the same evaluation transform; this stage
+checks that the rebuilt teacher has it. Both files are written into a temporary directory beside
 ``outputs/teacher/``, the weights are loaded back from there through the ``checkpoint``
 source, and only then does that directory replace ``outputs/teacher/``: a failure leaves
 neither file (and an earlier ``outputs/teacher/`` as it was).
@@ -89,12 +92,25 @@ def _record(teacher, data, res, remote, sha256: str) -> dict:
     return {
         "source": teacher.source, "name": teacher.name, "arch": teacher.arch, "num_classes": teacher.num_classes,
         "input_size": list(teacher.input_size), "mean": list(teacher.mean), "std": list(teacher.std),
+        "eval_resize": teacher.eval_transform.resize, "eval_interpolation": teacher.eval_transform.interpolation,
+        "class_names": None if teacher.class_names is None else list(teacher.class_names),
         "weights": str(TEACHER_WEIGHTS), "sha256": sha256,
         "source_weights": remote["url"] if remote else teacher.weights_path,
         "source_sha256": remote["sha256"] if remote else teacher.sha256,
         "data": data.name, "num_samples": res.num_samples, "top1": res.top1, "top5": res.top5,
         "per_class": res.per_class,
     }
+
+
+def check_rebuilt(teacher, rebuilt) -> None:
+    """The workspace teacher must be evaluated as the original is: a different transform
+    (resize, crop, interpolation, normalisation) would score it on other images."""
+    if rebuilt.eval_transform != teacher.eval_transform:
+        raise RuntimeError(
+            f"fetch_teacher: the workspace teacher rebuilt from teacher.json has the evaluation transform "
+            f"{rebuilt.eval_transform}, the {teacher.source} teacher {teacher.name!r} {teacher.eval_transform}; "
+            "teacher.json does not describe it (a bug: please report it)"
+        )
 
 
 def main() -> None:
@@ -112,7 +128,8 @@ def main() -> None:
         weights = tmp / TEACHER_WEIGHTS.name
         torch.save(state, weights)
         record = _record(teacher, data, res, remote, sha256_file(weights))
-        load_teacher(workspace_teacher(record, weights))  # later stages rebuild it this way
+        rebuilt = load_teacher(workspace_teacher(record, weights))  # later stages rebuild it this way
+        check_rebuilt(teacher, rebuilt)
         write_json(tmp / TEACHER_RECORD.name, record)
     print(f"fetch_teacher: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}% on {res.num_samples} {data.name} "
           f"images; sha256 {record['sha256'][:12]}")

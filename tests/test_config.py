@@ -29,6 +29,9 @@ def cfg(**sections):
         ("train", "device", "tpu", "train.device='tpu'"),
         ("train", "amp", "int8", "train.amp='int8'"),
         ("data", "name", "mnist", "data.name='mnist'"),
+        ("teacher", "eval_resize", 0, "teacher.eval_resize=0"),
+        ("teacher", "eval_resize", "big", "teacher.eval_resize='big'"),
+        ("teacher", "eval_interpolation", "lanczos", "teacher.eval_interpolation='lanczos'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(section, key, value, needle):
@@ -66,6 +69,31 @@ def test_checkpoint_source_needs_arch_and_weights():
         cfg(teacher={"source": "checkpoint"})
     with pytest.raises(ConfigError, match="teacher.name is required"):
         cfg(teacher={"source": "pytorchcv"})
+
+
+def test_eval_transform_keys():
+    """Both default to None (the source's own transform); a bad value is one error naming the key."""
+    assert (cfg().teacher.eval_resize, cfg().teacher.eval_interpolation) == (None, None)
+    c = cfg(teacher={"eval_resize": 235, "eval_interpolation": "bicubic"})
+    assert (c.teacher.eval_resize, c.teacher.eval_interpolation) == (235, "bicubic")
+    for bad, needle in (({"eval_resize": True}, "teacher.eval_resize=True: expected a number"),
+                        ({"eval_resize": 2.5}, "teacher.eval_resize=2.5"),
+                        ({"eval_interpolation": "lanczos"}, "'nearest', 'bilinear' or 'bicubic'")):
+        with pytest.raises(ConfigError) as e:
+            cfg(teacher=bad)
+        assert needle in str(e.value) and "\n" not in str(e.value) and str(e.value).count("teacher.") == 1
+
+
+def test_fingerprint_of_a_config_without_the_new_teacher_keys_is_unchanged():
+    """Keys added later (FINGERPRINT_WHEN_SET) count only once set: a config that does not
+    use them has the fingerprint it had before they existed (recorded with the previous
+    release), so that its checkpoint resumes and finished experiment cells stay done."""
+    base = {"teacher": {"source": "checkpoint", "arch": "a.b:c", "weights": "w.pt"}, "quant": {"w_bits": 4, "a_bits": 4}}
+    before = "ce70b15f10fa4931a266ec88ee323dcd879955690b4bbdd954d7321f3dcf1bc1"
+    assert load_config(base).fingerprint() == before
+    for key, value in (("eval_resize", 235), ("eval_interpolation", "bicubic")):
+        changed = load_config({**base, "teacher": {**base["teacher"], key: value}})
+        assert changed.fingerprint() != before
 
 
 def test_overrides_parse_yaml_values():

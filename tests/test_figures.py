@@ -162,3 +162,14 @@ def test_defaults_and_the_neutral_noise_of_both_generators():
         gen = Generator(num_classes=3, embed_dim=5, img_size=8, channels=1, combine=combine)
         noise = neutral_noise(gen, mix)
         assert noise.shape == (4, 1, 5) and bool((noise == fill).all())
+
+
+def test_class_labels_prefer_the_teachers_names():
+    from qimera.figures import class_labels, dataset_class_names
+
+    teacher_names = [f"class {i}, more" for i in range(10)]
+    assert class_labels(teacher_names, "cifar10", 10) == teacher_names  # the teacher's, over the dataset's
+    assert class_labels(tuple(teacher_names), "digits", 10) == teacher_names
+    assert class_labels(None, "cifar10", 10) == dataset_class_names("cifar10", 10)
+    assert class_labels(teacher_names[:9], "cifar10", 10) == dataset_class_names("cifar10", 10)  # not one per class
+    assert class_labels(None, "digits", 10) is None  # label by index

@@ -199,6 +199,34 @@ def test_timm_teacher_from_a_local_weights_file(timm_resnet18_weights):
 
 
 @needs_timm
+def test_the_pipelines_workspace_teacher_keeps_timms_transform(timm_resnet18_weights):
+    """fetch_teacher's teacher.json rebuilds a timm teacher as a checkpoint teacher with
+    timm's evaluation transform (235 -> 224, bicubic), not the standard 256 -> 224."""
+    import json
+    from types import SimpleNamespace
+
+    from stages import fetch_teacher
+    from stages.common import workspace_teacher
+
+    teacher = load_teacher("timm", name="resnet18.a1_in1k", weights=str(timm_resnet18_weights))
+    res = SimpleNamespace(num_samples=1, top1=0.0, top5=0.0, per_class=[0.0] * 1000)
+    record = json.loads(json.dumps(fetch_teacher._record(teacher, SimpleNamespace(name="imagenet"), res, None, "")))
+    assert (record["eval_resize"], record["eval_interpolation"]) == (235, "bicubic")
+    assert record["class_names"] == list(teacher.class_names)
+    rebuilt = load_teacher(workspace_teacher(record, timm_resnet18_weights))
+    assert rebuilt.eval_transform == teacher.eval_transform and rebuilt.class_names is None
+    fetch_teacher.check_rebuilt(teacher, rebuilt)
+
+
+@needs_timm
+def test_timm_teacher_names_its_imagenet_classes(timm_resnet18_weights):
+    """timm's own ImageNet metadata (no download); a model with another class count has none."""
+    names = load_teacher("timm", name="resnet18", weights=str(timm_resnet18_weights)).class_names
+    assert len(names) == 1000 and names[0].startswith("tench") and names[1].split(",")[0] == "goldfish"
+    assert load_teacher("timm", name="resnet18", pretrained=False, num_classes=10).class_names is None
+
+
+@needs_timm
 def test_timm_weights_that_do_not_fit(timm_resnet18_weights):
     with pytest.raises(TeacherError, match=r"does not match timm model 'resnet34'.*missing keys"):
         load_teacher("timm", name="resnet34", weights=str(timm_resnet18_weights))

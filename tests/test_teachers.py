@@ -371,3 +371,61 @@ def test_timm_teacher_transform_is_timms(name: str) -> None:
     reference = timm.data.create_transform(**config)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
     torch.testing.assert_close(teacher.eval_transform.compose()(image), reference(image), rtol=0, atol=1e-6)
+
+
+def test_eval_resize_and_interpolation_replace_the_sources(tmp_path: Path, resnet20_state) -> None:
+    """A checkpoint teacher trained with timm's preprocessing says so: 235 -> 224, bicubic."""
+    from qimera.teachers import EvalTransform
+
+    path = _save(resnet20_state, tmp_path / "w.pt")
+    teacher = load_teacher("checkpoint", arch=ARCH20, weights=path, input_size=[3, 224, 224],
+                           eval_resize=235, eval_interpolation="bicubic")
+    assert teacher.eval_transform == EvalTransform(235, (224, 224), "bicubic", teacher.mean, teacher.std)
+    # one of the two: the other stays the source's (the standard 256 -> 224, bilinear)
+    t = load_teacher("checkpoint", arch=ARCH20, weights=path, input_size=[3, 224, 224],
+                     eval_interpolation="nearest").eval_transform
+    assert (t.resize, t.crop, t.interpolation) == (256, (224, 224), "nearest")
+    t = load_teacher("torchvision", name="resnet18", pretrained=False, eval_resize=224).eval_transform
+    assert (t.resize, t.crop, t.interpolation) == (224, (224, 224), "bilinear")  # resize = crop is allowed
+
+
+def test_eval_resize_smaller_than_the_crop_is_refused(tmp_path: Path, resnet20_state) -> None:
+    path = _save(resnet20_state, tmp_path / "w.pt")
+    with pytest.raises(TeacherError) as info:
+        load_teacher("checkpoint", arch=ARCH20, weights=path, input_size=[3, 224, 224], eval_resize=200)
+    message = str(info.value)
+    assert "teacher.eval_resize=200" in message and "224x224" in message and "\n" not in message
+    with pytest.raises(TeacherError, match=r"teacher.eval_resize=31: smaller than the crop 32x32"):
+        load_teacher("checkpoint", arch=ARCH20, weights=path, eval_resize=31)  # the default 32x32 input
+
+
+# ----------------------------------------------------------------- class names
+
+
+def test_torchvision_teacher_names_its_classes() -> None:
+    teacher = load_teacher("torchvision", name="shufflenet_v2_x1_0", pretrained=False)
+    names = teacher.class_names
+    assert len(names) == 1000 and names[0].startswith("tench") and names == tuple(
+        TORCHVISION_TEACHERS["shufflenet_v2_x1_0"].meta["categories"])
+    # another class count than the weights': the names do not apply
+    assert load_teacher("torchvision", name="resnet18", pretrained=False, num_classes=10).class_names is None
+
+
+def test_pytorchcv_and_checkpoint_teachers_have_no_class_names(tmp_path: Path, resnet20_state) -> None:
+    assert load_teacher("pytorchcv", name="resnet20_cifar10", pretrained=False).class_names is None
+    path = _save(resnet20_state, tmp_path / "w.pt")
+    assert load_teacher("checkpoint", arch=ARCH20, weights=path).class_names is None
+
+
+def test_finish_teacher_takes_the_specs_class_names_only_when_they_fit(resnet20_state) -> None:
+    from qimera.config import TeacherConfig
+    from qimera.teachers import TeacherSpec, finish_teacher
+
+    model = resnet20()
+    model.load_state_dict(resnet20_state)
+    config = TeacherConfig(source="checkpoint", arch=ARCH20, weights="unused.pt")
+    names = tuple(f"class {i}" for i in range(10))
+    spec = TeacherSpec(10, (3, 32, 32), IMAGENET["mean"], IMAGENET["std"], class_names=names)
+    assert finish_teacher(config, model, name="r20", arch=ARCH20, spec=spec).class_names == names
+    spec = TeacherSpec(10, (3, 32, 32), IMAGENET["mean"], IMAGENET["std"], class_names=names[:9])
+    assert finish_teacher(config, model, name="r20", arch=ARCH20, spec=spec).class_names is None

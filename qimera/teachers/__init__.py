@@ -23,9 +23,17 @@ Its ``source`` picks the loader from :data:`TEACHER_SOURCES`, one module per sou
 parameters, its classifier weight (used by Qimera's boundary-sample generator), the
 number of classes, the input size and normalisation it expects, how its evaluation
 images are resized and cropped (:class:`EvalTransform`, from the zoo's own
-preprocessing), and the ``arch`` (``module:callable``) that rebuilds the network without
-weights. Every teacher must contain ``nn.BatchNorm2d`` layers (:func:`check_batchnorm`),
-because the generator loss matches their running statistics.
+preprocessing), the class names where the weights carry them (torchvision's and timm's
+ImageNet classifiers; ``None`` otherwise: classes are labelled by index), and the ``arch``
+(``module:callable``) that rebuilds the network without weights. Every teacher must
+contain ``nn.BatchNorm2d`` layers (:func:`check_batchnorm`), because the generator loss
+matches their running statistics.
+
+Two keys of every source change the evaluation transform: ``eval_resize`` (the shorter
+side is resized to it before the centre crop to the input size; at least the crop's
+height and width) and ``eval_interpolation`` (``nearest``, ``bilinear`` or ``bicubic``);
+``None``, the default, keeps the source's own. A ``checkpoint`` teacher trained with,
+say, timm's bicubic 235 -> 224 says so with ``eval_resize: 235, eval_interpolation: bicubic``.
 
 Pretrained downloads that fail raise a single :class:`TeacherError` which points to the
 ``checkpoint`` source.

@@ -47,6 +47,9 @@ class TeacherSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_transform: EvalTransform | None = None
+    #: the name of each class, in class order, where the weights carry them (``None``:
+    #: unknown; ignored by :func:`finish_teacher` when the built model has another class count)
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -73,6 +76,10 @@ class LoadedTeacher:
     #: How evaluation images are preprocessed for this teacher (resize, crop to
     #: ``input_size``, interpolation, ``mean``/``std``); :func:`finish_teacher` always sets it.
     eval_transform: EvalTransform | None = None
+    #: The name of each class (index order) where the teacher's weights carry them (the
+    #: torchvision and timm ImageNet classifiers); ``None``: label classes by index. The
+    #: first comma-separated part is the short name (``"tench, Tinca tinca"``).
+    class_names: tuple[str, ...] | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -216,10 +223,12 @@ def finish_teacher(
     gives them, else ``spec``'s (the source's defaults; ``spec.num_classes <= 0`` means
     "infer from the classifier"). The evaluation transform is ``spec.eval_transform`` (or
     the standard 0.875 crop ratio) cropped to the input size and normalised with the
-    resolved mean/std, so that it always agrees with what the teacher is fed in training.
+    resolved mean/std, so that it always agrees with what the teacher is fed in training;
+    ``teacher.eval_resize`` / ``eval_interpolation``, where given, replace its resize and
+    interpolation. ``spec.class_names`` become the teacher's where there is one per class.
     The config has already checked each field on its own; this checks the mean/std channel
-    count against the input size, after the model is built and loaded, so that a
-    checkpoint that does not fit its arch is reported first.
+    count against the input size and the resize against the crop, after the model is built
+    and loaded, so that a checkpoint that does not fit its arch is reported first.
     """
     model.eval()
     model.requires_grad_(False)
@@ -239,14 +248,29 @@ def finish_teacher(
                 "(teacher.input_size)"
             )
 
-    base = spec.eval_transform or EvalTransform.from_ratio(tuple(input_size[1:]), mean, std)
-    eval_transform = dataclasses.replace(base.with_crop(tuple(input_size[1:])), mean=mean, std=std)
+    crop = (int(input_size[1]), int(input_size[2]))
+    if config.eval_resize is not None and config.eval_resize < max(crop):
+        raise TeacherError(
+            f"teacher.eval_resize={config.eval_resize}: smaller than the crop {crop[0]}x{crop[1]} "
+            "(teacher.input_size's height and width); the shorter side is resized to it before the "
+            f"centre crop, so it must be at least {max(crop)}"
+        )
+
+    base = spec.eval_transform or EvalTransform.from_ratio(crop, mean, std)
+    eval_transform = dataclasses.replace(base.with_crop(crop), mean=mean, std=std)
+    if config.eval_resize is not None:
+        eval_transform = dataclasses.replace(eval_transform, resize=int(config.eval_resize))
+    if config.eval_interpolation is not None:
+        eval_transform = dataclasses.replace(eval_transform, interpolation=config.eval_interpolation)
+    num_classes = int(_out_features(classifier))
+    class_names = (tuple(str(n) for n in spec.class_names)
+                   if spec.class_names is not None and len(spec.class_names) == num_classes else None)
 
     digest = sha256_file(weights_path) if weights_path is not None and os.path.isfile(weights_path) else None
     return LoadedTeacher(
         model=model,
         fc_weight=classifier.weight.detach().flatten(1).clone(),
-        num_classes=int(_out_features(classifier)),
+        num_classes=num_classes,
         input_size=input_size,  # type: ignore[arg-type]
         mean=mean,
         std=std,
@@ -256,4 +280,5 @@ def finish_teacher(
         weights_path=weights_path,
         sha256=digest,
         eval_transform=eval_transform,
+        class_names=class_names,
     )

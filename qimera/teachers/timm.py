@@ -12,6 +12,10 @@ Weights: ``teacher.pretrained`` downloads them through timm (the Hugging Face hu
 of a ``timm.create_model(name)`` made elsewhere) is loaded into
 ``timm.create_model(name, pretrained=False)`` instead, with no network. timm is the
 optional extra ``qimera[timm]``.
+
+Class names: an ImageNet classifier (1k, 12k, 21k/22k: timm infers the subset from the
+class count) gets timm's own label descriptions (``"tench, Tinca tinca"``); other models
+none.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .base import EvalTransform, LoadedTeacher, TeacherError, TeacherSpec, check
 from .base import finish_teacher, one_line
 from .checkpoint import load_weights_file, local_weights_path
 
-__all__ = ["INSTALL_HINT", "check_timm_name", "timm_arch", "timm_spec", "load"]
+__all__ = ["INSTALL_HINT", "check_timm_name", "timm_arch", "timm_class_names", "timm_spec", "load"]
 
 #: how to get timm, named by every error about it missing
 INSTALL_HINT = "pip install 'qimera[timm]'"
@@ -80,10 +84,26 @@ def timm_arch(name: str) -> str:
     return f"{fn.__module__}:{fn.__name__}"
 
 
+def timm_class_names(model: nn.Module) -> tuple[str, ...] | None:
+    """The class names of a built timm ImageNet classifier, from timm's own ImageNet
+    metadata (``timm.data.infer_imagenet_subset`` by class count, ``ImageNetInfo``'s label
+    descriptions, which ship with timm: no download); ``None`` for any other model."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    try:
+        subset = infer_imagenet_subset(model)
+        if subset is None:
+            return None
+        names = tuple(str(n) for n in ImageNetInfo(subset).label_descriptions())
+    except Exception:  # noqa: BLE001 - names are labels only: without them, classes go by index
+        return None
+    return names if len(names) == int(getattr(model, "num_classes", 0) or 0) else None
+
+
 def timm_spec(model: nn.Module, name: str) -> TeacherSpec:
     """What a built timm model expects, from its pretrained config: class count, input
     size, normalisation and the evaluation transform (timm's ``floor(size / crop_pct)``
-    resize, centre crop)."""
+    resize, centre crop); and its class names (:func:`timm_class_names`)."""
     from timm.data import resolve_model_data_config
 
     data = resolve_model_data_config(model)
@@ -108,7 +128,7 @@ def timm_spec(model: nn.Module, name: str) -> TeacherSpec:
     transform = EvalTransform(resize=math.floor(max(crop) / crop_pct), crop=crop,
                               interpolation=interpolation, mean=mean, std=std)  # type: ignore[arg-type]
     return TeacherSpec(int(getattr(model, "num_classes", -1) or -1), input_size,  # type: ignore[arg-type]
-                       mean, std, eval_transform=transform)
+                       mean, std, eval_transform=transform, class_names=timm_class_names(model))
 
 
 def _pretrained_classes(name: str) -> int | None:

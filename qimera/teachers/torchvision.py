@@ -58,7 +58,8 @@ def torchvision_arch(name: str) -> str:
 
 def weights_spec(weights: Any) -> TeacherSpec:
     """What a torchvision ``Weights`` enum member says its model expects, read from its
-    ``transforms()`` (available offline: the enum carries no tensors)."""
+    ``transforms()`` and ``meta["categories"]`` (the class names; available offline: the
+    enum carries no tensors)."""
     transform = weights.transforms()
     crop = int(transform.crop_size[0])
     mean = tuple(float(v) for v in transform.mean)
@@ -70,6 +71,7 @@ def weights_spec(weights: Any) -> TeacherSpec:
         std=std,
         eval_transform=EvalTransform(resize=int(transform.resize_size[0]), crop=(crop, crop),
                                      interpolation=transform.interpolation.value, mean=mean, std=std),
+        class_names=tuple(str(n) for n in weights.meta["categories"]),
     )
 
 

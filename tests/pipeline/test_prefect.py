@@ -73,7 +73,7 @@ def test_demo_deployment_runs_by_name(prefect_env, dvc_project, tmp_path):
     httpx.delete(f"{api}/flow_runs/{run['id']}", timeout=10).raise_for_status()
     bad = subprocess.run([PREFECT, "deployment", "run", "qimera/imagenet", "--param", "model=vgg16"],
                          env=penv, cwd=project, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0, bad.stdout  # the parameter schema only allows the three teachers
+    assert bad.returncode != 0, bad.stdout  # the parameter schema only allows the ImageNet teachers
 
     # A worker started elsewhere (its cwd is not the project) with one run at a time.
     worker_log = tmp_path / "worker.log"

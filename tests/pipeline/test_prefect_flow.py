@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def test_presets_and_imagenet_models():
     assert q.resolve_preset("imagenet", "resnet50") == "imagenet-resnet50"
     assert q.resolve_preset("imagenet", "mobilenetv2") == "imagenet-mobilenetv2"
     assert q.resolve_preset("imagenet-resnet50") == "imagenet-resnet50"
+    for model in ("inceptionv3", "sqnxt23", "shufflenet"):  # the supplement's Table 10 teachers
+        assert q.resolve_preset("imagenet", model) == f"imagenet-{model}"
     with pytest.raises(q.FlowInputError, match="preset='cifar1000'"):
         q.resolve_preset("cifar1000")
     with pytest.raises(q.FlowInputError, match="model='vgg16'"):
@@ -35,6 +38,10 @@ def test_presets_match_the_config_files():
                                          "imagenet-mobilenetv2", "imagenet-resnet18", "imagenet-resnet50",
                                          "imagenet-shufflenet", "imagenet-sqnxt23"]
     assert q.resolve_preset("cifar10-shared", project=REPO) == "cifar10-shared"
+    # the imagenet shorthand names every ImageNet preset, and the model parameter allows each
+    imagenet = [p for p in q.available_presets(REPO) if p.startswith("imagenet-")]
+    assert sorted(q.IMAGENET_MODELS.values()) == imagenet
+    assert typing.get_args(q.Model) == tuple(q.IMAGENET_MODELS)
     with pytest.raises(q.FlowInputError, match="allowed: imagenet, cifar10, "):
         q.resolve_preset("nope", project=REPO)
 

@@ -315,6 +315,41 @@ def test_fetch_teacher_writes_both_files_or_neither(tmp_path, monkeypatch):
     from qimera._files import sha256_file
 
     assert record["sha256"] == sha256_file(common.TEACHER_WEIGHTS)
+    # the demo teacher's transform (the standard ratio: 8 / 0.875 -> 10, bilinear) and no class names
+    assert (record["eval_resize"], record["eval_interpolation"], record["class_names"]) == (10, "bilinear", None)
+
+
+def _record_of(teacher) -> dict:
+    """``teacher.json`` as fetch_teacher writes it for ``teacher`` (through JSON)."""
+    import json
+    from types import SimpleNamespace
+
+    from stages import fetch_teacher
+
+    data = SimpleNamespace(name="digits")
+    res = SimpleNamespace(num_samples=1, top1=0.0, top5=0.0, per_class=[0.0] * teacher.num_classes)
+    return json.loads(json.dumps(fetch_teacher._record(teacher, data, res, None, "0" * 64)))
+
+
+def test_workspace_teacher_keeps_the_evaluation_transform(tiny_weights):
+    """A teacher evaluated as timm's are (its own resize, bicubic) is rebuilt with that
+    transform from teacher.json; a teacher.json without the keys gets the standard one."""
+    from qimera.teachers import load_teacher
+    from stages import fetch_teacher
+
+    teacher = load_teacher("checkpoint", arch="qimera.models.digits_cnn:DigitsCNN", weights=str(tiny_weights),
+                           input_size=[1, 8, 8], mean=[0.3], std=[0.4], eval_resize=9, eval_interpolation="bicubic")
+    record = _record_of(teacher)
+    assert (record["eval_resize"], record["eval_interpolation"], record["class_names"]) == (9, "bicubic", None)
+    rebuilt = load_teacher(common.workspace_teacher(record, tiny_weights))
+    assert rebuilt.eval_transform == teacher.eval_transform
+    fetch_teacher.check_rebuilt(teacher, rebuilt)
+
+    older = {k: v for k, v in record.items() if k not in ("eval_resize", "eval_interpolation", "class_names")}
+    t = load_teacher(common.workspace_teacher(older, tiny_weights)).eval_transform
+    assert (t.resize, t.crop, t.interpolation) == (10, (8, 8), "bilinear")
+    with pytest.raises(RuntimeError, match="evaluation transform"):
+        fetch_teacher.check_rebuilt(teacher, load_teacher(common.workspace_teacher(older, tiny_weights)))
 
 
 def test_history_csv_leaves_missing_values_empty():
