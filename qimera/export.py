@@ -55,6 +55,8 @@ MAP_FILE = "quant_map.json"
 STUDENT_FILE = "student.pt"
 INTEGER_DIR = "integer"
 ONNX_FILE = "student.onnx"
+#: the deployable ONNX form (integer kernels in onnxruntime, :mod:`qimera.onnx_int8`)
+ONNX_INT8_FILE = "student.int8.onnx"
 VERIFICATION_FILE = "verification.json"
 #: the reloaded integer model's logits may differ from the student's by float rounding only
 INTEGER_MAX_DELTA = 1e-5
@@ -267,12 +269,17 @@ def check_verification(v: dict) -> None:
         raise ExportError(
             f"export: the reloaded integer model's logits differ from the student's by "
             f"{v['integer_max_abs_logit_delta']:.3g} (> {INTEGER_MAX_DELTA}); see outputs of qimera.export")
-    if "onnx_top1" in v:
-        gap = abs(v["onnx_top1"] - v["student_top1"])
+    for key, what in (("onnx", "onnxruntime"), ("onnx_int8", "the int8 ONNX form's")):
+        if f"{key}_top1" not in v:
+            continue
+        gap = abs(v[f"{key}_top1"] - v["student_top1"])
         if not gap <= ONNX_MAX_TOP1_GAP:
+            hint = ("; its integer kernels round each bias to the int32 accumulator grid, which a sensitive 4-bit "
+                    "network can amplify (qimera.onnx_int8): export without it with export.int8_form: false"
+                    if key == "onnx_int8" else "")
             raise ExportError(
-                f"export: onnxruntime top-1 {v['onnx_top1']:.2f}% differs from the student's "
-                f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP})")
+                f"export: {what} top-1 {v[f'{key}_top1']:.2f}% differs from the student's "
+                f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP}){hint}")
 
 
 def export_deployables(
@@ -286,19 +293,31 @@ def export_deployables(
     opset: int | None = None,
     metadata: dict[str, Any] | None = None,
     verify_samples: int | None = None,
+    latency_runs: int = 0,
+    reference: nn.Module | None = None,
+    int8: bool = True,
 ) -> dict[str, Any]:
     """Export a trained student into ``out_dir`` and verify the exports.
 
     Writes :data:`STUDENT_FILE` (the fake-quant state dict), :data:`INTEGER_DIR`
-    (:func:`export_integer`), :data:`ONNX_FILE` (:func:`qimera.onnx_export.export_onnx`,
-    ``opset`` and ``metadata`` passed on) and :data:`VERIFICATION_FILE`: the student, the
-    reloaded integer model and onnxruntime scored on ``loader`` (its first
-    ``verify_samples`` images, or all) in one pass. Returns that verification (with the
-    ONNX report under ``"onnx"``) after :func:`check_verification` passed. Needs the
-    ``onnx`` extra.
+    (:func:`export_integer`), :data:`ONNX_FILE` (the Q/DQ reference form,
+    :func:`qimera.onnx_export.export_onnx` at ``opset``), :data:`ONNX_INT8_FILE` (the
+    deployable int8 form at ``opset`` or 21, whichever is newer, so that its weights are
+    packed int4; skipped, with the reason under ``"onnx_int8"``, when ``int8`` is false or
+    for a student torch.fx could not trace) and :data:`VERIFICATION_FILE`: the student, the reloaded integer
+    model and both ONNX forms under onnxruntime scored on ``loader`` (its first
+    ``verify_samples`` images, or all) in one pass. With ``latency_runs`` > 0 it also
+    holds each form's file size, the operators onnxruntime's optimised graph runs and its
+    median latency at :data:`qimera.onnx_export.LATENCY_BATCHES` (``reference``, the
+    float teacher, is timed too, as plain ONNX in a temporary file), under
+    ``"deployment"``, with the machine they were measured on. Returns that verification
+    after :func:`check_verification` passed. Needs the ``onnx`` extra.
     """
+    import torch.fx as fx
+
     from .evaluate import check_finite_parameters
     from .onnx_export import DEFAULT_OPSET, export_onnx, verify_exports
+    from .onnx_int8 import INT8_DEFAULT_OPSET
 
     check_finite_parameters(student, "student")
     out = Path(out_dir)
@@ -306,11 +325,30 @@ def export_deployables(
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     atomic_write(out / STUDENT_FILE, lambda handle: torch.save(state, handle), "wb")
     export_integer(student, out / INTEGER_DIR, arch=arch, arch_kwargs=arch_kwargs)
-    report = export_onnx(student, out / ONNX_FILE, input_size=input_size,
-                         opset=DEFAULT_OPSET if opset is None else opset, metadata=metadata)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    report = export_onnx(student, out / ONNX_FILE, input_size=input_size, opset=opset, metadata=metadata)
+    int8_report: dict[str, Any]
+    if not int8:
+        int8_report = {"skipped": "switched off (export.int8_form: false)"}
+    elif isinstance(student, fx.GraphModule):
+        int8 = export_onnx(student, out / ONNX_INT8_FILE, input_size=input_size, form="int8",
+                           opset=max(opset, INT8_DEFAULT_OPSET), metadata=metadata)
+        int8_report = int8.to_dict()
+    else:
+        int8_report = {"skipped": "the student is not a torch.fx graph (its teacher could not be traced), "
+                                  "which the int8 form's rewrite needs"}
     verification = verify_exports(student, loader, integer_dir=out / INTEGER_DIR, onnx_path=out / ONNX_FILE,
+                                  onnx_models={} if "skipped" in int8_report else {"onnx_int8": out / ONNX_INT8_FILE},
                                   max_samples=verify_samples)
     verification["onnx"] = report.to_dict()
+    verification["onnx_int8"] = int8_report
+    if latency_runs > 0:
+        from .onnx_deploy import deployment_figures
+
+        forms = {"qdq": out / ONNX_FILE}
+        if "skipped" not in int8_report:
+            forms["int8"] = out / ONNX_INT8_FILE
+        verification["deployment"] = deployment_figures(forms, input_size, runs=latency_runs, reference=reference)
     atomic_write(out / VERIFICATION_FILE, lambda handle: handle.write(json.dumps(verification, indent=2) + "\n"), "w")
     check_verification(verification)
     return verification

@@ -261,7 +261,7 @@ def check_input_files(cfg, root: Path) -> None:
 
 
 #: keys of the params.yaml ``export`` section and their defaults
-EXPORT_DEFAULTS = {"s3_prefix": None, "verify_samples": None, "onnx_opset": 20}
+EXPORT_DEFAULTS = {"s3_prefix": None, "verify_samples": None, "onnx_opset": 20, "latency_runs": 30, "int8_form": True}
 
 
 def export_params(params: dict) -> dict:
@@ -283,6 +283,13 @@ def export_params(params: dict) -> dict:
     n = out["verify_samples"]
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise PipelineError(f"export.verify_samples={n!r}: expected a positive integer, or null for the whole evaluation set")
+    if not isinstance(out["int8_form"], bool):
+        raise PipelineError(f"export.int8_form={out['int8_form']!r}: expected true (write and verify student.int8.onnx, "
+                            "the integer-kernel form) or false")
+    runs = out["latency_runs"]
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+        raise PipelineError(f"export.latency_runs={runs!r}: expected a whole number of timed onnxruntime calls per "
+                            "model and batch size (0: no latency figures)")
     opset = out["onnx_opset"]
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
         raise PipelineError(f"export.onnx_opset={opset!r}: expected an integer from 18 to 23 (torch's ONNX "

@@ -126,29 +126,43 @@ def _log_exports(run_id: str, verification: dict, s3_uri: str | None) -> None:
     """The published exports as artifacts and metrics of the pipeline's run."""
     import mlflow
 
-    from qimera.export import INTEGER_DIR, ONNX_FILE, VERIFICATION_FILE
+    from qimera.export import INTEGER_DIR, ONNX_FILE, ONNX_INT8_FILE, VERIFICATION_FILE
 
     with mlflow.start_run(run_id=run_id):
-        for f in (EXPORT_CONFIG, MODEL_CARD, VERIFICATION_FILE, ONNX_FILE):
-            mlflow.log_artifact(str(EXPORT_DIR / f), "export")
+        for f in (EXPORT_CONFIG, MODEL_CARD, VERIFICATION_FILE, ONNX_FILE, ONNX_INT8_FILE):
+            if (EXPORT_DIR / f).is_file():  # the int8 form is skipped for an untraceable student
+                mlflow.log_artifact(str(EXPORT_DIR / f), "export")
         mlflow.log_artifacts(str(EXPORT_DIR / INTEGER_DIR), f"export/{INTEGER_DIR}")
-        mlflow.log_metrics({"onnx_top1": verification["onnx_top1"],
-                            "integer_max_abs_logit_delta": verification["integer_max_abs_logit_delta"]})
+        mlflow.log_metrics({k: verification[k] for k in ("onnx_top1", "onnx_int8_top1", "onnx_int8_prediction_agreement",
+                                                          "integer_max_abs_logit_delta") if k in verification})
+        for form, figures in verification.get("deployment", {}).get("forms", {}).items():
+            mlflow.log_metrics({f"deploy_{form}_{key}": value for key, value in _deploy_metrics(figures).items()})
         if s3_uri:
             mlflow.set_tag("s3_uri", s3_uri)
+
+
+def _deploy_metrics(figures: dict) -> dict[str, float]:
+    """One form's deployment figures as MLflow metrics: ``file_bytes`` and
+    ``latency_ms_b<batch>``."""
+    out = {"file_bytes": float(figures["file_bytes"])}
+    out.update({f"latency_ms_b{batch}": float(ms) for batch, ms in figures["latency_ms"].items()})
+    return out
 
 
 def register(client, student, name: str, run_id: str, tags: dict[str, str]):
     """Register ``student`` as a new version of ``name``, tagged in the same call, as the one
     version of this MLflow run: versions an earlier, interrupted export of the same run
     left behind are deleted first, so a rerun leaves neither a duplicate nor an untagged
-    orphan. Returns ``(model version, logged model URI)``."""
+    orphan. The logged model carries both ONNX forms of ``outputs/export`` (the Q/DQ
+    reference and the deployable int8 form) under ``extra_files/``, so that the registered
+    version holds what is deployed. Returns ``(model version, logged model URI)``."""
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.exceptions import MlflowException
 
     import qimera
+    from qimera.export import ONNX_FILE, ONNX_INT8_FILE
 
     try:
         earlier = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
@@ -161,6 +175,7 @@ def register(client, student, name: str, run_id: str, tags: dict[str, str]):
         info = mlflow.pytorch.log_model(
             student, name="student", serialization_format="pickle", code_paths=[str(Path(qimera.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
+            extra_files=[str(EXPORT_DIR / f) for f in (ONNX_FILE, ONNX_INT8_FILE) if (EXPORT_DIR / f).is_file()],
         )
     return mlflow.register_model(info.model_uri, name, tags=tags), info.model_uri
 
@@ -177,7 +192,8 @@ def _build(student, run, name: str, record: dict, metrics: dict, options: dict) 
         verification = export_deployables(
             student, tmp, run.prep.eval_data.loader, arch=record["arch"],
             arch_kwargs={"num_classes": record["num_classes"]}, input_size=record["input_size"],
-            opset=options["onnx_opset"], verify_samples=options["verify_samples"], metadata={
+            opset=options["onnx_opset"], verify_samples=options["verify_samples"],
+            latency_runs=options["latency_runs"], reference=run.prep.teacher.model, int8=options["int8_form"], metadata={
                 "qimera.registered_model": name, "qimera.bits": bits_tag(cfg), "qimera.method": cfg.method,
                 "qimera.teacher": f"{record['source']}:{record['name']}", "qimera.input_size": record["input_size"],
                 "qimera.mean": record["mean"], "qimera.std": record["std"], "qimera.mlflow_run_id": run.run_id})

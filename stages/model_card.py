@@ -11,9 +11,65 @@ def _acc(m: dict | None) -> str:
     return "–" if not m else f"{m['top1']:.2f}% top-1, {m['top5']:.2f}% top-5"
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _deployment_table(v: dict) -> list[str]:
+    """Size, latency and agreement of each ONNX form beside the float teacher's, where the
+    export measured them (``export.latency_runs`` > 0)."""
+    d = v.get("deployment")
+    if not d:
+        return []
+    forms, m = d["forms"], d["machine"]
+    batches = [str(b) for b in d["batches"]]
+    rows = {"fp32": ("float teacher, plain ONNX (for comparison)", None, None),
+            "qdq": ("`student.onnx`: Q/DQ reference form", v.get("onnx_top1"), v.get("onnx_prediction_agreement")),
+            "int8": ("`student.int8.onnx`: int8 form", v.get("onnx_int8_top1"), v.get("onnx_int8_prediction_agreement"))}
+    lines = ["| model | file | " + " | ".join(f"latency, batch {b}" for b in batches) + " | top-1 | same prediction as the student |",
+             "|---|---|" + "---|" * len(batches) + "---|---|"]
+    for key, (label, top1, agree) in rows.items():
+        if key not in forms:
+            continue
+        f = forms[key]
+        lat = " | ".join(f"{f['latency_ms'][b]:.2f} ms" for b in batches)
+        lines.append(f"| {label} | {_size(f['file_bytes'])} | {lat} | "
+                     + (f"{top1:.2f}%" if top1 is not None else "–") + " | "
+                     + (f"{100 * agree:.2f}%" if agree is not None else "–") + " |")
+    ops = forms.get("int8", {}).get("integer_ops")
+    note = [""]
+    if "int8" in forms:
+        note.append("onnxruntime's optimised int8 graph runs "
+                    + (", ".join(f"{n} {op}" for op, n in ops.items()) if ops else "**no integer kernel**") + ".")
+    return [*lines, *note,
+            f"Measured on {m['cpu']} ({m['capability']}, {m['cpu_count']} logical CPUs), onnxruntime {m['onnxruntime']}, "
+            f"{m['threads']} threads: median of {d['runs']} calls after warm-up.", ""]
+
+
 def _deployment(teacher: dict, v: dict) -> list[str]:
     onnx = v.get("onnx", {})
+    int8 = v.get("onnx_int8", {})
     fallback = len(onnx.get("float_weights", [])) + len(onnx.get("float_activations", []))
+    if "skipped" in int8:
+        int8_line = f"- no `student.int8.onnx`: {int8['skipped']}."
+    elif int8:
+        int8_line = (
+            "- `student.int8.onnx`: the deployable form (opset {}), which onnxruntime runs on integer kernels: {} "
+            "BatchNorm layers folded into their convolution, int8 weights with one zero point{}, uint8 activations "
+            "(QuantizeLinear → Clip), and {} convolution outputs requantized to 8 bits before their residual "
+            "addition (the form's one approximation).".format(
+                int8.get("opset", "?"), int8.get("folded_batchnorms", 0),
+                f" ({int8['int4_weights']} tensors stored as packed int4)" if int8.get("int4_weights") else "",
+                len(int8.get("requantized", []))))
+    else:
+        int8_line = None
+    checked = (f"Checked on {v['samples']} evaluation images: fake-quant student {v['student_top1']:.2f}% top-1, "
+               f"integer reload {v['integer_top1']:.2f}% (max |Δ logits| {v['integer_max_abs_logit_delta']:.2g}), "
+               f"onnxruntime {v['onnx_top1']:.2f}% (same prediction on "
+               f"{100 * v['onnx_prediction_agreement']:.2f}% of the images)")
+    if "onnx_int8_top1" in v:
+        checked += (f", int8 form {v['onnx_int8_top1']:.2f}% (same prediction on "
+                    f"{100 * v['onnx_int8_prediction_agreement']:.2f}%)")
     return [
         "## Files and how to run them",
         "",
@@ -22,22 +78,20 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
         "",
         "- `student.onnx`: ONNX (opset {}) with QuantizeLinear/DequantizeLinear: {} integer weight tensors "
         "behind per-channel DequantizeLinear, {} activation quantizers as QuantizeLinear → Clip → "
-        "DequantizeLinear{}. Input `images`, output `logits`; runs in onnxruntime with no custom op.".format(
+        "DequantizeLinear{}. Input `images`, output `logits`; runs in onnxruntime with no custom op. The exact "
+        "reference form (convolutions run in float).".format(
             onnx.get("opset", "?"), onnx.get("qdq_weights", "?"), onnx.get("qdq_activations", "?"),
             f" ({fallback} kept as exact float ops: zero point outside 8 bits)" if fallback else ""),
+        *([int8_line] if int8_line else []),
         "- `integer/`: integer weights (packed two per byte at ≤ 4 bits), per-channel scale and zero point, "
         "activation ranges (`student.safetensors`, `quant_map.json`); "
         "`qimera.export.load_integer('integer')` rebuilds the model.",
         "- `student.pt`: the fake-quantized PyTorch student's state dict.",
         "",
-        f"Checked on {v['samples']} evaluation images: fake-quant student {v['student_top1']:.2f}% top-1, "
-        f"integer reload {v['integer_top1']:.2f}% (max |Δ logits| {v['integer_max_abs_logit_delta']:.2g}), "
-        f"onnxruntime {v['onnx_top1']:.2f}% (same prediction on "
-        f"{100 * v['onnx_prediction_agreement']:.2f}% of the images).",
+        checked + ".",
         "",
+        *_deployment_table(v),
     ]
-
-
 
 
 def _how_it_was_made(config: dict) -> list[str]:

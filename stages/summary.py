@@ -80,6 +80,19 @@ def ladder_table(ladder: dict) -> str:
     return "\n".join(lines)
 
 
+def _int8_line(v: dict) -> str:
+    """The int8 form's agreement and, where measured, its speed and size against the float teacher."""
+    line = (f"student.int8.onnx (integer kernels): top-1 {v['onnx_int8_top1']:.2f}%, same prediction on "
+            f"{100 * v['onnx_int8_prediction_agreement']:.2f}%")
+    forms = v.get("deployment", {}).get("forms", {})
+    if "int8" in forms and "fp32" in forms:
+        fast, base = forms["int8"], forms["fp32"]
+        line += "; " + ", ".join(
+            f"batch {b} {fast['latency_ms'][b]:.2f} ms vs FP32 {base['latency_ms'][b]:.2f} ms" for b in fast["latency_ms"])
+        line += f"; {base['file_bytes'] / fast['file_bytes']:.1f}x smaller"
+    return line
+
+
 def exports_line(export_dir: Path = EXPORT_DIR) -> str:
     """One paragraph on the exported files, or a hint when export has not run."""
     from qimera.export import VERIFICATION_FILE
@@ -92,6 +105,7 @@ def exports_line(export_dir: Path = EXPORT_DIR) -> str:
         f"exported to {export_dir}/: student.onnx (onnxruntime top-1 {v['onnx_top1']:.2f}%, same prediction "
         f"on {100 * v['onnx_prediction_agreement']:.2f}% of {v['samples']} images), integer/ (max |Δ logits| "
         f"{v['integer_max_abs_logit_delta']:.1g}), MODEL_CARD.md",
+        *([_int8_line(v)] if "onnx_int8_top1" in v else []),
         f"MLflow model {m['registered_model']} version {m['registered_version']}"
         + (" (champion)" if m.get("champion") else f" (champion: version {m.get('champion_version')})"),
     ]

@@ -33,6 +33,7 @@ TINY_PARAMS = {
     "train": {"epochs": 2, "iters_per_epoch": 3, "batch_size": 16, "device": "cpu", "warmup_epochs": 0,
               "calibration_epochs": 1, "lr_milestones": [1]},
     "naive": {"batches": 2, "batch_size": 16},
+    "export": {"latency_runs": 3},
     # the ladder stage has its own test (test_ladder.py); elsewhere it is switched off
     "ladder": {"experiment": None},
 }

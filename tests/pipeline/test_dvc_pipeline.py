@@ -64,7 +64,7 @@ def copy_of_built(built, tmp_path) -> DvcProject:
     return DvcProject(dest, {**built.env, "MLFLOW_TRACKING_URI": uri}, uri)
 
 
-def test_repro_runs_the_demo_and_records_everything(built):
+def test_repro_runs_the_demo_and_records_everything(built, tmp_path):
     print(f"first dvc repro of the tiny demo: {built.seconds:.1f} s")
     m = built.read_json("metrics.json")
     assert m["w_bits"] == 4 and m["a_bits"] == 4
@@ -105,6 +105,17 @@ def test_repro_runs_the_demo_and_records_everything(built):
     assert {n.op_type for n in graph.graph.node} >= {"QuantizeLinear", "Clip", "DequantizeLinear", "Conv"}
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["qimera.bits"] == "w4a4" and meta["qimera.mlflow_run_id"] == m["mlflow_run_id"]
+    # the deployable int8 form: verified like the reference form, timed beside the float teacher
+    int8 = onnx.load(str(built.path / "outputs/export/student.int8.onnx"))
+    assert "BatchNormalization" not in {n.op_type for n in int8.graph.node}
+    assert {p.key: p.value for p in int8.metadata_props}["qimera.bits"] == "w4a4"
+    assert abs(v["onnx_int8_top1"] - v["student_top1"]) <= 0.1 and v["onnx_int8_prediction_agreement"] >= 0.99
+    assert v["onnx_int8"]["folded_batchnorms"] == 3 and v["onnx_int8"]["int4_weights"] == 4
+    d = v["deployment"]
+    assert set(d["forms"]) == {"fp32", "qdq", "int8"} and d["runs"] == 3 and d["batches"] == [1, 64]
+    assert d["forms"]["int8"]["integer_ops"]["QLinearConv"] == 2 and not d["forms"]["qdq"]["integer_ops"]
+    assert d["forms"]["int8"]["file_bytes"] < d["forms"]["qdq"]["file_bytes"] < d["forms"]["fp32"]["file_bytes"]
+    assert "`student.int8.onnx`: int8 form" in card and d["machine"]["cpu"] in card
     assert run_cfg["preset"] == "demo" and run_cfg["train"]["out_dir"] == "outputs/train"
     for png in ("samples.png", "pca.png", "curves.png"):
         assert (built.path / "outputs/figures" / png).read_bytes()[:4] == b"\x89PNG"
@@ -139,8 +150,11 @@ def test_repro_runs_the_demo_and_records_everything(built):
     arts = set(listing())
     assert {"config/run.yaml", "figures/samples.png", "figures/pca.png", "figures/curves.png",
             "evaluation/metrics.json", "training/history.csv", "export/config.yaml", "export/student.onnx", "export/verification.json",
+            "export/student.int8.onnx",
             "export/integer/quant_map.json", "export/integer/student.safetensors"} <= arts, arts
     assert final["onnx_top1"] == pytest.approx(v["onnx_top1"])
+    assert final["onnx_int8_top1"] == pytest.approx(v["onnx_int8_top1"])
+    assert final["deploy_int8_latency_ms_b64"] == pytest.approx(d["forms"]["int8"]["latency_ms"]["64"])
 
     versions = client.search_model_versions("name='qimera-demo-w4a4'")
     assert [v.run_id for v in versions] == [run.info.run_id]
@@ -151,6 +165,13 @@ def test_repro_runs_the_demo_and_records_everything(built):
     assert float(tags["top1"]) == pytest.approx(m["student"]["top1"], abs=1e-3)
     assert model_info["champion"] is True and model_info["s3_uri"] is None  # first version; no upload
     assert client.get_model_version_by_alias("qimera-demo-w4a4", "champion").version == versions[0].version
+    # the registered version carries both ONNX forms
+    listed = subprocess.run(
+        ["python", "-c", "import os, sys; from mlflow.artifacts import download_artifacts; "
+         "p = download_artifacts('models:/qimera-demo-w4a4/1', dst_path=sys.argv[1]); "
+         "print(sorted(os.listdir(os.path.join(p, 'extra_files'))))", str(tmp_path / "registered")],
+        cwd=built.path, env=built.env, capture_output=True, text=True, timeout=300)
+    assert listed.stdout.strip().endswith("['student.int8.onnx', 'student.onnx']"), listed.stdout + listed.stderr
     # the registered model loads and classifies digits (pickle format)
     check = subprocess.run(
         ["python", "-c",

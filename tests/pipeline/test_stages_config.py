@@ -130,7 +130,10 @@ def test_remote_teacher_weights_are_checked_for_form_only():
     ({"s3_prefix": "s3:///x"}, "no bucket"),
     ({"verify_samples": 0}, "export.verify_samples=0: expected a positive integer"),
     ({"onnx_opset": 13}, "export.onnx_opset=13: expected an integer from 18 to 23"),
-    ({"s3": "x"}, "export.s3: unknown key; allowed: s3_prefix, verify_samples, onnx_opset"),
+    ({"latency_runs": -1}, "export.latency_runs=-1: expected a whole number"),
+    ({"latency_runs": 2.5}, "export.latency_runs=2.5: expected a whole number"),
+    ({"int8_form": "yes"}, "export.int8_form='yes': expected true"),
+    ({"s3": "x"}, "export.s3: unknown key; allowed: s3_prefix, verify_samples, onnx_opset, latency_runs, int8_form"),
 ])
 def test_export_section_is_validated(section, message):
     with pytest.raises(PipelineError, match=message):
@@ -138,7 +141,8 @@ def test_export_section_is_validated(section, message):
 
 
 def test_export_section_defaults():
-    assert common.export_params({}) == {"s3_prefix": None, "verify_samples": None, "onnx_opset": 20}
+    assert common.export_params({}) == {"s3_prefix": None, "verify_samples": None, "onnx_opset": 20,
+                                        "latency_runs": 30, "int8_form": True}
     assert common.export_params({"export": {"s3_prefix": "s3://b/p", "verify_samples": None}})["s3_prefix"] == "s3://b/p"
 
 
@@ -421,7 +425,14 @@ def test_summary_names_the_exports(tmp_path):
         "registered_model": "qimera-demo-w4a4", "registered_version": "2", "champion": False,
         "champion_version": "1", "s3_uri": "s3://b/p/qimera-demo-w4a4/r"}))
     text = exports_line(tmp_path)
-    assert "onnxruntime top-1 98.33%, same prediction on 100.00% of 540 images" in text
+    assert "onnxruntime top-1 98.33%, same prediction on 100.00% of 540 images" in text and "int8" not in text
+    forms = {"fp32": {"file_bytes": 1000, "latency_ms": {"1": 0.5, "64": 8.0}},
+             "int8": {"file_bytes": 100, "latency_ms": {"1": 0.25, "64": 4.0}}}
+    (tmp_path / "verification.json").write_text(json.dumps({
+        "samples": 540, "onnx_top1": 98.33, "onnx_prediction_agreement": 1.0, "integer_max_abs_logit_delta": 1e-6,
+        "onnx_int8_top1": 98.15, "onnx_int8_prediction_agreement": 0.9963, "deployment": {"forms": forms}}))
+    assert ("student.int8.onnx (integer kernels): top-1 98.15%, same prediction on 99.63%; batch 1 0.25 ms vs FP32 "
+            "0.50 ms, batch 64 4.00 ms vs FP32 8.00 ms; 10.0x smaller") in exports_line(tmp_path)
     assert "version 2 (champion: version 1)" in text and "uploaded to s3://b/p/qimera-demo-w4a4/r/" in text
 
 
@@ -456,6 +467,30 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "ONNX (opset 20) with QuantizeLinear/DequantizeLinear: 20 integer weight tensors" in card
     assert "(1 kept as exact float ops" in card and "onnxruntime 91.25%" in card and "99.96% of the images" in card
     assert "mean [0.5, 0.5, 0.5] and std [0.25, 0.25, 0.25]" in card
+
+    # the int8 form and the deployment figures (export.latency_runs > 0)
+    forms = {name: {"file_bytes": size, "latency_ms": {"1": b1, "64": b64},
+                    "integer_ops": {"QLinearConv": 9} if name == "int8" else {}}
+             for name, size, b1, b64 in (("fp32", 1_090_000, 0.74, 35.2), ("qdq", 327_000, 1.59, 74.9),
+                                         ("int8", 178_000, 0.5, 21.0))}
+    verification.update(
+        onnx_int8_top1=91.2, onnx_int8_prediction_agreement=0.991,
+        onnx_int8={"opset": 21, "folded_batchnorms": 19, "int4_weights": 20, "requantized": []},
+        deployment={"machine": {"cpu": "Test CPU", "capability": "AVX2", "cpu_count": 2, "onnxruntime": "1.32.0",
+                                "threads": 2}, "runs": 30, "batches": [1, 64], "forms": forms})
+    card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
+                             version=None, verification=verification)
+    assert "`student.int8.onnx`: the deployable form (opset 21)" in card and "19 BatchNorm layers folded" in card
+    assert "(20 tensors stored as packed int4)" in card and "int8 form 91.20% (same prediction on 99.10%)" in card
+    assert "| `student.int8.onnx`: int8 form | 178.0 kB | 0.50 ms | 21.00 ms | 91.20% | 99.10% |" in card
+    assert "| float teacher, plain ONNX (for comparison) | 1.09 MB | 0.74 ms | 35.20 ms | – | – |" in card
+    assert "runs 9 QLinearConv" in card and "Measured on Test CPU (AVX2, 2 logical CPUs), onnxruntime 1.32.0" in card
+    verification["onnx_int8"] = {"skipped": "the student is not a torch.fx graph"}
+    for key in ("onnx_int8_top1", "onnx_int8_prediction_agreement", "deployment"):
+        del verification[key]
+    card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
+                             version=None, verification=verification)
+    assert "no `student.int8.onnx`: the student is not a torch.fx graph" in card and "latency" not in card
 
 
 def test_ladder_params_are_checked_in_one_line(tmp_path, monkeypatch):

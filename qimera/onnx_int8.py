@@ -1,0 +1,446 @@
+"""The deployable ONNX form of a fake-quantized student: integer kernels in onnxruntime.
+
+The reference form of :mod:`qimera.onnx_export` (QCDQ) keeps every convolution in float:
+its weights are dequantized, its BatchNorm stays a separate node, and onnxruntime has
+nothing to fuse, so the quantized model runs slower than the float one. This form is the
+same network, rewritten so that onnxruntime's QDQ fusion turns every convolution whose
+input is quantized into ``QLinearConv`` (uint8 activations x int8 weights, int32
+accumulation) and the residual additions into ``QLinearAdd``:
+
+* **BatchNorm folded.** A BatchNorm2d that takes a quantized convolution's output alone
+  is folded into that convolution's dequantization scale and bias
+  (:func:`fold_batchnorm`): the integer weights stay as they are, the per-channel step
+  ``1/s`` becomes ``gamma / sqrt(var + eps) / s`` and the bias ``(b - mean) * gamma /
+  sqrt(var + eps) + beta``. A channel with a negative ``gamma`` has its integers negated
+  and its step made positive, so every scale stays positive. Exact up to float rounding.
+* **One weight zero point.** ``QLinearConv`` needs one zero point for all output
+  channels, and the student's per-channel grids do not share one; but the integer ``q +
+  z`` of SPEC §2 is the weight in steps of ``1/s``, so the weights are stored as int8 with
+  zero point 0 (``2**b`` levels inside ``[-(2**b - 1), 2**b - 1]``).
+* **Activations** are uint8 tensors holding ``0..2**b - 1``: ``QuantizeLinear`` (zero
+  point 0 for a ReLU output, so that onnxruntime drops the ReLU: the saturation at 0 is
+  the ReLU) then ``Clip`` to ``2**b - 1``. The top clip cannot live inside a fused kernel
+  (``QLinearConv`` saturates to the uint8 range 0..255), so it stays a ``Clip`` node on
+  the uint8 tensor after the kernel: exact, and cheap.
+* **Residual branches.** A convolution whose output reaches the next activation
+  quantizer only through other operations (the second convolution of a residual block,
+  whose output is added to the shortcut before the ReLU) has no ``QuantizeLinear`` to
+  fuse with: by default it runs as a float convolution on the dequantized uint8 input
+  and int8 weights (onnxruntime fuses it with the addition and the ReLU into
+  ``FusedConv``), which keeps the form exact.
+* **8-bit requantization** (``requantize=True``, faster, approximate). Such a convolution
+  gets a ``QuantizeLinear`` of its own, uint8 over the window that can change the result:
+  ``[-L, R]`` with ``R`` the downstream quantizer's range and ``L`` the largest value the
+  other operand of the addition can take (the upper end of the quantizer it comes from,
+  else ``R``). Below ``-L`` the sum is negative and the ReLU gives 0; above ``R`` the
+  quantizer saturates; in between the step is ``(L + R) / 255``, about an eighth of a
+  4-bit level. Then every convolution fed by a quantizer is a ``QLinearConv`` and the
+  additions are ``QLinearAdd``. The rounding moves some activations by one level, and a
+  4-bit network amplifies that: measure the agreement before deploying it
+  (``benchmarks/deploy.py`` reports both variants).
+
+Weights of at most 4 bits are stored as packed ONNX ``int4`` (opset 21 or newer,
+:func:`pack_int4_weights`): ``int4`` initializers (two per byte, the integers minus a
+per-channel offset) read by ``Cast -> Add -> Cast`` into the int8 weight. onnxruntime
+folds those constant nodes when the session starts, so the running graph is the int8 one.
+The ``int4`` values are not read by ``DequantizeLinear`` directly because onnxruntime's
+``QLinearConv`` fusion takes 8-bit weights with one zero point, and the per-channel 4-bit
+grids need one zero point each.
+
+Needs an ``torch.fx``-traced student (what :func:`qimera.quant.quantize_model` builds
+for every traceable teacher): the rewrite reads the graph to find each convolution's
+BatchNorm and its downstream quantizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .export import ExportError, _float_twin, exportable_parts, integer_weight
+from .onnx_export import OnnxReport, QDQConv2d, QDQLinear, QDQRequant, convert_activations
+from .quant import ActQuantizer, QuantConv2d, set_module
+
+__all__ = ["INT8_DEFAULT_OPSET", "INT4_MIN_OPSET", "fold_batchnorm", "int8_model",
+           "pack_int4_weights", "compact_names", "widen_grid", "WEIGHT_LIMIT", "check_int4_opset", "check_onnxruntime", "INTEGER_OPS"]
+
+#: the int8 form's default opset: the first with ONNX int4 types
+INT8_DEFAULT_OPSET = 21
+INT4_MIN_OPSET = 21
+#: what onnxruntime's optimised graph holds where convolutions run on integer kernels
+INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
+               "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat")
+#: the int8 weights stay within ±WEIGHT_LIMIT and ``2 * (2**b - 1) * limit`` within the
+#: int16 pair sums of x86's AVX2 u8 x s8 kernels (vpmaddubsw saturates): ±127 for
+#: activations of up to 7 bits, ±64 for 8 bits
+WEIGHT_LIMIT = 127
+_PAIR_SUM_LIMIT = 32767
+#: the oldest onnxruntime that folds the int4 weights (Cast from int4) and fuses the form
+MIN_ONNXRUNTIME = "1.20"
+
+_RELUS = {F.relu, torch.relu}
+
+
+def check_int4_opset(opset: int, pack_int4: bool | None) -> bool:
+    """Whether to pack int4 weights at ``opset``: None means "where the opset has int4"; an
+    explicit True below :data:`INT4_MIN_OPSET` is an error."""
+    if pack_int4 is None:
+        return opset >= INT4_MIN_OPSET
+    if pack_int4 and opset < INT4_MIN_OPSET:
+        raise ExportError(f"ONNX export: pack_int4 needs opset {INT4_MIN_OPSET} or newer (ONNX int4 types); "
+                          f"got opset={opset}")
+    return bool(pack_int4)
+
+
+def check_onnxruntime(version: str | None = None) -> str:
+    """The installed onnxruntime's version, or :class:`ExportError` when it is missing or
+    older than :data:`MIN_ONNXRUNTIME` (``version`` stands in for the installed one)."""
+    if version is None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ExportError("running the int8 ONNX model needs onnxruntime: pip install 'qimera[onnx]'") from exc
+        version = onnxruntime.__version__
+    from packaging.version import Version
+
+    if Version(version) < Version(MIN_ONNXRUNTIME):
+        raise ExportError(f"the int8 ONNX form needs onnxruntime >= {MIN_ONNXRUNTIME} (int4 weights, QDQ "
+                          f"fusion into QLinearConv); installed {version}")
+    return version
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+
+
+@torch.no_grad()
+def fold_batchnorm(ints: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode ``bn`` into a convolution with weight ``ints * step`` (``ints``
+    the integers, ``(C, ...)``; ``step`` per output channel) and ``bias``.
+
+    Returns ``(ints, step, bias)`` with ``conv(x, ints * step) + bias == bn(conv(x, ...))``
+    up to float rounding and every step positive: a channel whose scale comes out negative
+    (``gamma < 0``) has its integers negated; one whose scale is 0 (``gamma == 0``) keeps
+    only its bias, with zero integers and step 1.
+    """
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        raise ExportError("int8 ONNX form: a BatchNorm2d without running statistics (or in training mode) "
+                          "cannot be folded")
+    channels = ints.shape[0]
+    gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones(channels)
+    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros(channels)
+    g = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
+    b = bias.detach().float() if bias is not None else torch.zeros(channels)
+    new_bias = (b - bn.running_mean.float()) * g + beta
+    new_step = step.float().reshape(-1) * g
+    sign = torch.where(new_step < 0, -1.0, 1.0)
+    zero = new_step == 0
+    shape = (-1,) + (1,) * (ints.dim() - 1)
+    new_ints = ints * sign.reshape(shape)
+    new_ints = torch.where(zero.reshape(shape), torch.zeros_like(new_ints), new_ints)
+    new_step = torch.where(zero, torch.ones_like(new_step), new_step.abs())
+    return new_ints, new_step, new_bias
+
+
+# --------------------------------------------------------------------------- the graph rewrite
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _RELUS
+    if node.op == "call_method":
+        return node.target == "relu"
+    return node.op == "call_module" and type(modules.get(str(node.target))) is nn.ReLU
+
+
+def _is_site(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), ActQuantizer)
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _sole_batchnorm(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    user = _sole_user(node)
+    if user is not None and user.op == "call_module" and type(modules.get(str(user.target))) is nn.BatchNorm2d \
+            and user.args and user.args[0] is node:
+        return user
+    return None
+
+
+def _feeds_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output goes straight into an activation quantizer (optionally
+    through a ReLU): the pattern onnxruntime fuses with the convolution."""
+    user = _sole_user(node)
+    if user is not None and _is_relu(user, modules):
+        user = _sole_user(user)
+    return user is not None and _is_site(user, modules)
+
+
+def _input_site(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuantizer | None:
+    """The activation quantizer whose output (possibly max-pooled) is ``node``'s input."""
+    arg = node.args[0] if node.args else None
+    for _ in range(2):
+        if not isinstance(arg, fx.Node):
+            return None
+        if _is_site(arg, modules):
+            return modules[str(arg.target)]
+        pooled = (arg.op == "call_module" and isinstance(modules.get(str(arg.target)), nn.MaxPool2d)) or (
+            arg.op == "call_function" and arg.target in (F.max_pool2d, torch.max_pool2d))
+        if not pooled:
+            return None
+        arg = arg.args[0] if arg.args else None
+    return None
+
+
+def _quantized_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s input is an activation quantizer's output (possibly max-pooled)."""
+    return _input_site(node, modules) is not None
+
+
+def weight_limit(input_bits: int | None) -> int:
+    """How far :func:`widen_grid` may spread a layer's int8 weights: ±127, less where the
+    input's ``2**b - 1`` times it, twice, would overflow an int16 pair sum (8-bit or
+    unknown inputs: ±64)."""
+    top = 2 ** (input_bits if input_bits is not None else 8) - 1
+    return min(WEIGHT_LIMIT, _PAIR_SUM_LIMIT // (2 * top))
+
+
+def _downstream_site(node: fx.Node, modules: dict[str, nn.Module], depth: int = 4) -> ActQuantizer | None:
+    """The first activation quantizer reached from ``node`` through at most ``depth``
+    operations (breadth first), or None."""
+    seen = {node}
+    queue = deque([(node, 0)])
+    while queue:
+        current, d = queue.popleft()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_site(user, modules):
+                return modules[str(user.target)]
+            if d + 1 < depth and user.op != "output":
+                queue.append((user, d + 1))
+    return None
+
+
+def _upstream_site(node: fx.Node, modules: dict[str, nn.Module], depth: int = 4) -> ActQuantizer | None:
+    """The first activation quantizer found from ``node`` back through its inputs, at most
+    ``depth`` operations away (breadth first), or None; stops at weight layers."""
+    seen = {node}
+    queue = deque([(node, 0)])
+    while queue:
+        current, d = queue.popleft()
+        if _is_site(current, modules):
+            return modules[str(current.target)]
+        module = modules.get(str(current.target)) if current.op == "call_module" else None
+        if d >= depth or current.op == "placeholder" or isinstance(module, (QDQConv2d, QDQLinear, nn.Conv2d,
+                                                                           nn.Linear)):
+            continue
+        for arg in current.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append((arg, d + 1))
+    return None
+
+
+def requant_window(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[float, float] | None:
+    """``(L, R)`` of the requantization after ``node`` (module docstring), or None when no
+    activation quantizer is downstream."""
+    site = _downstream_site(node, modules)
+    if site is None:
+        return None
+    lo, hi = site.range
+    right = float(hi) - min(float(lo), 0.0)
+    left = right
+    for user in node.users:  # the addition: its other operand's largest value
+        if user.op == "call_function" and len(user.all_input_nodes) == 2:
+            other = next(a for a in user.all_input_nodes if a is not node) if node in user.all_input_nodes else None
+            up = _upstream_site(other, modules) if other is not None else None
+            if up is not None:
+                left = max(float(up.range[1]), 0.0)
+    return left, right
+
+
+def widen_grid(ints: torch.Tensor, step: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same weights on a finer integer grid: each channel's integers times the
+    largest whole ``k`` that keeps them within ``±limit``, its step divided by ``k``.
+
+    The product ``ints * step`` is unchanged, but the integer kernel's accumulator unit
+    ``x_scale * step`` is ``k`` times finer, and that is the grid the int32 bias is
+    rounded to: the bias error, which moves an output by up to ``0.5 * x_scale * step /
+    y_scale`` of a level and so flips outputs that lie near a rounding tie, shrinks ``k``
+    times (8x for 4-bit weights, whose integers reach ±15, with ``limit`` 127)."""
+    shape = (-1,) + (1,) * (ints.dim() - 1)
+    peak = ints.abs().reshape(ints.shape[0], -1).amax(dim=1).clamp(min=1)
+    k = torch.floor(limit / peak).clamp(min=1)
+    return ints * k.reshape(shape), step / k
+
+
+def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module],
+                 report: OnnxReport) -> None:
+    """Replace the quantized layer ``name`` by its int8 twin, folding its BatchNorm."""
+    q, s, z = integer_weight(mod.weight, mod.w_bits)
+    ints, step = q + z, (1.0 / s).reshape(-1)
+    bias = mod.bias.detach().float() if mod.bias is not None else None
+    bn = _sole_batchnorm(node, modules) if isinstance(mod, QuantConv2d) else None
+    if bn is not None:
+        ints, step, bias = fold_batchnorm(ints, step, bias, modules[str(bn.target)])
+        bn.replace_all_uses_with(node)
+        gm.graph.erase_node(bn)
+        report.folded_batchnorms += 1
+    if float(ints.abs().max()) > 127:  # an 8-bit weight's q + z needs 9 bits
+        weight = ints * step.reshape((-1,) + (1,) * (ints.dim() - 1))
+        new = _float_twin(mod, weight)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        elif new.bias is None and bn is not None:
+            raise ExportError(f"int8 ONNX form: {name} has no bias to take its folded BatchNorm")
+        report.float_weights.append(name)
+    else:
+        site = _input_site(node, modules)
+        ints, step = widen_grid(ints, step, weight_limit(site.bits if site is not None else None))
+        zero = torch.zeros(ints.shape[0], dtype=torch.int8)
+        cls = QDQConv2d if isinstance(mod, QuantConv2d) else QDQLinear
+        if bias is None and bn is not None:
+            bias = torch.zeros(ints.shape[0])
+        new = cls(mod, ints.to(torch.int8).contiguous(), step.float().contiguous(), zero, bias)
+        report.qdq_weights += 1
+    set_module(gm, name, new)
+
+
+@torch.no_grad()
+def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Module, OnnxReport]:
+    """An eval-mode CPU copy of ``student`` rewritten into the int8 form (module
+    docstring; ``requantize``: the 8-bit requantization of residual branches), with the
+    custom ops of :mod:`qimera.onnx_export`, so that it runs in PyTorch and exports to
+    ONNX; and what the rewrite did."""
+    if not isinstance(student, fx.GraphModule):
+        raise ExportError("int8 ONNX form: the student must be a torch.fx-traced model (quantize_model traces "
+                          f"every traceable teacher); {type(student).__name__} is not")
+    gm = copy.deepcopy(student).cpu().float().eval()
+    layers, sites = exportable_parts(gm)
+    report = OnnxReport(form="int8")
+    modules = dict(gm.named_modules())
+    weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in layers]
+    needs_requant: list[tuple[fx.Node, tuple[float, float]]] = []
+    for node in weight_nodes:
+        name = str(node.target)
+        _weight_twin(name, layers[name], node, gm, modules, report)
+        modules[name] = gm.get_submodule(name)
+    for node in weight_nodes if requantize else ():
+        if isinstance(layers[str(node.target)], QuantConv2d) and _quantized_input(node, modules) \
+                and not _feeds_quantizer(node, modules):
+            window = requant_window(node, modules)
+            if window is not None and sum(window) > 0:
+                needs_requant.append((node, window))
+    for node, (left, right) in needs_requant:
+        step = (left + right) / 255.0
+        name = f"{node.target}_requant"
+        gm.add_submodule(name, QDQRequant(step, min(255, round(left / step))))
+        with gm.graph.inserting_after(node):
+            rq = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(rq, delete_user_cb=lambda user: user is not rq)
+        report.requantized.append(str(node.target))
+    convert_activations(gm, sites, report)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()  # the folded BatchNorms
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm.eval(), report
+
+
+# --------------------------------------------------------------------------- int4 packing
+
+
+def _initializers(proto) -> dict[str, Any]:
+    return {init.name: init for init in proto.graph.initializer}
+
+
+def pack_int4_weights(proto) -> int:
+    """Store every per-channel int8 weight behind ``DequantizeLinear`` whose channels
+    take at most 16 levels of their grid as a packed ``int4`` initializer (in units of
+    the channel's :func:`widen_grid` gain, minus a per-channel offset) read by
+    ``Cast(int32) -> Add(offset) -> Mul(gain) -> Cast(int8)``; returns how many. The
+    model must be opset 21 or newer (IR 10)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = _initializers(proto)
+    done: set[str] = set()
+    new_nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] in done or node.input[0] not in inits:
+            continue
+        tensor = inits[node.input[0]]
+        if tensor.data_type != TensorProto.INT8 or len(tensor.dims) < 2:
+            continue
+        values = numpy_helper.to_array(tensor).astype(np.int32)
+        flat = values.reshape(values.shape[0], -1)
+        gain = np.maximum(np.gcd.reduce(np.abs(flat), axis=1), 1)  # widen_grid's k (or a multiple)
+        units = flat // gain[:, None]
+        low, high = units.min(axis=1), units.max(axis=1)
+        if int((high - low).max()) > 15:
+            continue
+        offset = (low + 8).astype(np.int32)  # units - offset in [-8, 7]
+        small = (units - offset[:, None]).reshape(values.shape)
+        nibbles = (small.reshape(-1) & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
+        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+        name = tensor.name
+        int4 = helper.make_tensor(f"{name}_int4", TensorProto.INT4, list(values.shape), packed, raw=True)
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        off = numpy_helper.from_array(offset.reshape(shape), f"{name}_offset")
+        mul = numpy_helper.from_array(gain.astype(np.int32).reshape(shape), f"{name}_gain")
+        proto.graph.initializer.remove(tensor)
+        proto.graph.initializer.extend([int4, off, mul])
+        widened, shifted, scaled = f"{name}_int32", f"{name}_shifted", f"{name}_scaled"
+        new_nodes += [
+            helper.make_node("Cast", [int4.name], [widened], to=TensorProto.INT32, name=f"{name}_unpack"),
+            helper.make_node("Add", [widened, off.name], [shifted], name=f"{name}_offset_add"),
+            helper.make_node("Mul", [shifted, mul.name], [scaled], name=f"{name}_gain_mul"),
+            helper.make_node("Cast", [scaled], [name], to=TensorProto.INT8, name=f"{name}_to_int8"),
+        ]
+        done.add(name)
+    if new_nodes:
+        nodes = new_nodes + list(proto.graph.node)
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        if proto.ir_version < 10:
+            proto.ir_version = 10
+        onnx.checker.check_model(proto)
+    return len(done)
+
+
+def compact_names(proto) -> None:
+    """Rename every tensor but the graph's inputs and outputs to a short id (``t0``,
+    ``t1``, ...) and drop node names: the deployable file need not carry the exporter's
+    long names (``layer3.2.conv1.qweight_int4``, ``dequantize_per_channel_17``), which are
+    a tenth of a 4-bit ResNet-20's file."""
+    graph = proto.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in names:
+            names[name] = f"t{len(names):x}"
+        return names[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
