@@ -232,6 +232,9 @@ class OnnxReport:
     requantized: list[str] = field(default_factory=list)
     #: int8 form: weight initializers stored as packed ONNX int4
     int4_weights: int = 0
+    #: int8 form: layers that run in float (no quantizer on both sides to fuse with), on a
+    #: weight onnxruntime computes once from the stored integers
+    float_kernel_layers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,6 +362,10 @@ def export_onnx(
         model, report = qdq_model(student)
     report.opset = int(opset)
     proto = _exported_proto(model, input_size, int(opset))
+    if form == "int8" and report.float_kernel_layers:
+        from .onnx_int8 import float_at_load
+
+        float_at_load(proto, report.float_kernel_layers)
     if form == "int8" and pack_int4:
         from .onnx_int8 import pack_int4_weights
 

@@ -68,7 +68,7 @@ from .onnx_export import OnnxReport, QDQConv2d, QDQLinear, QDQRequant, convert_a
 from .quant import ActQuantizer, QuantConv2d, set_module
 
 __all__ = ["INT8_DEFAULT_OPSET", "INT4_MIN_OPSET", "fold_batchnorm", "int8_model",
-           "pack_int4_weights", "compact_names", "widen_grid", "WEIGHT_LIMIT", "check_int4_opset", "check_onnxruntime", "INTEGER_OPS"]
+           "pack_int4_weights", "float_at_load", "compact_names", "widen_grid", "WEIGHT_LIMIT", "check_int4_opset", "check_onnxruntime", "INTEGER_OPS"]
 
 #: the int8 form's default opset: the first with ONNX int4 types
 INT8_DEFAULT_OPSET = 21
@@ -285,8 +285,12 @@ def widen_grid(ints: torch.Tensor, step: torch.Tensor, limit: int) -> tuple[torc
 
 
 def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module],
-                 report: OnnxReport) -> None:
-    """Replace the quantized layer ``name`` by its int8 twin, folding its BatchNorm."""
+                 report: OnnxReport, requantize: bool) -> None:
+    """Replace the quantized layer ``name`` by its int8 twin, folding its BatchNorm: int8
+    weights behind ``DequantizeLinear``. Where onnxruntime cannot fuse the layer into an
+    integer kernel (no quantized input, or no quantizer after it and no requantization)
+    the layer is listed in ``report.float_kernel_layers``: :func:`float_at_load` turns its
+    weight's ``DequantizeLinear`` into constant ops, so that it runs as a float layer."""
     q, s, z = integer_weight(mod.weight, mod.w_bits)
     ints, step = q + z, (1.0 / s).reshape(-1)
     bias = mod.bias.detach().float() if mod.bias is not None else None
@@ -306,13 +310,19 @@ def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, m
         report.float_weights.append(name)
     else:
         site = _input_site(node, modules)
-        ints, step = widen_grid(ints, step, weight_limit(site.bits if site is not None else None))
-        zero = torch.zeros(ints.shape[0], dtype=torch.int8)
-        cls = QDQConv2d if isinstance(mod, QuantConv2d) else QDQLinear
         if bias is None and bn is not None:
             bias = torch.zeros(ints.shape[0])
-        new = cls(mod, ints.to(torch.int8).contiguous(), step.float().contiguous(), zero, bias)
-        report.qdq_weights += 1
+        conv = isinstance(mod, QuantConv2d)
+        fusable = site is not None and (_feeds_quantizer(node, modules) or (
+            requantize and conv and requant_window(node, modules) is not None))
+        if fusable:
+            ints, step = widen_grid(ints, step, weight_limit(site.bits))
+            report.qdq_weights += 1
+        else:  # exported like the others, then its DequantizeLinear becomes Cast -> Mul (float_at_load)
+            report.float_kernel_layers.append(name)
+        zero = torch.zeros(ints.shape[0], dtype=torch.int8)
+        new = (QDQConv2d if conv else QDQLinear)(mod, ints.to(torch.int8).contiguous(), step.float().contiguous(),
+                                               zero, bias)
     set_module(gm, name, new)
 
 
@@ -333,7 +343,7 @@ def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Modu
     needs_requant: list[tuple[fx.Node, tuple[float, float]]] = []
     for node in weight_nodes:
         name = str(node.target)
-        _weight_twin(name, layers[name], node, gm, modules, report)
+        _weight_twin(name, layers[name], node, gm, modules, report, requantize)
         modules[name] = gm.get_submodule(name)
     for node in weight_nodes if requantize else ():
         if isinstance(layers[str(node.target)], QuantConv2d) and _quantized_input(node, modules) \
@@ -379,7 +389,7 @@ def pack_int4_weights(proto) -> int:
     done: set[str] = set()
     new_nodes = []
     for node in proto.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] in done or node.input[0] not in inits:
+        if node.op_type not in ("DequantizeLinear", "Cast") or node.input[0] in done or node.input[0] not in inits:
             continue
         tensor = inits[node.input[0]]
         if tensor.data_type != TensorProto.INT8 or len(tensor.dims) < 2:
@@ -444,3 +454,36 @@ def compact_names(proto) -> None:
         node.name = ""
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
+
+
+def float_at_load(proto, layers: list[str]) -> int:
+    """For each layer in ``layers`` (its weight is the initializer ``<layer>.qweight``),
+    replace the weight's ``DequantizeLinear`` (int8, zero point 0, axis 0) by ``Cast ->
+    Mul(step)``: constant ops, which onnxruntime folds into a float weight when the session
+    starts, so that the layer runs on the float kernels (NCHWc convolutions, fused with the
+    following addition and ReLU) instead of dequantizing its weight at every call. The
+    stored integers stay (and pack as int4). Returns how many were replaced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    wanted = {f"{layer}.qweight" for layer in layers}
+    inits = _initializers(proto)
+    nodes, count = [], 0
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in wanted and node.input[1] in inits:
+            weight = inits[node.input[0]]
+            step = numpy_helper.to_array(inits[node.input[1]]).astype("float32")
+            shaped = numpy_helper.from_array(step.reshape((-1,) + (1,) * (len(weight.dims) - 1)),
+                                             f"{node.input[0]}_step")
+            proto.graph.initializer.append(shaped)
+            widened = f"{node.input[0]}_float"
+            nodes += [helper.make_node("Cast", [node.input[0]], [widened], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [widened, shaped.name], [node.output[0]])]
+            count += 1
+        else:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for n in proto.graph.node for name in n.input}
+    for init in [i for i in proto.graph.initializer if i.name not in used]:
+        proto.graph.initializer.remove(init)  # the zero points and scales the DequantizeLinears read
+    return count

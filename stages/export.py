@@ -247,6 +247,12 @@ def main() -> None:
     print(f"export: integer max |Δlogits| {verification['integer_max_abs_logit_delta']:.2g}, onnxruntime top-1 "
           f"{verification['onnx_top1']:.2f}% vs student {verification['student_top1']:.2f}% "
           f"({verification['samples']} images)")
+    int8 = verification.get("onnx_int8", {})
+    if "rejected" in int8:
+        print(f"export: WARNING: student.int8.onnx not shipped: {int8['rejected']}")
+    elif "onnx_int8_top1" in verification:
+        print(f"export: int8 form top-1 {verification['onnx_int8_top1']:.2f}%, same prediction on "
+              f"{100 * verification['onnx_int8_prediction_agreement']:.2f}%")
     print(f"export: MLflow model {name} version {version}"
           + (f", now {CHAMPION}" if moved else f"; {CHAMPION} stays version {champion} (top-1 not better)"))
 

@@ -38,6 +38,8 @@ def _deployment_table(v: dict) -> list[str]:
                      + (f"{100 * agree:.2f}%" if agree is not None else "–") + " |")
     ops = forms.get("int8", {}).get("integer_ops")
     note = [""]
+    if "rejected" in v.get("onnx_int8", {}):
+        note.append("The int8 row was measured on the form that failed its check; the file is not shipped.")
     if "int8" in forms:
         note.append("onnxruntime's optimised int8 graph runs "
                     + (", ".join(f"{n} {op}" for op, n in ops.items()) if ops else "**no integer kernel**") + ".")
@@ -52,6 +54,8 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
     fallback = len(onnx.get("float_weights", [])) + len(onnx.get("float_activations", []))
     if "skipped" in int8:
         int8_line = f"- no `student.int8.onnx`: {int8['skipped']}."
+    elif "rejected" in int8:
+        int8_line = f"- no `student.int8.onnx`: the int8 form was made and measured but not shipped: {int8['rejected']}."
     elif int8:
         int8_line = (
             "- `student.int8.onnx`: the deployable form (opset {}), which onnxruntime runs on integer kernels: {} "

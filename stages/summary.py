@@ -82,6 +82,9 @@ def ladder_table(ladder: dict) -> str:
 
 def _int8_line(v: dict) -> str:
     """The int8 form's agreement and, where measured, its speed and size against the float teacher."""
+    if "rejected" in v.get("onnx_int8", {}):
+        return (f"student.int8.onnx (integer kernels) not shipped: top-1 {v['onnx_int8_top1']:.2f}%, same prediction "
+                f"on {100 * v['onnx_int8_prediction_agreement']:.2f}% (MODEL_CARD.md says why)")
     line = (f"student.int8.onnx (integer kernels): top-1 {v['onnx_int8_top1']:.2f}%, same prediction on "
             f"{100 * v['onnx_int8_prediction_agreement']:.2f}%")
     forms = v.get("deployment", {}).get("forms", {})

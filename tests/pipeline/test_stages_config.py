@@ -433,6 +433,10 @@ def test_summary_names_the_exports(tmp_path):
         "onnx_int8_top1": 98.15, "onnx_int8_prediction_agreement": 0.9963, "deployment": {"forms": forms}}))
     assert ("student.int8.onnx (integer kernels): top-1 98.15%, same prediction on 99.63%; batch 1 0.25 ms vs FP32 "
             "0.50 ms, batch 64 4.00 ms vs FP32 8.00 ms; 10.0x smaller") in exports_line(tmp_path)
+    v = json.loads((tmp_path / "verification.json").read_text())
+    v["onnx_int8"] = {"rejected": "why"}
+    (tmp_path / "verification.json").write_text(json.dumps(v))
+    assert "student.int8.onnx (integer kernels) not shipped: top-1 98.15%" in exports_line(tmp_path)
     assert "version 2 (champion: version 1)" in text and "uploaded to s3://b/p/qimera-demo-w4a4/r/" in text
 
 
@@ -485,6 +489,11 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "| `student.int8.onnx`: int8 form | 178.0 kB | 0.50 ms | 21.00 ms | 91.20% | 99.10% |" in card
     assert "| float teacher, plain ONNX (for comparison) | 1.09 MB | 0.74 ms | 35.20 ms | – | – |" in card
     assert "runs 9 QLinearConv" in card and "Measured on Test CPU (AVX2, 2 logical CPUs), onnxruntime 1.32.0" in card
+    verification["onnx_int8"]["rejected"] = "its top-1 91.20% differs from the student's 91.26% by 0.2 points"
+    card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
+                             version=None, verification=verification)
+    assert "no `student.int8.onnx`: the int8 form was made and measured but not shipped: its top-1 91.20%" in card
+    assert "the file is not shipped" in card
     verification["onnx_int8"] = {"skipped": "the student is not a torch.fx graph"}
     for key in ("onnx_int8_top1", "onnx_int8_prediction_agreement", "deployment"):
         del verification[key]
