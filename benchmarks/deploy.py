@@ -4,7 +4,7 @@ requantization of residual branches), measured one after another in this process
 this machine.
 
     python benchmarks/deploy.py                              # the shared ResNet-20, 4w4a
-    python benchmarks/deploy.py --run runs/r20 --runs 50     # a trained run's student
+    python benchmarks/deploy.py --run runs/deploy-r20 --limit 0   # a trained run's student (deploy-r20.yaml)
     python benchmarks/deploy.py --config configs/my.yaml --threads 4 --out deploy.json
 
 The student is the trained one of ``--run RUN_DIR`` (its ``checkpoint.pt``, with the
@@ -54,7 +54,9 @@ def student_and_data(args, tmp: str):
             sys.exit(f"--run {args.run}: its checkpoint holds no config; pass --config")
     else:
         config = args.config or {**DEFAULT_CONFIG, "train": {"out_dir": tmp}}
-    overrides = [f"train.out_dir={tmp}", "train.device=cpu"] + ([f"data.limit={args.limit}"] if args.limit else [])
+    overrides = [f"train.out_dir={tmp}", "train.device=cpu"]
+    if args.limit is not None:
+        overrides.append(f"data.limit={args.limit or 'null'}")
     prep = qimera.prepare(config, overrides)
     if args.run:
         student = build_student(prep.cfg, prep.teacher).cpu()
@@ -74,7 +76,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--run", help="a trained run directory: benchmark its student")
     parser.add_argument("--runs", type=int, default=30, help="timed onnxruntime calls per model and batch (30)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (its default)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate on the first N images (0: the whole set, whatever the config says)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
