@@ -29,6 +29,20 @@ from .teachers import LoadedTeacher, load_teacher
 from .trainer import EpochCallback, Trainer, resolve_device
 
 SUMMARY_NAME = "summary.json"
+#: the environment variable naming an extra per-epoch callback (``package.module:callable``,
+#: called with the epoch's record after its checkpoint is written), read by ``qimera run``
+#: and the pipeline's train stage: how a scheduler adds work at each epoch (e.g. the
+#: upload of the checkpoint, :mod:`pipelines.remote`) without the library knowing of it
+EPOCH_HOOK_ENV = "QIMERA_EPOCH_HOOK"
+
+
+def epoch_hook_from_env(error: type[Exception] = ConfigError) -> EpochCallback | None:
+    """The callback :data:`EPOCH_HOOK_ENV` names, or None when it is unset; a name that
+    does not import raises ``error`` with one line."""
+    from ._registry import import_callable
+
+    spec = os.environ.get(EPOCH_HOOK_ENV)
+    return import_callable(spec, EPOCH_HOOK_ENV, error) if spec else None
 
 
 @dataclass

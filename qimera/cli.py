@@ -141,7 +141,7 @@ def _main(args) -> int:
 
     tune_cpu_allocator()
     from . import experiments, export  # noqa: F401 - their errors count as bad input below
-    from .api import prepare, run
+    from .api import epoch_hook_from_env, prepare, run
     from .errors import input_errors
     from .runtime import machine_fault
 
@@ -154,7 +154,8 @@ def _main(args) -> int:
             prep = prepare(args.config, args.overrides)
             text = json.dumps(prep.cfg.resolved(), indent=2)
         else:
-            text = json.dumps(run(args.config, args.overrides).summary())
+            hook = epoch_hook_from_env()
+            text = json.dumps(run(args.config, args.overrides, callbacks=(hook,) if hook else ()).summary())
         print(text, flush=True)
     except input_errors() as exc:
         print(f"qimera: error: {exc}", file=sys.stderr)

@@ -321,16 +321,17 @@ def cell_top1(cell: Cell) -> float | None:
     return float(top1) if isinstance(top1, (int, float)) and math.isfinite(top1) else None
 
 
-def run_cell(cell: Cell, *, threads: int | None = None) -> dict:
+def run_cell(cell: Cell, *, threads: int | None = None, env: dict[str, str] | None = None) -> dict:
     """Run one cell as ``qimera run`` on its resolved config (``config.yaml`` in its
     directory) in a child process, which resumes from the cell's checkpoint if one is
     there; record and return the outcome (``cell.json``'s content). ``threads`` sets
-    ``OMP_NUM_THREADS`` for the child unless the environment already does."""
+    ``OMP_NUM_THREADS`` for the child unless the environment already does; ``env`` adds
+    variables for the child (e.g. ``QIMERA_EPOCH_HOOK``, :data:`qimera.api.EPOCH_HOOK_ENV`)."""
     cell.out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = cell.out_dir / CELL_CONFIG
     text = yaml.safe_dump(cell.cfg.model_dump(mode="json"), sort_keys=False)
     atomic_write(cfg_file, lambda h: h.write(text), "w")
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
     proc = subprocess.run([sys.executable, "-m", "qimera.cli", "run", str(cfg_file)], env=env,

@@ -62,7 +62,6 @@ from .common import (
 )
 from . import tracking
 
-EPOCH_HOOK = "QIMERA_EPOCH_HOOK"
 
 
 def history_csv(history: list[dict]) -> str:
@@ -95,13 +94,10 @@ def library_hash() -> str:
 
 
 def epoch_hook():
-    """The callback that ``QIMERA_EPOCH_HOOK`` names, or None."""
-    import os
+    """The callback that ``QIMERA_EPOCH_HOOK`` names, or None (:func:`qimera.api.epoch_hook_from_env`)."""
+    from qimera.api import epoch_hook_from_env
 
-    from qimera._registry import import_callable
-
-    spec = os.environ.get(EPOCH_HOOK)
-    return import_callable(spec, EPOCH_HOOK, PipelineError) if spec else None
+    return epoch_hook_from_env(PipelineError)
 
 
 def _prepare(cfg):

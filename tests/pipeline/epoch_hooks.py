@@ -26,3 +26,12 @@ def env() -> dict[str, str]:
     """Environment entries that make the train stage call :func:`kill_after_epoch_1`."""
     path = os.pathsep.join(p for p in (HOOKS_DIR, os.environ.get("PYTHONPATH", "")) if p)
     return {"QIMERA_EPOCH_HOOK": KILL_AFTER_EPOCH_1, "PYTHONPATH": path}
+
+
+def push_then_die_after_epoch_1(record: dict) -> None:
+    """A worker that dies mid-cell: epoch 1's checkpoint reaches S3
+    (:func:`pipelines.remote.push_checkpoint`), then the process is killed."""
+    from pipelines.remote import push_checkpoint
+
+    push_checkpoint(record)
+    kill_after_epoch_1(record)
