@@ -6,7 +6,9 @@ nested child per cell: :func:`stages.experiment.tracked`).
 Each cell flow run is one ordinary run of the cell's resolved config
 (:func:`qimera.experiments.run_cell`: ``qimera run`` in a child process, resuming from the
 cell's checkpoint), so any worker of the pool can take any cell, and the cells' results
-land where ``qimera experiment run`` puts them (``runs/<experiment>/<cell>/``). With
+land where ``qimera experiment run`` puts them (``runs/<experiment>/<cell>/``). A worker
+that runs several cells at once gives each the least busy GPU of its
+``CUDA_VISIBLE_DEVICES`` (:mod:`pipelines.gpus`). With
 ``QIMERA_REMOTE=s3://bucket/prefix`` in the worker's environment (a job variable of the
 pool), the cell's checkpoint goes to S3 at the end of every epoch and a retried cell
 resumes from it on whichever worker takes it (:mod:`pipelines.remote`). How many
@@ -76,16 +78,19 @@ def cell_flow(experiment: str, cell: str, seeds: Seeds = None, overrides: list[s
     if not match:
         raise ValueError(f"cell {cell!r} is not a cell of {experiment} (cells: {', '.join(c.id for c in exp.cells)})")
     target = match[0]
+    from pipelines.gpus import gpu_slot
     from pipelines.remote import remote_prefix, run_remote_cell
 
     prefix = remote_prefix()
     if is_done(target):
         logger.info("%s: finished already", target.id)
     else:
-        logger.info("%s: running %s%s", target.id, target.out_dir,
-                    f" (checkpoint kept in {prefix})" if prefix else "")
-        record = (run_remote_cell(target, exp.spec.name, prefix, threads=threads, log=logger.info) if prefix
-                  else run_cell(target, threads=threads))
+        with gpu_slot() as gpu:  # the least busy of the worker's GPUs (pipelines/gpus.py)
+            logger.info("%s: running %s%s%s", target.id, target.out_dir,
+                        f" on GPU {gpu['CUDA_VISIBLE_DEVICES']}" if gpu else "",
+                        f" (checkpoint kept in {prefix})" if prefix else "")
+            record = (run_remote_cell(target, exp.spec.name, prefix, threads=threads, env=gpu, log=logger.info)
+                      if prefix else run_cell(target, threads=threads, env=gpu))
         if record["status"] != "done":
             raise CellFailed(f"{target.id}: exit {record['returncode']}: {record['error']}")
     top1 = cell_top1(target)

@@ -96,10 +96,12 @@ def hook_env(cell_dir: str | os.PathLike, url: str) -> dict[str, str]:
             "PYTHONPATH": path}
 
 
-def run_remote_cell(cell, experiment: str, prefix: str, *, threads: int | None = None, log=print) -> dict:
+def run_remote_cell(cell, experiment: str, prefix: str, *, threads: int | None = None,
+                    env: dict[str, str] | None = None, log=print) -> dict:
     """Run ``cell`` (a :class:`qimera.experiments.Cell` of the experiment named
-    ``experiment``) with its checkpoint kept in S3 under ``prefix`` (module docstring);
-    returns the cell's record, as :func:`qimera.experiments.run_cell` does."""
+    ``experiment``) with its checkpoint kept in S3 under ``prefix`` (module docstring),
+    ``env`` added to its environment; returns the cell's record, as
+    :func:`qimera.experiments.run_cell` does."""
     from qimera.experiments import run_cell
 
     from stages.s3 import upload_dir
@@ -108,7 +110,7 @@ def run_remote_cell(cell, experiment: str, prefix: str, *, threads: int | None =
     cell.out_dir.mkdir(parents=True, exist_ok=True)
     if restore(cell.out_dir, url):
         log(f"{cell.id}: resuming from the checkpoint in {url}/")
-    record = run_cell(cell, threads=threads, env=hook_env(cell.out_dir, url))
+    record = run_cell(cell, threads=threads, env={**(env or {}), **hook_env(cell.out_dir, url)})
     if record["status"] == "done":
         upload_dir(cell.out_dir, url, metadata={"cell": cell.id, "experiment": experiment})
     return record
