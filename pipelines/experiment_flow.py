@@ -154,8 +154,15 @@ def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] |
     if not (Path.cwd() / experiment).is_file():
         raise FileNotFoundError(f"experiment={experiment!r}: no such file in {Path.cwd()} (the deployment's working "
                                 "directory must be the qimera project: run `prefect deploy` from the repository root)")
+    from pipelines.remote import fetch_finished, remote_prefix
+
     exp = _load(experiment, seeds, overrides)  # every cell validated before any flow run starts
-    todo = [c for c in exp.cells if not is_done(c)]
+    prefix = remote_prefix()
+
+    def finished(cell) -> bool:  # on this disk, or (with QIMERA_REMOTE) finished by any worker
+        return fetch_finished(cell, exp.spec.name, prefix) if prefix else is_done(cell)
+
+    todo = [c for c in exp.cells if not finished(c)]
     logger.info("experiment %s: %d cells, %d finished already, %d to run as %s flow runs", exp.spec.name,
                 len(exp.cells), len(exp.cells) - len(todo), len(todo), CELL_DEPLOYMENT)
     me = str(flow_run.id) if flow_run.id else f"local-{os.getpid()}"
@@ -169,6 +176,11 @@ def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] |
                 parameters={"experiment": experiment, "cell": cell.id, "seeds": seeds, "overrides": overrides,
                             "threads": threads})
         states = _wait(runs, poll_seconds, logger)
+        if prefix:  # the report is built from what the workers left in S3, not from their disks
+            for cell in todo:
+                if states.get(cell.id) == "COMPLETED" and not finished(cell):
+                    states[cell.id] = "FAILED"
+                    logger.error("cell %s: its flow run completed but %s holds no finished cell", cell.id, prefix)
         failed = [c for c, s in states.items() if s != "COMPLETED"]
         for cell_id in failed:
             logger.error("cell %s ended %s (flow run %s)", cell_id, states[cell_id], runs[cell_id].id)

@@ -4,14 +4,17 @@ A worker on another machine has its own disk. When the work pool's job variables
 ``QIMERA_REMOTE=s3://bucket/prefix`` (with the worker's own AWS credentials, never the
 deployment's), a cell flow run (:func:`run_remote_cell`):
 
-1. downloads the cell's last checkpoint from ``<prefix>/runs/<experiment>/<cell>/`` when
+1. downloads the cell's last checkpoint from ``<prefix>/runs/<experiment>/<cell key>/`` when
    its own directory has none (a retried cell, on this worker or another), so that
    ``qimera run`` resumes from it instead of epoch 0;
 2. runs the cell with the epoch hook :func:`push_checkpoint`
    (``QIMERA_EPOCH_HOOK``, :data:`qimera.api.EPOCH_HOOK_ENV`): at the end of every epoch,
    after the trainer wrote it, the checkpoint and the history go to S3 (size and SHA-256
    verified, :mod:`stages.s3`), so a worker that dies loses at most the epoch it was in;
-3. uploads the finished cell's directory (summary, config, record) beside them.
+3. uploads the finished cell's directory (summary, config, record) beside them, with a
+   ``MANIFEST.json`` last: a cell is finished for every machine once that is there, so a
+   rerun anywhere skips it and the experiment flow builds its report from S3
+   (:func:`fetch_finished`), not from the workers' disks.
 
 The library knows nothing of this: it calls the hook the environment names.
 """
@@ -40,11 +43,13 @@ def remote_prefix(environ=None) -> str | None:
     return value
 
 
-def cell_url(prefix: str, experiment: str, cell_id: str) -> str:
-    """The S3 location of one cell: ``<prefix>/runs/<experiment>/<cell>``."""
+def cell_url(prefix: str, experiment: str, cell) -> str:
+    """The S3 location of one cell in its configuration: ``<prefix>/runs/<experiment>/<cell
+    key>`` (:attr:`qimera.experiments.Cell.key`, so that the same cell under other settings
+    never takes up this one's checkpoint)."""
     from stages.s3 import join
 
-    return join(prefix, "runs", experiment, cell_id)
+    return join(prefix, "runs", experiment, cell.key)
 
 
 def _checkpoint_files() -> tuple[str, str]:
@@ -96,17 +101,57 @@ def hook_env(cell_dir: str | os.PathLike, url: str) -> dict[str, str]:
             "PYTHONPATH": path}
 
 
+def fetch_finished(cell, experiment: str, prefix: str) -> bool:
+    """Bring a cell that some worker finished (its directory and ``MANIFEST.json`` in S3)
+    into ``cell.out_dir`` when this machine does not have it finished; returns whether the
+    cell is finished here now (:func:`qimera.experiments.is_done`: the same configuration).
+    A half-uploaded or missing cell is left alone."""
+    import json
+    import shutil
+    import tempfile
+
+    from qimera.experiments import CELL_RECORD, is_done
+
+    from stages.s3 import MANIFEST, StorageError, download, download_dir, join
+
+    if is_done(cell):
+        return True
+    url = cell_url(prefix, experiment, cell)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qimera-manifest-") as tmp:
+            download(join(url, MANIFEST), Path(tmp) / MANIFEST)
+    except StorageError as exc:
+        if "no such object" in str(exc):
+            return False
+        raise
+    with tempfile.TemporaryDirectory(prefix="qimera-cell-", dir=cell.out_dir.parent if cell.out_dir.parent.is_dir()
+                                     else None) as tmp:
+        copy = Path(tmp) / "cell"
+        download_dir(url, copy)
+        record = json.loads((copy / CELL_RECORD).read_text()) if (copy / CELL_RECORD).is_file() else {}
+        if record.get("status") != "done" or record.get("fingerprint") != cell.cfg.fingerprint():
+            return False  # not this configuration's result: leave this disk alone
+        if cell.out_dir.exists():
+            shutil.rmtree(cell.out_dir)
+        cell.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(copy), str(cell.out_dir))
+    return is_done(cell)
+
+
 def run_remote_cell(cell, experiment: str, prefix: str, *, threads: int | None = None,
                     env: dict[str, str] | None = None, log=print) -> dict:
     """Run ``cell`` (a :class:`qimera.experiments.Cell` of the experiment named
     ``experiment``) with its checkpoint kept in S3 under ``prefix`` (module docstring),
     ``env`` added to its environment; returns the cell's record, as
     :func:`qimera.experiments.run_cell` does."""
-    from qimera.experiments import run_cell
+    from qimera.experiments import cell_record, run_cell
 
     from stages.s3 import upload_dir
 
-    url = cell_url(prefix, experiment, cell.id)
+    url = cell_url(prefix, experiment, cell)
+    if fetch_finished(cell, experiment, prefix):
+        log(f"{cell.id}: finished already (in {url}/)")
+        return cell_record(cell)
     cell.out_dir.mkdir(parents=True, exist_ok=True)
     if restore(cell.out_dir, url):
         log(f"{cell.id}: resuming from the checkpoint in {url}/")

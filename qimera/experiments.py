@@ -126,6 +126,13 @@ class Cell:
         return f"{self.w_bits}w{self.a_bits}a"
 
     @property
+    def key(self) -> str:
+        """``<id>-<first 8 hex of the config's fingerprint>``: the cell in this very
+        configuration, where the id alone would name the cell under any ``--set``
+        (a DVC experiment's name, a cell's place in S3)."""
+        return f"{self.id}-{self.cfg.fingerprint()[:8]}"
+
+    @property
     def budget(self) -> tuple[int, int, int]:
         t = self.cfg.train
         return t.epochs, t.iters_per_epoch, t.batch_size
@@ -269,7 +276,8 @@ def _is_config_key(dotted: str) -> bool:
 # --------------------------------------------------------------------------- running
 
 
-def _record(cell: Cell) -> dict | None:
+def cell_record(cell: Cell) -> dict | None:
+    """The cell's ``cell.json`` (its outcome: status, fingerprint, ...), or None."""
     try:
         return json.loads((cell.out_dir / CELL_RECORD).read_text())
     except (OSError, ValueError):
@@ -278,7 +286,7 @@ def _record(cell: Cell) -> dict | None:
 
 def is_done(cell: Cell) -> bool:
     """A cell is finished when its record says so for this very configuration."""
-    rec = _record(cell)
+    rec = cell_record(cell)
     return bool(rec and rec.get("status") == "done" and rec.get("fingerprint") == cell.cfg.fingerprint()
                 and (cell.out_dir / SUMMARY).is_file())
 

@@ -36,7 +36,7 @@ _PENDING = ("Queued", "Running", "Success")
 
 def experiment_name(cell) -> str:
     """The DVC experiment name of ``cell`` (valid as a git ref: cell ids are slugs)."""
-    return f"{cell.id}-{cell.cfg.fingerprint()[:8]}"
+    return cell.key
 
 
 def preset_of(cell, root: Path) -> str:

@@ -3,6 +3,7 @@ taken up by another worker, with its own disk, when the first dies mid-cell."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from qimera.api import EPOCH_HOOK_ENV
 from qimera.experiments import load_experiment, run_cell
 
 import epoch_hooks
-from pipelines.remote import cell_url, hook_env, remote_prefix, restore, run_remote_cell
+from pipelines.remote import cell_url, fetch_finished, hook_env, remote_prefix, restore, run_remote_cell
 
 pytest.importorskip("moto")
 
@@ -40,7 +41,7 @@ def test_a_cell_resumes_on_another_worker_from_the_checkpoint_in_s3(tiny_config,
     # worker A dies right after epoch 1's checkpoint reached S3
     monkeypatch.chdir(a)
     cell = load_experiment("exp.yaml").cells[0]
-    url = cell_url(prefix, "remote", cell.id)
+    url = cell_url(prefix, "remote", cell)
     env = {**hook_env(cell.out_dir, url), EPOCH_HOOK_ENV: f"{epoch_hooks.__name__}:push_then_die_after_epoch_1"}
     env["PYTHONPATH"] = os.pathsep.join((epoch_hooks.HOOKS_DIR, env["PYTHONPATH"]))
     assert run_cell(cell, env=env)["status"] == "failed"
@@ -66,3 +67,23 @@ def test_a_cell_resumes_on_another_worker_from_the_checkpoint_in_s3(tiny_config,
     third = tmp_path / "c"
     assert restore(third, url) and torch.load(third / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert not restore(third, url)  # a local checkpoint is never overwritten
+
+    # a machine that never ran the cell sees it finished (S3 has its MANIFEST) and gets its
+    # results for the report; a rerun of the cell anywhere skips it
+    d = _worker_disk(tmp_path / "d", base)
+    monkeypatch.chdir(d)
+    cell = load_experiment("exp.yaml").cells[0]
+    assert fetch_finished(cell, "remote", prefix)
+    assert json.loads((cell.out_dir / "summary.json").read_text()) == json.loads(
+        (b / cell.out_dir / "summary.json").read_text())
+    assert run_remote_cell(cell, "remote", prefix, log=lines.append)["status"] == "done"
+    assert lines[-1] == f"{cell.id}: finished already (in {url}/)"
+    # another configuration of the same cell id is not "finished" by that upload
+    other = {**base, "train": {**base["train"], "iters_per_epoch": 3}}
+    e = _worker_disk(tmp_path / "e", other)
+    monkeypatch.chdir(e)
+    other_cell = load_experiment("exp.yaml").cells[0]
+    assert other_cell.id == cell.id and cell_url(prefix, "remote", other_cell) != url
+    assert not fetch_finished(other_cell, "remote", prefix) and not other_cell.out_dir.exists()
+    # nothing uploaded: not finished
+    assert not fetch_finished(load_experiment("exp.yaml").cells[0], "elsewhere", prefix)
