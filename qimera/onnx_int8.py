@@ -3,9 +3,9 @@
 The reference form of :mod:`qimera.onnx_export` (QCDQ) keeps every convolution in float:
 its weights are dequantized, its BatchNorm stays a separate node, and onnxruntime has
 nothing to fuse, so the quantized model runs slower than the float one. This form is the
-same network, rewritten so that onnxruntime's QDQ fusion turns every convolution whose
-input is quantized into ``QLinearConv`` (uint8 activations x int8 weights, int32
-accumulation) and the residual additions into ``QLinearAdd``:
+same network, rewritten so that onnxruntime's QDQ fusion turns every convolution between
+two activation quantizers into ``QLinearConv`` (uint8 activations x int8 weights, int32
+accumulation):
 
 * **BatchNorm folded.** A BatchNorm2d that takes a quantized convolution's output alone
   is folded into that convolution's dequantization scale and bias
@@ -16,7 +16,9 @@ accumulation) and the residual additions into ``QLinearAdd``:
 * **One weight zero point.** ``QLinearConv`` needs one zero point for all output
   channels, and the student's per-channel grids do not share one; but the integer ``q +
   z`` of SPEC §2 is the weight in steps of ``1/s``, so the weights are stored as int8 with
-  zero point 0 (``2**b`` levels inside ``[-(2**b - 1), 2**b - 1]``).
+  zero point 0 (``2**b`` levels inside ``[-(2**b - 1), 2**b - 1]``), each channel's
+  integers multiplied by the largest whole factor that keeps them within ±127
+  (:func:`widen_grid`): the same weights, on a finer grid for the int32 bias.
 * **Activations** are uint8 tensors holding ``0..2**b - 1``: ``QuantizeLinear`` (zero
   point 0 for a ReLU output, so that onnxruntime drops the ReLU: the saturation at 0 is
   the ReLU) then ``Clip`` to ``2**b - 1``. The top clip cannot live inside a fused kernel
@@ -25,9 +27,11 @@ accumulation) and the residual additions into ``QLinearAdd``:
 * **Residual branches.** A convolution whose output reaches the next activation
   quantizer only through other operations (the second convolution of a residual block,
   whose output is added to the shortcut before the ReLU) has no ``QuantizeLinear`` to
-  fuse with: by default it runs as a float convolution on the dequantized uint8 input
-  and int8 weights (onnxruntime fuses it with the addition and the ReLU into
-  ``FusedConv``), which keeps the form exact.
+  fuse with: by default it runs as a float convolution on the dequantized uint8 input,
+  with a float weight onnxruntime computes once from the stored integers
+  (:func:`float_at_load`; it fuses the convolution with the addition and the ReLU),
+  which keeps the form exact. So do the first convolution (float images in) and the
+  classifier.
 * **8-bit requantization** (``requantize=True``, faster, approximate). Such a convolution
   gets a ``QuantizeLinear`` of its own, uint8 over the window that can change the result:
   ``[-L, R]`` with ``R`` the downstream quantizer's range and ``L`` the largest value the
@@ -41,13 +45,14 @@ accumulation) and the residual additions into ``QLinearAdd``:
 
 Weights of at most 4 bits are stored as packed ONNX ``int4`` (opset 21 or newer,
 :func:`pack_int4_weights`): ``int4`` initializers (two per byte, the integers minus a
-per-channel offset) read by ``Cast -> Add -> Cast`` into the int8 weight. onnxruntime
-folds those constant nodes when the session starts, so the running graph is the int8 one.
+per-channel offset, in units of the channel's grid factor) read by ``Cast -> Add -> Mul
+-> Cast`` into the int8 (or float) weight. onnxruntime folds those constant nodes when the
+session starts, so the running graph is the int8 one.
 The ``int4`` values are not read by ``DequantizeLinear`` directly because onnxruntime's
 ``QLinearConv`` fusion takes 8-bit weights with one zero point, and the per-channel 4-bit
 grids need one zero point each.
 
-Needs an ``torch.fx``-traced student (what :func:`qimera.quant.quantize_model` builds
+Needs a ``torch.fx``-traced student (what :func:`qimera.quant.quantize_model` builds
 for every traceable teacher): the rewrite reads the graph to find each convolution's
 BatchNorm and its downstream quantizer.
 """
