@@ -45,7 +45,7 @@ def _deployment_table(v: dict) -> list[str]:
                     + (", ".join(f"{n} {op}" for op, n in ops.items()) if ops else "**no integer kernel**") + ".")
     return [*lines, *note,
             f"Measured on {m['cpu']} ({m['capability']}, {m['cpu_count']} logical CPUs), onnxruntime {m['onnxruntime']}, "
-            f"{m['threads']} threads: median of {d['runs']} calls after warm-up.", ""]
+            f"threads: {m['threads']}; median of {d['runs']} calls after warm-up.", ""]
 
 
 def _deployment(teacher: dict, v: dict) -> list[str]:
@@ -57,14 +57,18 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
     elif "rejected" in int8:
         int8_line = f"- no `student.int8.onnx`: the int8 form was made and measured but not shipped: {int8['rejected']}."
     elif int8:
+        requantized, floats = len(int8.get("requantized", [])), len(int8.get("float_kernel_layers", []))
+        rest = (f"{requantized} convolution outputs requantized to 8 bits before their residual addition (an "
+                "approximation)" if requantized else
+                f"{floats} layers without a quantizer on both sides (residual branches, the first and last layers) "
+                "in exact float")
         int8_line = (
             "- `student.int8.onnx`: the deployable form (opset {}), which onnxruntime runs on integer kernels: {} "
             "BatchNorm layers folded into their convolution, int8 weights with one zero point{}, uint8 activations "
-            "(QuantizeLinear → Clip), and {} convolution outputs requantized to 8 bits before their residual "
-            "addition (the form's one approximation).".format(
+            "(QuantizeLinear → Clip), {}.".format(
                 int8.get("opset", "?"), int8.get("folded_batchnorms", 0),
                 f" ({int8['int4_weights']} tensors stored as packed int4)" if int8.get("int4_weights") else "",
-                len(int8.get("requantized", []))))
+                rest))
     else:
         int8_line = None
     checked = (f"Checked on {v['samples']} evaluation images: fake-quant student {v['student_top1']:.2f}% top-1, "

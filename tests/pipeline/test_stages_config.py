@@ -489,6 +489,11 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "| `student.int8.onnx`: int8 form | 178.0 kB | 0.50 ms | 21.00 ms | 91.20% | 99.10% |" in card
     assert "| float teacher, plain ONNX (for comparison) | 1.09 MB | 0.74 ms | 35.20 ms | – | – |" in card
     assert "runs 9 QLinearConv" in card and "Measured on Test CPU (AVX2, 2 logical CPUs), onnxruntime 1.32.0" in card
+    assert "threads: 2; median of 30 calls" in card and "requantized" not in card
+    verification["onnx_int8"]["requantized"] = ["layer1.0.conv2"]
+    card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
+                             version=None, verification=verification)
+    assert "1 convolution outputs requantized to 8 bits before their residual addition (an approximation)" in card
     verification["onnx_int8"]["rejected"] = "its top-1 91.20% differs from the student's 91.26% by 0.2 points"
     card = render_model_card(name="qimera-cifar10-w4a4", config=config, teacher=teacher, metrics=metrics,
                              version=None, verification=verification)
