@@ -344,9 +344,8 @@ def export_deployables(
     if not int8:
         int8_report = {"skipped": "switched off (export.int8_form: false)"}
     elif isinstance(student, fx.GraphModule):
-        int8 = export_onnx(student, out / ONNX_INT8_FILE, input_size=input_size, form="int8",
-                           opset=max(opset, INT8_DEFAULT_OPSET), metadata=metadata)
-        int8_report = int8.to_dict()
+        int8_report = export_onnx(student, out / ONNX_INT8_FILE, input_size=input_size, form="int8",
+                                  opset=max(opset, INT8_DEFAULT_OPSET), metadata=metadata).to_dict()
     else:
         int8_report = {"skipped": "the student is not a torch.fx graph (its teacher could not be traced), "
                                   "which the int8 form's rewrite needs"}

@@ -362,18 +362,10 @@ def export_onnx(
         model, report = qdq_model(student)
     report.opset = int(opset)
     proto = _exported_proto(model, input_size, int(opset))
-    if form == "int8" and report.float_kernel_layers:
-        from .onnx_int8 import float_at_load
-
-        float_at_load(proto, report.float_kernel_layers)
-    if form == "int8" and pack_int4:
-        from .onnx_int8 import pack_int4_weights
-
-        report.int4_weights = pack_int4_weights(proto)
     if form == "int8":
-        from .onnx_int8 import compact_names
+        from .onnx_int8 import finish_proto
 
-        compact_names(proto)
+        finish_proto(proto, report, pack_int4)
     report.node_counts = _write_proto(proto, path, metadata)
     return report
 
@@ -422,6 +414,11 @@ def _write_proto(proto, path: str | os.PathLike, metadata: dict[str, Any] | None
         entry.key, entry.value = str(key), str(value)
     onnx.checker.check_model(proto)
     atomic_write(path, lambda handle: handle.write(proto.SerializeToString()), "wb")
+    return _op_counts(proto)
+
+
+def _op_counts(proto) -> dict[str, int]:
+    """How many nodes of each operator type ``proto``'s graph has, by type."""
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -486,11 +483,7 @@ def optimized_node_counts(path: str | os.PathLike, *, threads: int | None = None
     with tempfile.TemporaryDirectory(prefix="qimera-ort-") as tmp:
         out = os.path.join(tmp, "optimized.onnx")
         load_onnx_session(path, threads=threads, optimized_path=out)
-        model = onnx.load(out)
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
+        return _op_counts(onnx.load(out))
 
 
 class OnnxRuntimeModel(nn.Module):

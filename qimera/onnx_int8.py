@@ -73,7 +73,7 @@ from .onnx_export import OnnxReport, QDQConv2d, QDQLinear, QDQRequant, convert_a
 from .quant import ActQuantizer, QuantConv2d, set_module
 
 __all__ = ["INT8_DEFAULT_OPSET", "INT4_MIN_OPSET", "fold_batchnorm", "int8_model",
-           "pack_int4_weights", "float_at_load", "compact_names", "widen_grid", "WEIGHT_LIMIT", "check_int4_opset", "check_onnxruntime", "INTEGER_OPS"]
+           "finish_proto", "pack_int4_weights", "float_at_load", "compact_names", "widen_grid", "WEIGHT_LIMIT", "check_int4_opset", "check_onnxruntime", "INTEGER_OPS"]
 
 #: the int8 form's default opset: the first with ONNX int4 types
 INT8_DEFAULT_OPSET = 21
@@ -205,11 +205,6 @@ def _input_site(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuantizer | 
     return None
 
 
-def _quantized_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node``'s input is an activation quantizer's output (possibly max-pooled)."""
-    return _input_site(node, modules) is not None
-
-
 def weight_limit(input_bits: int | None) -> int:
     """How far :func:`widen_grid` may spread a layer's int8 weights: ±127, less where the
     input's ``2**b - 1`` times it, twice, would overflow an int16 pair sum (8-bit or
@@ -290,12 +285,14 @@ def widen_grid(ints: torch.Tensor, step: torch.Tensor, limit: int) -> tuple[torc
 
 
 def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module],
-                 report: OnnxReport, requantize: bool) -> None:
+                 report: OnnxReport, requantize: bool) -> tuple[float, float] | None:
     """Replace the quantized layer ``name`` by its int8 twin, folding its BatchNorm: int8
     weights behind ``DequantizeLinear``. Where onnxruntime cannot fuse the layer into an
     integer kernel (no quantized input, or no quantizer after it and no requantization)
     the layer is listed in ``report.float_kernel_layers``: :func:`float_at_load` turns its
-    weight's ``DequantizeLinear`` into constant ops, so that it runs as a float layer."""
+    weight's ``DequantizeLinear`` into constant ops, so that it runs as a float layer.
+    Returns the window of the 8-bit requantization the layer's output needs (with
+    ``requantize``: :func:`requant_window`), or None."""
     q, s, z = integer_weight(mod.weight, mod.w_bits)
     ints, step = q + z, (1.0 / s).reshape(-1)
     bias = mod.bias.detach().float() if mod.bias is not None else None
@@ -308,27 +305,29 @@ def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, m
     if float(ints.abs().max()) > 127:  # an 8-bit weight's q + z needs 9 bits
         weight = ints * step.reshape((-1,) + (1,) * (ints.dim() - 1))
         new = _float_twin(mod, weight)
-        if bias is not None:
+        if bias is not None:  # (a folded BatchNorm always leaves one)
             new.bias = nn.Parameter(bias.clone(), requires_grad=False)
-        elif new.bias is None and bn is not None:
-            raise ExportError(f"int8 ONNX form: {name} has no bias to take its folded BatchNorm")
         report.float_weights.append(name)
-    else:
-        site = _input_site(node, modules)
-        if bias is None and bn is not None:
-            bias = torch.zeros(ints.shape[0])
-        conv = isinstance(mod, QuantConv2d)
-        fusable = site is not None and (_feeds_quantizer(node, modules) or (
-            requantize and conv and requant_window(node, modules) is not None))
-        if fusable:
-            ints, step = widen_grid(ints, step, weight_limit(site.bits))
-            report.qdq_weights += 1
-        else:  # exported like the others, then its DequantizeLinear becomes Cast -> Mul (float_at_load)
-            report.float_kernel_layers.append(name)
-        zero = torch.zeros(ints.shape[0], dtype=torch.int8)
-        new = (QDQConv2d if conv else QDQLinear)(mod, ints.to(torch.int8).contiguous(), step.float().contiguous(),
-                                               zero, bias)
+        set_module(gm, name, new)
+        return None
+    site = _input_site(node, modules)
+    conv = isinstance(mod, QuantConv2d)
+    window = None
+    feeds = site is not None and _feeds_quantizer(node, modules)
+    if site is not None and not feeds and requantize and conv:
+        window = requant_window(node, modules)
+        if window is not None and not sum(window) > 0:
+            window = None
+    if feeds or window is not None:
+        ints, step = widen_grid(ints, step, weight_limit(site.bits))
+        report.qdq_weights += 1
+    else:  # exported like the others, then its DequantizeLinear becomes Cast -> Mul (float_at_load)
+        report.float_kernel_layers.append(name)
+    zero = torch.zeros(ints.shape[0], dtype=torch.int8)
+    new = (QDQConv2d if conv else QDQLinear)(mod, ints.to(torch.int8).contiguous(), step.float().contiguous(),
+                                           zero, bias)
     set_module(gm, name, new)
+    return window
 
 
 @torch.no_grad()
@@ -348,14 +347,10 @@ def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Modu
     needs_requant: list[tuple[fx.Node, tuple[float, float]]] = []
     for node in weight_nodes:
         name = str(node.target)
-        _weight_twin(name, layers[name], node, gm, modules, report, requantize)
+        window = _weight_twin(name, layers[name], node, gm, modules, report, requantize)
         modules[name] = gm.get_submodule(name)
-    for node in weight_nodes if requantize else ():
-        if isinstance(layers[str(node.target)], QuantConv2d) and _quantized_input(node, modules) \
-                and not _feeds_quantizer(node, modules):
-            window = requant_window(node, modules)
-            if window is not None and sum(window) > 0:
-                needs_requant.append((node, window))
+        if window is not None:
+            needs_requant.append((node, window))
     for node, (left, right) in needs_requant:
         step = (left + right) / 255.0
         name = f"{node.target}_requant"
@@ -373,7 +368,20 @@ def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Modu
     return gm.eval(), report
 
 
-# --------------------------------------------------------------------------- int4 packing
+# --------------------------------------------------------------------------- passes over the ONNX graph
+
+
+def finish_proto(proto, report: OnnxReport, pack_int4: bool) -> None:
+    """The int8 form's passes over the graph torch exported, in their order: the float
+    layers' weights computed at load (:func:`float_at_load`), the int4 packing
+    (:func:`pack_int4_weights`, counted in ``report``) and the short names
+    (:func:`compact_names`)."""
+    if report.float_kernel_layers:
+        float_at_load(proto, report.float_kernel_layers)
+    if pack_int4:
+        report.int4_weights = pack_int4_weights(proto)
+    compact_names(proto)
+
 
 
 def _initializers(proto) -> dict[str, Any]:
