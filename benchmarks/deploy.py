@@ -83,6 +83,9 @@ def main(argv=None) -> dict:
 
     from qimera.onnx_deploy import deployment_figures
     from qimera.onnx_export import export_onnx, verify_exports
+    from qimera.onnx_int8 import check_onnxruntime
+
+    check_onnxruntime()
 
     with tempfile.TemporaryDirectory(prefix="qimera-deploy-") as tmp:
         student, prep, label = student_and_data(args, tmp)

@@ -330,9 +330,11 @@ def export_deployables(
 
     from .evaluate import check_finite_parameters
     from .onnx_export import DEFAULT_OPSET, export_onnx, verify_exports
-    from .onnx_int8 import INT8_DEFAULT_OPSET
+    from .onnx_int8 import INT8_DEFAULT_OPSET, check_onnxruntime
 
     check_finite_parameters(student, "student")
+    if int8:
+        check_onnxruntime()  # before any file is written: the int8 form needs a recent onnxruntime
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in student.state_dict().items()}

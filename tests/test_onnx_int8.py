@@ -197,3 +197,15 @@ def test_deployables_hold_the_int8_form_and_its_figures(tmp_path):
         export_module.int8_rejection = real
     assert v["onnx_int8"]["rejected"] == "a test rejection" and "onnx_int8_top1" in v
     assert not (tmp_path / "rej" / ONNX_INT8_FILE).exists() and (tmp_path / "rej" / "student.onnx").exists()
+    # an onnxruntime too old for the int8 form stops the export before it writes anything
+    import onnxruntime
+
+    real_version = onnxruntime.__version__
+    try:
+        onnxruntime.__version__ = "1.16.3"
+        with pytest.raises(ExportError, match=r"needs onnxruntime >= 1\.20 .*installed 1\.16\.3"):
+            export_deployables(student, tmp_path / "old", data.loader, arch="qimera.models.digits_cnn:DigitsCNN",
+                               input_size=(1, 8, 8))
+    finally:
+        onnxruntime.__version__ = real_version
+    assert not (tmp_path / "old").exists()
