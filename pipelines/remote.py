@@ -61,7 +61,7 @@ def _checkpoint_files() -> tuple[str, str]:
 def restore(cell_dir: str | os.PathLike, url: str) -> bool:
     """Download the cell's checkpoint (and history) from ``url`` into ``cell_dir`` when
     ``cell_dir`` has no checkpoint and S3 has one; returns whether it did."""
-    from stages.s3 import StorageError, download, join
+    from stages.s3 import NoSuchObject, download, join
 
     checkpoint, history = _checkpoint_files()
     local = Path(cell_dir)
@@ -69,13 +69,11 @@ def restore(cell_dir: str | os.PathLike, url: str) -> bool:
         return False
     try:
         download(join(url, checkpoint), local / checkpoint)
-    except StorageError as exc:
-        if "no such object" in str(exc):
-            return False
-        raise
+    except NoSuchObject:
+        return False
     try:
         download(join(url, history), local / history)
-    except StorageError:
+    except NoSuchObject:
         pass  # the trainer rebuilds what it needs from the checkpoint
     return True
 
@@ -112,22 +110,18 @@ def fetch_finished(cell, experiment: str, prefix: str) -> bool:
 
     from qimera.experiments import CELL_RECORD, is_done
 
-    from stages.s3 import MANIFEST, StorageError, download, download_dir, join
+    from stages.s3 import NoSuchObject, download_dir
 
     if is_done(cell):
         return True
     url = cell_url(prefix, experiment, cell)
-    try:
-        with tempfile.TemporaryDirectory(prefix="qimera-manifest-") as tmp:
-            download(join(url, MANIFEST), Path(tmp) / MANIFEST)
-    except StorageError as exc:
-        if "no such object" in str(exc):
-            return False
-        raise
     with tempfile.TemporaryDirectory(prefix="qimera-cell-", dir=cell.out_dir.parent if cell.out_dir.parent.is_dir()
                                      else None) as tmp:
         copy = Path(tmp) / "cell"
-        download_dir(url, copy)
+        try:
+            download_dir(url, copy)
+        except NoSuchObject:  # no MANIFEST.json: nobody finished it (or the upload was cut short)
+            return False
         record = json.loads((copy / CELL_RECORD).read_text()) if (copy / CELL_RECORD).is_file() else {}
         if record.get("status") != "done" or record.get("fingerprint") != cell.cfg.fingerprint():
             return False  # not this configuration's result: leave this disk alone

@@ -52,6 +52,11 @@ class StorageError(PipelineError):
     """A transfer to or from S3 failed; the message says what and what to do."""
 
 
+class NoSuchObject(StorageError):
+    """The object (for :func:`download_dir`: the prefix's manifest) is not in the bucket,
+    which exists: what a caller that looks for something optional catches."""
+
+
 def parse_url(url: str, *, key_required: bool = True) -> tuple[str, str]:
     """``s3://bucket/key`` -> ``(bucket, key)``; clear errors for anything else."""
     parts = urllib.parse.urlsplit(str(url))
@@ -131,7 +136,7 @@ def _errors(client, url: str, action: str) -> Iterator[None]:
         if code in ("NoSuchKey", "404", "NotFound"):
             if not _bucket_exists(client, bucket):
                 raise StorageError(f"{action} {url}: bucket {bucket!r} does not exist at {_endpoint(client)}") from None
-            raise StorageError(f"{action} {url}: no such object") from None
+            raise NoSuchObject(f"{action} {url}: no such object") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken") or any(
                 c in text for c in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
             raise StorageError(
@@ -287,18 +292,19 @@ def download_dir(prefix: str, dest: str | os.PathLike, *, client=None) -> dict:
     with atomic_dir(dest) as tmp:
         try:
             download(join(prefix, MANIFEST), tmp / MANIFEST, client=client)
-        except StorageError as exc:
-            if "no such object" in str(exc):
-                raise StorageError(f"download {prefix}: no {MANIFEST}, so the upload there is incomplete "
-                                   "(or nothing was uploaded)") from None
-            raise
+        except NoSuchObject:
+            raise NoSuchObject(f"download {prefix}: no {MANIFEST}, so the upload there is incomplete "
+                               "(or nothing was uploaded)") from None
         manifest = json.loads((tmp / MANIFEST).read_text())
         for rel in manifest["files"]:
             parts = Path(rel).parts
             if Path(rel).is_absolute() or ".." in parts or rel == MANIFEST:
                 raise StorageError(f"download {prefix}: {MANIFEST} names {rel!r}, which is not a file under the prefix")
         for rel, entry in manifest["files"].items():
-            info = download(join(prefix, rel), tmp / rel, client=client)
+            try:
+                info = download(join(prefix, rel), tmp / rel, client=client)
+            except NoSuchObject as exc:  # listed but gone: a damaged prefix, not an absent one
+                raise StorageError(str(exc)) from None
             if (info["size"], info["sha256"]) != (entry["size"], entry["sha256"]):
                 raise StorageError(f"download {join(prefix, rel)}: differs from the manifest "
                                    f"({info['size']} bytes, sha256 {info['sha256'][:16]}…)")
