@@ -384,7 +384,7 @@ def class_rows(generator: Generator, classes: Sequence[int], mean, std, *, per_c
 
 
 # -- drawing (matplotlib, without pyplot's global state) --------------------------------------
-def _figure(**kwargs):
+def new_figure(**kwargs):
     """A matplotlib Figure not registered with pyplot (no backend switch, nothing to close)."""
     try:
         from matplotlib.figure import Figure
@@ -425,7 +425,7 @@ def save_sample_grid(path: str | Path, grid: np.ndarray, classes: Sequence[int],
     cell = (grid.shape[0] + pad) / n  # pixels per cell, separator included
     names = [_label(c, class_names) for c in classes]
     side = 1.0 + 0.9 * n + (1.0 if class_names else 0.0)
-    fig = _figure(figsize=(side, side), dpi=max(100, min(int(cell), 160)))
+    fig = new_figure(figsize=(side, side), dpi=max(100, min(int(cell), 160)))
     ax = fig.subplots()
     _show(ax, grid)
     ticks = [cell * i + (cell - pad) / 2 for i in range(n)]
@@ -446,7 +446,7 @@ def save_class_rows(path: str | Path, grid: np.ndarray, classes: Sequence[int],
     cell = (grid.shape[0] + pad) / n
     cols = round((grid.shape[1] + pad) / cell)
     label_width = 1.5 if class_names else 0.0  # room for "200: Tibetan terrier"
-    fig = _figure(figsize=(2.0 + label_width + 0.9 * cols, 1.0 + 0.9 * n), dpi=max(100, min(int(cell), 160)))
+    fig = new_figure(figsize=(2.0 + label_width + 0.9 * cols, 1.0 + 0.9 * n), dpi=max(100, min(int(cell), 160)))
     ax = fig.subplots()
     _show(ax, grid)
     ax.set_xticks([])
@@ -461,7 +461,7 @@ def save_images(path: str | Path, grid: np.ndarray, title: str) -> None:
     """An :func:`image_grid` with a title, no axes."""
     height, width = grid.shape[:2]
     scale = 6.0 / max(height, width)
-    fig = _figure(figsize=(max(4.0, width * scale), 0.8 + height * scale), dpi=100)
+    fig = new_figure(figsize=(max(4.0, width * scale), 0.8 + height * scale), dpi=100)
     ax = fig.subplots()
     _show(ax, grid)
     ax.set_axis_off()
@@ -514,7 +514,7 @@ def save_pca_pairs(path: str | Path, pts: PcaPoints, class_names: Sequence[str] 
     cols = min(3, n) if n <= 9 else math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     height = 3.2 * rows + 0.7  # the panels and the legend below them
-    fig = _figure(figsize=(3.2 * cols, height), dpi=100)
+    fig = new_figure(figsize=(3.2 * cols, height), dpi=100)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     colours = _colours_of(pts)
     for i in range(n):
@@ -539,7 +539,7 @@ def save_pca_all(path: str | Path, pts: PcaPoints, class_names: Sequence[str] | 
     sel = pts.pair == -1
     classes = sorted(set(pts.cls[sel].tolist()))
     colours = _colours_of(pts)
-    fig = _figure(figsize=(6.5, 5.5), dpi=100)
+    fig = new_figure(figsize=(6.5, 5.5), dpi=100)
     ax = fig.subplots()
     for c in classes:
         m = sel & (pts.cls == c)

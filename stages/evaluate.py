@@ -93,8 +93,9 @@ def _evaluate(run) -> None:
         final.update(naive_top1=naive.top1, naive_top5=naive.top5)
     with all_or_nothing(METRICS, FIGURES_DIR):
         generator = _trained_generator(run)
-        _draw_samples(FIGURES_DIR / "samples.png", run, generator)
-        _draw_pca(FIGURES_DIR / "pca.png", run, generator)
+        names = _class_names(run, record)
+        _draw_samples(FIGURES_DIR / "samples.png", run, generator, names)
+        _draw_pca(FIGURES_DIR / "pca.png", run, generator, names)
         if state["history"]:
             figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
         else:
@@ -109,13 +110,12 @@ def _evaluate(run) -> None:
           f"student {student_res.top1:.2f}% (top-5 {student_res.top5:.2f}%)")
 
 
-def _class_names(run) -> list[str] | None:
-    """The figures' class labels: the fetched teacher's names (``teacher.json``; the
-    workspace checkpoint teacher carries none), else the dataset's, else none."""
+def _class_names(run, record: dict) -> list[str] | None:
+    """The figures' class labels: the fetched teacher's names (``teacher.json``'s
+    ``record``; the workspace checkpoint teacher carries none), else the dataset's, else none."""
     from qimera import figures as paper
 
-    return paper.class_labels(read_json(TEACHER_RECORD).get("class_names"), run.cfg.data.name,
-                              run.prep.teacher.num_classes)
+    return paper.class_labels(record.get("class_names"), run.cfg.data.name, run.prep.teacher.num_classes)
 
 
 def _trained_generator(run):
@@ -130,7 +130,7 @@ def _trained_generator(run):
     return generator.to(run.prep.device)
 
 
-def _draw_samples(path, run, generator) -> None:
+def _draw_samples(path, run, generator, class_names) -> None:
     """The generator's class × class grid (Figure 6); without a generator, the images the
     ranges were calibrated on (ZeroQ's distilled batch, shown as it is: it has no classes),
     or a note."""
@@ -140,7 +140,7 @@ def _draw_samples(path, run, generator) -> None:
     if generator is not None:
         classes = paper.grid_classes(teacher.num_classes)
         grid = paper.sample_grid(generator, classes, teacher.mean, teacher.std, seed=cfg.train.seed, device=device)
-        paper.save_sample_grid(path, grid, classes, _class_names(run))
+        paper.save_sample_grid(path, grid, classes, class_names)
     elif state.get("calibration_images") is not None:
         images = state["calibration_images"]
         paper.save_images(path, paper.image_grid(images, teacher.mean, teacher.std), (
@@ -152,7 +152,7 @@ def _draw_samples(path, run, generator) -> None:
                                 "on Gaussian noise).")
 
 
-def _draw_pca(path, run, generator) -> None:
+def _draw_pca(path, run, generator, class_names) -> None:
     """Figure 5: the PCA of the teacher's features of generated samples per adjacent class
     pair, with the no-noise path between the two classes; a note without a generator."""
     from qimera import figures as paper
@@ -163,7 +163,7 @@ def _draw_pca(path, run, generator) -> None:
         return
     points = paper.pca_points(teacher, generator, paper.default_pairs(teacher.num_classes), seed=cfg.train.seed,
                               device=run.prep.device)
-    paper.save_pca_pairs(path, points, _class_names(run))
+    paper.save_pca_pairs(path, points, class_names)
 
 
 if __name__ == "__main__":

@@ -11,45 +11,30 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import atomic_write
-
-
-def _save(path: Path, fig) -> None:
-    """Write the PNG atomically and free the figure."""
-    import matplotlib.pyplot as plt
-
-    try:
-        atomic_write(Path(path), lambda h: fig.savefig(h, format="png"), "wb")
-    finally:
-        plt.close(fig)
-
 
 def save_note(path: Path, text: str) -> None:
     """A figure that only says ``text`` (for a plot that has nothing to show)."""
-    import matplotlib
+    from qimera.figures import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 1.5), dpi=100)
+    fig = new_figure(figsize=(6, 1.5), dpi=100)
+    ax = fig.subplots()
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=10)
-    _save(path, fig)
+    save_png(path, fig)
 
 
 def save_curves(path: Path, history: list[dict], teacher_top1: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from qimera.figures import new_figure, save_png
 
     def series(key):
         pts = [(r["epoch"], r[key]) for r in history
                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig = new_figure(figsize=(10, 4), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
     for key, label in (("loss_g", "generator"), ("loss_g_ce", "generator CE"),
                        ("loss_g_bns", "generator BNS"), ("loss_s", "student")):
         xs, ys = series(key)
@@ -71,4 +56,4 @@ def save_curves(path: Path, history: list[dict], teacher_top1: float | None = No
     ax2.set_ylabel("accuracy (%)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    _save(path, fig)
+    save_png(path, fig)
