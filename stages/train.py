@@ -25,10 +25,12 @@ Outputs: ``outputs/train/`` (checkpoint, history.jsonl, train.json, mlflow_run.j
 ``outputs/history.csv`` (one row per epoch, for ``dvc plots``; only the header for a
 calibration-only method).
 
-Setting: ``QIMERA_EPOCH_HOOK=package.module:callable`` in the environment adds a callback
+Settings: ``QIMERA_EPOCH_HOOK=package.module:callable`` in the environment adds a callback
 that is called with each epoch's record (a dict: epoch, losses, top-1, ...) after that
-epoch's checkpoint is written and logged, e.g. to notify someone. The tests use it to kill
-the stage at a deterministic point.
+epoch's checkpoint is written and logged, e.g. to notify someone or to upload the
+checkpoint (:func:`pipelines.remote.push_checkpoint`). The tests use it to kill the stage
+at a deterministic point. ``QIMERA_RESTORE_HOOK=package.module:callable`` is called with
+``outputs/train`` before the trainer looks for a checkpoint (:data:`RESTORE_HOOK_ENV`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import csv
 import io
 import math
 import time
+from pathlib import Path
 
 from .common import (
     EMBEDDINGS,
@@ -82,7 +85,6 @@ def library_hash() -> str:
     """sha256 of the ``qimera`` package's source: a checkpoint made by other library code
     is not resumed (DVC reruns train when the library changes; that must retrain)."""
     import hashlib
-    from pathlib import Path
 
     import qimera
 
@@ -98,6 +100,23 @@ def epoch_hook():
     from qimera.api import epoch_hook_from_env
 
     return epoch_hook_from_env(PipelineError)
+
+
+#: ``package.module:callable``, called with ``outputs/train`` before the trainer looks for a
+#: checkpoint there: it may put one there (a worker taking up another's cell from S3,
+#: :func:`pipelines.remote.restore_checkpoint`). ``dvc exp run`` checks the baseline's
+#: outputs out before the stages run, so a checkpoint put there before DVC starts is gone.
+RESTORE_HOOK_ENV = "QIMERA_RESTORE_HOOK"
+
+
+def restore_hook():
+    """The callable ``QIMERA_RESTORE_HOOK`` names, or None."""
+    import os
+
+    from qimera._registry import import_callable
+
+    spec = os.environ.get(RESTORE_HOOK_ENV)
+    return import_callable(spec, RESTORE_HOOK_ENV, PipelineError) if spec else None
 
 
 def _prepare(cfg):
@@ -141,6 +160,66 @@ def _discard_outputs() -> None:
     discard_checkpoint(TRAIN_DIR)
     TRAIN_RECORD.unlink(missing_ok=True)
     MLFLOW_RUN.unlink(missing_ok=True)
+    clear_stash()
+
+
+#: hard links to the last finished epoch's checkpoint files, outside DVC's outputs (in
+#: DVC's own temporary directory, which git ignores). ``dvc exp run`` checks the baseline
+#: commit's outputs out before it runs the stages, and that removes the checkpoint a
+#: stopped run left in ``outputs/train``; the rerun takes it back from here.
+RESUME_STASH = Path(".dvc") / "tmp" / "qimera-train"
+
+
+def resume_files() -> tuple[str, ...]:
+    """What a resumed run needs from ``outputs/train``: the checkpoint first, its history,
+    the MLflow run it reopens."""
+    from qimera.trainer import CHECKPOINT_NAME, HISTORY_NAME
+
+    return CHECKPOINT_NAME, HISTORY_NAME, MLFLOW_RUN.name
+
+
+def _link(src: Path, dest: Path) -> None:
+    """``dest`` becomes ``src``'s content, atomically (a hard link, else a copy)."""
+    import os
+    import shutil
+
+    tmp = dest.with_name(dest.name + ".linking")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def stash(record: dict | None = None) -> None:
+    """The epoch callback: link this epoch's checkpoint files into :data:`RESUME_STASH`
+    (the trainer writes each one as a new file, so a link keeps this epoch's content)."""
+    RESUME_STASH.mkdir(parents=True, exist_ok=True)
+    for name in resume_files():
+        if (TRAIN_DIR / name).is_file():
+            _link(TRAIN_DIR / name, RESUME_STASH / name)
+
+
+def take_up_stash() -> bool:
+    """Put the stashed checkpoint files back into ``outputs/train`` when it has no
+    checkpoint (DVC removed it); returns whether it did. The trainer then decides, by the
+    checkpoint's fingerprint, whether to resume."""
+    checkpoint, *_ = names = resume_files()
+    if (TRAIN_DIR / checkpoint).exists() or not (RESUME_STASH / checkpoint).is_file():
+        return False
+    TRAIN_DIR.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (RESUME_STASH / name).is_file():
+            _link(RESUME_STASH / name, TRAIN_DIR / name)
+    print("train: took back the checkpoint of the stopped run (DVC had checked outputs/train out)")
+    return True
+
+
+def clear_stash() -> None:
+    import shutil
+
+    shutil.rmtree(RESUME_STASH, ignore_errors=True)
 
 
 def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
@@ -219,14 +298,17 @@ def main() -> None:
     uri = tracking.tracking_uri(params, root)
     client = tracking.connect(uri)
     tracking.reap_dead_runs(client)
-    hook = epoch_hook()
+    hook, restore = epoch_hook(), restore_hook()
     prep = _prepare(cfg)
     if cfg.method in CALIBRATION_METHODS:
         _calibrate(client, uri, params, cfg, prep, root)
         return
+    if not take_up_stash() and restore is not None:  # this machine's own checkpoint first, then S3's
+        restore(TRAIN_DIR)
     trainer = _trainer(cfg, prep, root)
     status = _resume_or_start_over(trainer)
     run_id = _open_run(client, uri, params, cfg, prep, status, root)
+    trainer.callbacks.append(stash)
     trainer.callbacks.append(lambda rec: tracking.log_epoch(client, run_id, rec))
     if hook is not None:
         trainer.callbacks.append(hook)
@@ -247,6 +329,7 @@ def main() -> None:
     except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM, SIGHUP): KILLED; an error: FAILED
         tracking.fail(client, run_id, exc)
         raise
+    clear_stash()  # finished: outputs/train is DVC's now
     print(f"train: {cfg.train.epochs} epochs done (resumed from {result.resumed_from_epoch}); "
           f"student top-1 {result.final.get('top1', float('nan')):.2f}%")
 

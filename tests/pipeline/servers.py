@@ -143,3 +143,37 @@ def wait_flow_run(api: str, run_id: str, worker: subprocess.Popen, worker_log: P
         if time.monotonic() > deadline:
             pytest.fail(f"flow run still {state['type']} after {timeout} s:\n{tail(worker_log)}")
         time.sleep(2)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend; restartable on the same port.
+    Artifacts are proxied to ``artifacts`` (a folder of ``root`` by default, or an
+    ``s3://`` destination, with the S3 credentials and endpoint in ``env``)."""
+
+    def __init__(self, root: Path, *, artifacts: str | None = None, env: dict[str, str] | None = None):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = artifacts or str(root / "artifacts")
+        self.extra_env = dict(env or {})
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runners: starts in seconds
+        env.update(self.extra_env)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                 "--artifacts-destination", self.artifacts],
+                env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        wait_healthy(self.proc, f"{self.url}/health", self.log, "mlflow server", 120)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)

@@ -24,7 +24,7 @@ import pytest
 
 import reliability_hooks
 from pipeline_project import DVC, DvcProject
-from servers import free_port, kill_group, wait_healthy
+from servers import MlflowServer, kill_group
 
 pytestmark = pytest.mark.slow
 
@@ -101,30 +101,23 @@ def test_sigterm_during_train_marks_the_run_killed_with_one_line(dvc_project):
     assert epochs(project) == [1]  # epoch 1's checkpoint stays: the rerun resumes from it
 
 
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite backend; restartable on the same port."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runners: starts in seconds
-        log = self.root / "server.log"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                 "--artifacts-destination", str(self.root / "artifacts")],
-                env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        wait_healthy(self.proc, f"{self.url}/health", log, "mlflow server", 120)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc)
+def test_dvc_exp_run_again_after_a_stop_resumes_the_same_run(dvc_project):
+    """`dvc exp run` checks the baseline's outputs out before the stages run, which removes
+    the checkpoint a stopped run left in outputs/train; the train stage takes it back
+    from its stash (stages.train.RESUME_STASH), so a rerun (a Prefect retry, a user's
+    second `dvc exp run`) resumes instead of starting over."""
+    project = dvc_project
+    sets = ["-S", "train.epochs=3", "-S", "train.lr_milestones=[2]"]
+    res = project.dvc("exp", "run", *sets, env=reliability_hooks.env("sigterm_after_epoch_1"), timeout=600)
+    assert res.returncode != 0 and "stopped by SIGTERM" in res.stdout, res.stdout[-4000:]
+    stopped = project.read_json("outputs/train/mlflow_run.json")["run_id"]
+    res = project.dvc("exp", "run", *sets, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert "took back the checkpoint of the stopped run" in res.stdout and "resuming after epoch 1/3" in res.stdout
+    assert project.read_json("outputs/train/train.json")["resumed_from_epoch"] == 1
+    assert project.read_json("outputs/train/mlflow_run.json")["run_id"] == stopped  # the same MLflow run
+    assert epochs(project) == [1, 2, 3]
+    assert not (project.path / ".dvc" / "tmp" / "qimera-train").exists()  # finished: no stash left
 
 
 @pytest.fixture
