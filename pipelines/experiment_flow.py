@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -61,7 +62,7 @@ def _load(experiment: str, seeds: int | None, overrides: list[str]):
 
 @flow(name="qimera-cell", persist_result=True)
 def cell_flow(experiment: str, cell: str, seeds: Seeds = None, overrides: list[str] | None = None,
-              threads: Optional[int] = None) -> dict[str, Any]:
+              threads: Optional[int] = None, mlflow_parent: Optional[str] = None) -> dict[str, Any]:
     """Run one cell of an experiment file (skipped when it is finished already).
 
     Args:
@@ -69,6 +70,8 @@ def cell_flow(experiment: str, cell: str, seeds: Seeds = None, overrides: list[s
         cell: the cell's id (``runs/<experiment>/<cell>/``).
         seeds, overrides: as given to the experiment (they change which cells there are).
         threads: ``OMP_NUM_THREADS`` for the run unless the worker's environment sets it.
+        mlflow_parent: the experiment's MLflow parent run; a cell run as a DVC experiment
+            (``QIMERA_DVC_REMOTE``) logs its pipeline run as that run's child.
     """
     from qimera.experiments import cell_top1, is_done, run_cell
 
@@ -79,27 +82,42 @@ def cell_flow(experiment: str, cell: str, seeds: Seeds = None, overrides: list[s
         raise ValueError(f"cell {cell!r} is not a cell of {experiment} (cells: {', '.join(c.id for c in exp.cells)})")
     target = match[0]
     from pipelines.gpus import gpu_slot
-    from pipelines.remote import remote_prefix, run_remote_cell
+    from pipelines.remote import RemoteSettings, run_dvc_cell, run_remote_cell
 
-    prefix = remote_prefix()
+    remote = RemoteSettings.from_env()
+    prefix = remote.prefix
     if is_done(target):
         logger.info("%s: finished already", target.id)
     else:
+        if threads and not os.environ.get("OMP_NUM_THREADS"):
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # for the DVC stages (run_cell sets its own)
         with gpu_slot() as gpu:  # the least busy of the worker's GPUs (pipelines/gpus.py)
-            logger.info("%s: running %s%s%s", target.id, target.out_dir,
+            logger.info("%s: running %s%s%s", target.id,
+                        f"as DVC experiment in {Path.cwd()}" if remote.via_dvc else target.out_dir,
                         f" on GPU {gpu['CUDA_VISIBLE_DEVICES']}" if gpu else "",
                         f" (checkpoint kept in {prefix})" if prefix else "")
-            record = (run_remote_cell(target, exp.spec.name, prefix, threads=threads, env=gpu, log=logger.info)
-                      if prefix else run_cell(target, threads=threads, env=gpu))
+            if remote.via_dvc:
+                record = run_dvc_cell(target, exp.spec.name, remote, Path.cwd(), env=gpu, log=logger.info,
+                                      mlflow={"experiment": exp.spec.name, "parent_run": mlflow_parent})
+            elif prefix:
+                record = run_remote_cell(target, exp.spec.name, prefix, threads=threads, env=gpu, log=logger.info)
+            else:
+                record = run_cell(target, threads=threads, env=gpu)
         if record["status"] != "done":
-            raise CellFailed(f"{target.id}: exit {record['returncode']}: {record['error']}")
+            raise CellFailed(f"{target.id}: exit {record.get('returncode')}: {record.get('error')}")
     top1 = cell_top1(target)
     logger.info("%s: student top-1 %s", target.id, top1)
     return {"cell": target.id, "student_top1": top1, "out_dir": str(target.out_dir)}
 
 
-def _wait(runs: dict[str, Any], poll_seconds: float, logger) -> dict[str, str]:
-    """Poll the cell flow runs until each is in a final state; returns cell id -> state type."""
+def _wait(runs: dict[str, Any], poll_seconds: float, logger,
+          resubmit: Callable[[str], Any] | None = None) -> dict[str, str]:
+    """Poll the cell flow runs until each is in a final state; returns cell id -> state type.
+
+    A run that ends CRASHED (its worker or machine died: Prefect marks it so when its
+    heartbeats stop, ``python -m pipelines.zombies``) is handed to ``resubmit(cell id)``,
+    which returns a new flow run of the cell for any worker to take, or None when the
+    cell has no retry left; ``runs`` is updated in place."""
     from prefect.client.orchestration import get_client
 
     states: dict[str, str] = {}
@@ -108,12 +126,19 @@ def _wait(runs: dict[str, Any], poll_seconds: float, logger) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         while len(states) < len(runs):
             started = False
-            for cell_id, run in runs.items():
+            for cell_id, run in list(runs.items()):
                 if cell_id in states:
                     continue
                 state = client.read_flow_run(run.id).state
                 kind = state.type.value if state else "SCHEDULED"
                 started |= kind not in ("SCHEDULED", "PENDING")
+                if kind == "CRASHED" and resubmit is not None:
+                    again = resubmit(cell_id)
+                    if again is not None:
+                        logger.warning("cell %s: flow run %s CRASHED (%s); retried as flow run %s on any worker",
+                                       cell_id, run.id, (state.message or "").strip()[:200], again.id)
+                        runs[cell_id] = again
+                        continue
                 if kind in _FINAL:
                     states[cell_id] = kind
                     logger.info("cell %s: %s (%d of %d ended)", cell_id, kind, len(states), len(runs))
@@ -128,10 +153,31 @@ def _wait(runs: dict[str, Any], poll_seconds: float, logger) -> dict[str, str]:
     return states
 
 
+def check_dvc_cells(cells, root: Path, environ=None) -> None:
+    """Before any cell starts, when the cells are to run as DVC experiments in their own
+    clones (``QIMERA_DVC_REMOTE``): MLflow must be a server every machine reaches, and the
+    pipeline must be able to run each cell's config (:func:`stages.experiment_dvc.cell_params`)."""
+    import yaml
+
+    from pipelines.remote import DVC_REMOTE_ENV
+    from stages.common import PARAMS_FILE
+    from stages.experiment_dvc import cell_params
+    from stages.tracking import redact
+
+    uri = (environ if environ is not None else os.environ).get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith(("http://", "https://", "postgresql", "mysql", "mssql", "databricks")):
+        raise ValueError(f"{DVC_REMOTE_ENV} is set (each cell runs in its own clone, on any machine), but "
+                         f"MLFLOW_TRACKING_URI={redact(uri)!r} is not a tracking server they all reach: set it to "
+                         "http://host:port (a job variable of the pool, pipelines/README.md)")
+    params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+    for cell in cells:
+        cell_params(cell, params, root)
+
+
 @flow(name="qimera-experiment", persist_result=True)
 def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] | None = None,
-                    threads: Optional[int] = None, poll_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
-                    ) -> dict[str, Any]:
+                    threads: Optional[int] = None, poll_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0,
+                    cell_retries: Annotated[int, Field(ge=0, le=10)] = 2) -> dict[str, Any]:
     """Run an experiment file's grid as one flow run per cell over the work pool.
 
     Args:
@@ -142,6 +188,10 @@ def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] |
         threads: ``OMP_NUM_THREADS`` for each cell's run (default: the worker's setting,
             else all its cores).
         poll_seconds: how often the cell flow runs' states are read.
+        cell_retries: how many times a cell whose flow run CRASHED (its worker died) is
+            submitted again, for any worker; it resumes from its checkpoint in S3 when
+            ``QIMERA_REMOTE`` is set. A cell that FAILED (its run exited with an error)
+            is not retried: rerun the experiment for that.
     """
     from prefect.deployments import run_deployment
 
@@ -154,28 +204,41 @@ def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] |
     if not (Path.cwd() / experiment).is_file():
         raise FileNotFoundError(f"experiment={experiment!r}: no such file in {Path.cwd()} (the deployment's working "
                                 "directory must be the qimera project: run `prefect deploy` from the repository root)")
-    from pipelines.remote import fetch_finished, remote_prefix
+    from pipelines.remote import RemoteSettings, fetch_finished
 
     exp = _load(experiment, seeds, overrides)  # every cell validated before any flow run starts
-    prefix = remote_prefix()
+    remote = RemoteSettings.from_env()
+    prefix = remote.prefix
 
     def finished(cell) -> bool:  # on this disk, or (with QIMERA_REMOTE) finished by any worker
         return fetch_finished(cell, exp.spec.name, prefix) if prefix else is_done(cell)
 
     todo = [c for c in exp.cells if not finished(c)]
+    if remote.via_dvc:
+        check_dvc_cells(todo, Path.cwd())
     logger.info("experiment %s: %d cells, %d finished already, %d to run as %s flow runs", exp.spec.name,
                 len(exp.cells), len(exp.cells) - len(todo), len(todo), CELL_DEPLOYMENT)
     me = str(flow_run.id) if flow_run.id else f"local-{os.getpid()}"
 
     def run_cells(parent: str) -> dict[str, int]:
-        runs = {}
-        for cell in todo:
-            runs[cell.id] = run_deployment(
-                CELL_DEPLOYMENT, timeout=0, work_queue_name=CELL_QUEUE, flow_run_name=f"{exp.spec.name}/{cell.id}",
-                idempotency_key=f"{me}:{cell.id}", tags=["qimera", f"experiment:{exp.spec.name}"],
-                parameters={"experiment": experiment, "cell": cell.id, "seeds": seeds, "overrides": overrides,
-                            "threads": threads})
-        states = _wait(runs, poll_seconds, logger)
+        attempts: dict[str, int] = {}
+
+        def submit(cell_id: str):
+            attempt = attempts.get(cell_id, -1) + 1
+            if attempt > cell_retries:
+                return None
+            attempts[cell_id] = attempt
+            again = f" (retry {attempt})" if attempt else ""
+            return run_deployment(
+                CELL_DEPLOYMENT, timeout=0, work_queue_name=CELL_QUEUE,
+                flow_run_name=f"{exp.spec.name}/{cell_id}{again}",
+                idempotency_key=f"{me}:{cell_id}" + (f":retry-{attempt}" if attempt else ""),
+                tags=["qimera", f"experiment:{exp.spec.name}"],
+                parameters={"experiment": experiment, "cell": cell_id, "seeds": seeds, "overrides": overrides,
+                            "threads": threads, "mlflow_parent": parent})
+
+        runs = {cell.id: submit(cell.id) for cell in todo}
+        states = _wait(runs, poll_seconds, logger, resubmit=submit)
         if prefix:  # the report is built from what the workers left in S3, not from their disks
             for cell in todo:
                 if states.get(cell.id) == "COMPLETED" and not finished(cell):

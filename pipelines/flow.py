@@ -278,6 +278,24 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger, tail: deque)
         return proc.wait()
 
 
+def _push(project: Path, experiment: str | None, logger) -> list[str]:
+    """With ``QIMERA_DVC_REMOTE`` (a team deployment: this flow run's checkout is its own
+    clone, gone when it ends), push the run's outputs there and, with
+    ``QIMERA_DVC_EXP_REMOTE``, the DVC experiment to that git remote
+    (:func:`stages.experiment_dvc.push_results`). Returns the commands run."""
+    from pipelines.remote import RemoteSettings
+
+    from stages.experiment_dvc import push_results, use_remote
+
+    remote = RemoteSettings.from_env()
+    if not remote.dvc_remote:
+        return []
+    use_remote(project, remote.dvc_remote, endpoint=remote.endpoint)
+    pushed = push_results(project, experiment, git_remote=remote.exp_git_remote if experiment else None)
+    logger.info("%s (%s)", "; ".join(pushed), remote.dvc_remote)
+    return pushed
+
+
 @flow(name="qimera", persist_result=True)
 def qimera_flow(
     preset: str = "demo",
@@ -314,6 +332,7 @@ def qimera_flow(
     logger.info("preset %s at %dw%da in %s", resolved, w_bits, a_bits, project)
     pipeline = run_pipeline.with_options(retries=len(retry_delays), retry_delay_seconds=list(retry_delays))
     out = pipeline(cmd, str(project))
+    pushed = _push(project, out["dvc_experiment"], logger)
     result = {
         "preset": resolved,
         "w_bits": w_bits,
@@ -323,6 +342,7 @@ def qimera_flow(
         "metrics": out["metrics"],
         "dvc_experiment": out["dvc_experiment"],
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "dvc_pushed": pushed,
     }
     create_markdown_artifact(
         key=re.sub(r"[^a-z0-9-]", "-", f"qimera-{resolved}-w{w_bits}a{a_bits}"),

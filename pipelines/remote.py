@@ -16,16 +16,31 @@ deployment's), a cell flow run (:func:`run_remote_cell`):
    rerun anywhere skips it and the experiment flow builds its report from S3
    (:func:`fetch_finished`), not from the workers' disks.
 
-The library knows nothing of this: it calls the hook the environment names.
+With ``QIMERA_DVC_REMOTE=s3://…`` as well (each flow run in its own clone of the
+repository: ``prefect.team.yaml``), a cell is a DVC experiment of the pipeline instead
+(:func:`run_dvc_cell`): ``dvc exp run --name <cell key>`` in the clone, its checkpoint in
+``outputs/train`` pushed and restored the same way, its MLflow run a child of the
+experiment's parent run, and when it is finished ``dvc push`` of its outputs to that
+remote and, with ``QIMERA_DVC_EXP_REMOTE=<git remote>`` (e.g. ``origin``), ``dvc exp push``
+of the experiment to the git remote.
+
+The settings are read and checked once, by :meth:`RemoteSettings.from_env`. The library
+knows nothing of this: it calls the hook the environment names.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 #: the work pool's job variable: where cells keep their checkpoints and results
 REMOTE_ENV = "QIMERA_REMOTE"
+#: the work pool's job variable: the DVC remote (s3://…) finished cells push their outputs to
+DVC_REMOTE_ENV = "QIMERA_DVC_REMOTE"
+#: the work pool's job variable: the git remote (a name of the clone's, e.g. origin) the
+#: cells' DVC experiments are pushed to
+DVC_EXP_REMOTE_ENV = "QIMERA_DVC_EXP_REMOTE"
 #: what the epoch hook reads in the cell's process: its directory and its S3 location
 CHECKPOINT_DIR_ENV = "QIMERA_CHECKPOINT_DIR"
 CHECKPOINT_URL_ENV = "QIMERA_CHECKPOINT_URL"
@@ -35,12 +50,50 @@ HOOK = f"{__name__}:push_checkpoint"
 
 def remote_prefix(environ=None) -> str | None:
     """``QIMERA_REMOTE`` (checked: ``s3://bucket[/prefix]``), or None when unset."""
-    from stages.s3 import parse_url
+    return RemoteSettings.from_env(environ).prefix
 
-    value = (environ if environ is not None else os.environ).get(REMOTE_ENV) or None
-    if value is not None:
-        parse_url(value, key_required=False)
-    return value
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Where a worker keeps what it shares with the others (module docstring), from the
+    flow run's environment (the work pool's job variables): checked once, then passed on."""
+
+    #: ``QIMERA_REMOTE``: the cells' checkpoints and finished results; None: this disk only
+    prefix: str | None = None
+    #: ``QIMERA_DVC_REMOTE``: run cells as DVC experiments and push their outputs here
+    dvc_remote: str | None = None
+    #: ``QIMERA_DVC_EXP_REMOTE``: the git remote their experiments are pushed to
+    exp_git_remote: str | None = None
+    #: ``AWS_ENDPOINT_URL``: an S3-compatible store's endpoint (for the DVC remote)
+    endpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, environ=None) -> "RemoteSettings":
+        """Read and check the variables; a clear error names the variable and its value."""
+        from stages.s3 import StorageError, parse_url
+
+        env = environ if environ is not None else os.environ
+        get = {name: (env.get(name) or "").strip() or None for name in (REMOTE_ENV, DVC_REMOTE_ENV, DVC_EXP_REMOTE_ENV)}
+        for name in (REMOTE_ENV, DVC_REMOTE_ENV):
+            if get[name] is not None:
+                try:
+                    parse_url(get[name], key_required=False)
+                except StorageError as exc:
+                    raise StorageError(f"{name}: {exc}") from None
+        if get[DVC_REMOTE_ENV] and not get[REMOTE_ENV]:
+            raise StorageError(f"{DVC_REMOTE_ENV} is set but {REMOTE_ENV} is not: cells that run as DVC experiments "
+                               f"in their own clones keep their checkpoints and results in {REMOTE_ENV} "
+                               "(s3://bucket/prefix)")
+        if get[DVC_EXP_REMOTE_ENV] and not get[DVC_REMOTE_ENV]:
+            raise StorageError(f"{DVC_EXP_REMOTE_ENV}={get[DVC_EXP_REMOTE_ENV]!r} needs {DVC_REMOTE_ENV} "
+                               "(the DVC remote the experiments' outputs go to)")
+        return cls(prefix=get[REMOTE_ENV], dvc_remote=get[DVC_REMOTE_ENV], exp_git_remote=get[DVC_EXP_REMOTE_ENV],
+                   endpoint=(env.get("AWS_ENDPOINT_URL") or "").strip() or None)
+
+    @property
+    def via_dvc(self) -> bool:
+        """Whether cells run as DVC experiments of the pipeline (each flow run has its clone)."""
+        return self.dvc_remote is not None
 
 
 def cell_url(prefix: str, experiment: str, cell) -> str:
@@ -52,18 +105,26 @@ def cell_url(prefix: str, experiment: str, cell) -> str:
     return join(prefix, "runs", experiment, cell.key)
 
 
-def _checkpoint_files() -> tuple[str, str]:
-    from qimera.trainer import CHECKPOINT_NAME, HISTORY_NAME
+def _checkpoint_files() -> tuple[str, ...]:
+    """The checkpoint, then what goes with it: the history and (in the pipeline's
+    ``outputs/train``) the MLflow run the resumed run reopens."""
+    from stages.train import resume_files
 
-    return CHECKPOINT_NAME, HISTORY_NAME
+    return resume_files()
+
+
+def _has_checkpoint(url: str) -> bool:
+    from stages.s3 import exists, join
+
+    return exists(join(url, _checkpoint_files()[0]))
 
 
 def restore(cell_dir: str | os.PathLike, url: str) -> bool:
-    """Download the cell's checkpoint (and history) from ``url`` into ``cell_dir`` when
-    ``cell_dir`` has no checkpoint and S3 has one; returns whether it did."""
+    """Download the cell's checkpoint (and what goes with it) from ``url`` into
+    ``cell_dir`` when ``cell_dir`` has no checkpoint and S3 has one; returns whether it did."""
     from stages.s3 import NoSuchObject, download, join
 
-    checkpoint, history = _checkpoint_files()
+    checkpoint, *extras = _checkpoint_files()
     local = Path(cell_dir)
     if (local / checkpoint).is_file():
         return False
@@ -71,16 +132,17 @@ def restore(cell_dir: str | os.PathLike, url: str) -> bool:
         download(join(url, checkpoint), local / checkpoint)
     except NoSuchObject:
         return False
-    try:
-        download(join(url, history), local / history)
-    except NoSuchObject:
-        pass  # the trainer rebuilds what it needs from the checkpoint
+    for name in extras:
+        try:
+            download(join(url, name), local / name)
+        except NoSuchObject:
+            pass  # the trainer rebuilds what it needs from the checkpoint
     return True
 
 
 def push_checkpoint(record: dict) -> None:
-    """The epoch hook: upload the cell's checkpoint and history (written just before this
-    is called) to ``QIMERA_CHECKPOINT_URL``."""
+    """The epoch hook: upload the cell's checkpoint and what goes with it (written just
+    before this is called) to ``QIMERA_CHECKPOINT_URL``, the checkpoint first."""
     from stages.s3 import join, upload_file
 
     local, url = Path(os.environ[CHECKPOINT_DIR_ENV]), os.environ[CHECKPOINT_URL_ENV]
@@ -89,14 +151,25 @@ def push_checkpoint(record: dict) -> None:
             upload_file(local / name, join(url, name))
 
 
+def restore_checkpoint(checkpoint_dir) -> None:
+    """The train stage's restore hook (``QIMERA_RESTORE_HOOK``): :func:`restore` from
+    ``QIMERA_CHECKPOINT_URL`` into ``checkpoint_dir``, after DVC has checked out the
+    baseline's outputs and before the trainer looks for a checkpoint."""
+    if restore(checkpoint_dir, os.environ[CHECKPOINT_URL_ENV]):
+        print(f"train: took up the checkpoint in {os.environ[CHECKPOINT_URL_ENV]}/")
+
+
 def hook_env(cell_dir: str | os.PathLike, url: str) -> dict[str, str]:
-    """The child's environment additions that make it push a checkpoint every epoch."""
+    """The child's environment additions that make it push a checkpoint every epoch (and,
+    in the DVC pipeline's train stage, take up the one in S3 first)."""
     from qimera.api import EPOCH_HOOK_ENV
+
+    from stages.train import RESTORE_HOOK_ENV
 
     project = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
-    return {EPOCH_HOOK_ENV: HOOK, CHECKPOINT_DIR_ENV: str(Path(cell_dir).resolve()), CHECKPOINT_URL_ENV: url,
-            "PYTHONPATH": path}
+    return {EPOCH_HOOK_ENV: HOOK, RESTORE_HOOK_ENV: f"{__name__}:restore_checkpoint",
+            CHECKPOINT_DIR_ENV: str(Path(cell_dir).resolve()), CHECKPOINT_URL_ENV: url, "PYTHONPATH": path}
 
 
 def fetch_finished(cell, experiment: str, prefix: str) -> bool:
@@ -152,4 +225,45 @@ def run_remote_cell(cell, experiment: str, prefix: str, *, threads: int | None =
     record = run_cell(cell, threads=threads, env={**(env or {}), **hook_env(cell.out_dir, url)})
     if record["status"] == "done":
         upload_dir(cell.out_dir, url, metadata={"cell": cell.id, "experiment": experiment})
+    return record
+
+
+def run_dvc_cell(cell, experiment: str, settings: RemoteSettings, root: str | os.PathLike, *,
+                 mlflow: dict[str, str], env: dict[str, str] | None = None, log=print) -> dict:
+    """Run ``cell`` as a DVC experiment of the pipeline in the clone at ``root`` (this flow
+    run's own checkout), its checkpoint kept in S3 as :func:`run_remote_cell` keeps it;
+    once it is finished, push its outputs to the DVC remote and its experiment to the git
+    remote (``settings``), then upload its record. ``mlflow``: the ``mlflow.*`` params of
+    the pipeline's run (the experiment and its parent run). Returns the cell's record."""
+    import yaml
+
+    from qimera.experiments import cell_record, record_cell
+
+    from stages.common import PARAMS_FILE, PipelineError, TRAIN_DIR
+    from stages.experiment_dvc import cell_sets, push_results, run_here, use_remote
+    from stages.s3 import upload_dir
+
+    root = Path(root)
+    url = cell_url(settings.prefix, experiment, cell)
+    if fetch_finished(cell, experiment, settings.prefix):
+        log(f"{cell.id}: finished already (in {url}/)")
+        return cell_record(cell)
+    params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+    sets = cell_sets(cell, root, params, mlflow)
+    use_remote(root, settings.dvc_remote, endpoint=settings.endpoint)
+    if _has_checkpoint(url):  # the train stage takes it up (restore_checkpoint), after DVC's checkout
+        log(f"{cell.id}: resuming from the checkpoint in {url}/")
+    record = run_here(cell, root, sets, env={**(env or {}), **hook_env(root / TRAIN_DIR, url)})
+    if record["status"] != "done":
+        return record
+    try:
+        pushed = push_results(root, record["dvc_experiment"], git_remote=settings.exp_git_remote)
+    except PipelineError as exc:  # the run is good but nobody could fetch it: not finished
+        return record_cell(cell, "failed", returncode=record.get("returncode"), dvc_experiment=record["dvc_experiment"],
+                           error=str(exc))
+    log(f"{cell.id}: {'; '.join(pushed)} ({settings.dvc_remote}"
+        f"{', ' + settings.exp_git_remote if settings.exp_git_remote else ''})")
+    record = record_cell(cell, "done", dvc_pushed=settings.dvc_remote, dvc_exp_pushed=settings.exp_git_remote,
+                         **{k: v for k, v in record.items() if k not in ("cell", "status", "fingerprint")})
+    upload_dir(cell.out_dir, url, metadata={"cell": cell.id, "experiment": experiment})
     return record

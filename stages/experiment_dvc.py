@@ -95,8 +95,9 @@ def cell_params(cell, params: dict, root: Path) -> dict[str, Any]:
     )
 
 
-def queue_command(dvc: str, name: str, sets: dict[str, Any]) -> list[str]:
-    cmd = [dvc, "exp", "run", "--queue", "--name", name]
+def queue_command(dvc: str, name: str, sets: dict[str, Any], *, queue: bool = True) -> list[str]:
+    """``dvc exp run [--queue] --name <name> -S …`` for the settings of :func:`cell_params`."""
+    cmd = [dvc, "exp", "run", *(["--queue"] if queue else []), "--name", name]
     for key, value in sets.items():
         cmd += ["-S", f"{key}={format_value(value)}" if key == "preset" else f"++{key}={format_value(value)}"]
     return cmd
@@ -120,6 +121,15 @@ def _run(cmd: list[str], root: Path, env: dict | None = None, *, echo: bool = Fa
     return subprocess.run(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
 
 
+def cell_sets(cell, root: Path, params: dict, mlflow: dict[str, str]) -> dict[str, Any]:
+    """Everything ``dvc exp run -S`` sets for ``cell``: :func:`cell_params` plus the
+    ``mlflow.*`` params (``mlflow``: experiment, parent run) and no ladder stage."""
+    extra = {f"mlflow.{k}": v for k, v in mlflow.items()}
+    extra["mlflow.cell"] = cell.id
+    extra["ladder.experiment"] = None  # a cell is one run: not the demo's ladder stage too
+    return {**cell_params(cell, params, root), **extra}
+
+
 def queue_cells(exp, root: Path, params: dict, mlflow: dict[str, str], log) -> dict[str, int]:
     """Queue every cell that is neither finished nor already queued, running or done in
     DVC; returns the counts ``{"queued", "pending", "finished"}``. ``mlflow``: the
@@ -129,7 +139,7 @@ def queue_cells(exp, root: Path, params: dict, mlflow: dict[str, str], log) -> d
     plans = []
     for cell in exp.cells:  # everything is checked before anything is queued
         if not is_done(cell):
-            plans.append((cell, cell_params(cell, params, root)))
+            plans.append((cell, cell_sets(cell, root, params, mlflow)))
     known = experiments(root)
     counts = {"queued": 0, "pending": 0, "finished": len(exp.cells) - len(plans)}
     dvc = dvc_executable()
@@ -141,10 +151,7 @@ def queue_cells(exp, root: Path, params: dict, mlflow: dict[str, str], log) -> d
             continue
         if name in known:  # failed before: remove it, so that the name can be queued again
             _run([dvc, "exp", "remove", name], root)
-        extra = {f"mlflow.{k}": v for k, v in mlflow.items()}
-        extra["mlflow.cell"] = cell.id
-        extra["ladder.experiment"] = None  # a cell is one run: not the demo's ladder stage too
-        proc = _run(queue_command(dvc, name, {**sets, **extra}), root)
+        proc = _run(queue_command(dvc, name, sets), root)
         if proc.returncode != 0:
             raise PipelineError(f"cell {cell.id}: `dvc exp run --queue` exited with {proc.returncode}: "
                                 f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
@@ -200,3 +207,64 @@ def import_results(exp, root: Path) -> dict[str, int]:
             record_cell(cell, "failed", dvc_experiment=name, error=f"DVC experiment {name}: {state}")
             counts["failed"] += 1
     return counts
+
+
+#: the name of the DVC remote :func:`use_remote` configures in a worker's clone
+WORKER_REMOTE = "qimera"
+
+
+def use_remote(root: Path, url: str, *, endpoint: str | None = None) -> None:
+    """Make ``url`` (``s3://bucket/prefix``) the default DVC remote of the clone at ``root``,
+    in ``.dvc/config.local`` (never committed), with ``endpoint`` as its ``endpointurl``
+    for an S3-compatible store. Credentials stay in the environment: DVC's S3 remote reads
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE`` itself."""
+    from .s3 import parse_url
+
+    parse_url(url, key_required=False)
+    dvc = dvc_executable()
+    steps = [[dvc, "remote", "add", "--local", "--default", "--force", WORKER_REMOTE, url]]
+    if endpoint:
+        steps.append([dvc, "remote", "modify", "--local", WORKER_REMOTE, "endpointurl", endpoint])
+    for cmd in steps:
+        proc = _run(cmd, root)
+        if proc.returncode != 0:
+            raise PipelineError(f"`{' '.join(cmd[1:4])} …` exited with {proc.returncode}: "
+                                f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+
+
+def run_here(cell, root: Path, sets: dict[str, Any], *, env: dict[str, str] | None = None) -> dict:
+    """Run ``cell`` as the DVC experiment :func:`experiment_name` in the workspace at
+    ``root`` (``dvc exp run --name … -S …``, not queued: the workspace is this run's own
+    clone), with ``env`` added to its environment; record the outcome in the cell's
+    directory as :func:`import_results` does and return it (``cell.json``'s content).
+    ``outputs/train`` is persistent, so a checkpoint put there first is resumed from."""
+    from qimera.experiments import record_cell
+
+    from .common import METRICS
+
+    name = experiment_name(cell)
+    proc = _run(queue_command(dvc_executable(), name, sets, queue=False), root, env, echo=True)
+    if proc.returncode != 0:
+        return record_cell(cell, "failed", returncode=proc.returncode, dvc_experiment=name,
+                           error=f"`dvc exp run --name {name}` exited with {proc.returncode} (its output is in the log)")
+    row = experiments(root).get(name) or {}
+    metrics = json.loads((root / METRICS).read_text())
+    return record_cell(cell, "done", _summary(cell, metrics, name), returncode=0, dvc_experiment=name,
+                       dvc_rev=row.get("rev"))
+
+
+def push_results(root: Path, name: str, *, git_remote: str | None = None) -> list[str]:
+    """Push the workspace's outputs (the experiment ``name`` just run) to the default DVC
+    remote (``dvc push``) and, when ``git_remote`` is given, the experiment itself to that
+    git remote (``dvc exp push``: its commit under ``refs/exps``; ``dvc exp pull`` brings it
+    back). Returns the commands run; raises :class:`PipelineError` when one fails."""
+    dvc = dvc_executable()
+    steps = [[dvc, "push"]]
+    if git_remote:
+        steps.append([dvc, "exp", "push", git_remote, name])
+    for cmd in steps:
+        proc = _run(cmd, root)
+        if proc.returncode != 0:
+            raise PipelineError(f"`{' '.join(['dvc', *cmd[1:]])}` exited with {proc.returncode}: "
+                                f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+    return [" ".join(["dvc", *cmd[1:]]) for cmd in steps]

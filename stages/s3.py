@@ -187,6 +187,19 @@ def _object_sha256(client, bucket: str, key: str, head: dict) -> str:
 # --------------------------------------------------------------------------- one object
 
 
+def exists(url: str, *, client=None) -> bool:
+    """Whether the object ``url`` exists (a missing bucket, no access or no endpoint is a
+    :class:`StorageError`, not False)."""
+    bucket, key = parse_url(url)
+    client = client or _client()
+    try:
+        with _errors(client, url, "look up"):
+            client.head_object(Bucket=bucket, Key=key)
+    except NoSuchObject:
+        return False
+    return True
+
+
 def download(url: str, dest: str | os.PathLike, *, client=None) -> dict:
     """Fetch ``url`` into ``dest`` (written atomically) and verify size and SHA-256.
 

@@ -78,6 +78,27 @@ def test_a_cell_the_pipeline_cannot_run_is_refused_before_anything_is_queued(in_
         experiment_dvc.cell_params(exp.cells[0], load_params(REPO / "params.yaml"), REPO)
 
 
+def test_a_team_experiment_is_checked_before_any_cell_starts(in_repo, tmp_path):
+    """Cells in their own clones (QIMERA_DVC_REMOTE): MLflow must be a server, and every
+    cell a run the pipeline can make (pipelines.experiment_flow.check_dvc_cells)."""
+    pytest.importorskip("prefect")
+    from pipelines.experiment_flow import check_dvc_cells
+
+    good = load_experiment(_experiment(tmp_path)).cells
+    check_dvc_cells(good, REPO, {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"})
+    for uri in ("", "sqlite:////home/me/mlflow.db", "file:///mnt/mlruns"):
+        with pytest.raises(ValueError, match=f"MLFLOW_TRACKING_URI={uri!r} is not a tracking server"):
+            check_dvc_cells(good, REPO, {"MLFLOW_TRACKING_URI": uri})
+    with pytest.raises(ValueError) as info:  # a password in the URI is not repeated
+        check_dvc_cells(good, REPO, {"MLFLOW_TRACKING_URI": "ftp://me:hunter2@mlflow.internal"})
+    assert "hunter2" not in str(info.value)
+    base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    (tmp_path / "custom.yaml").write_text(yaml.safe_dump(base))
+    custom = load_experiment(_experiment(tmp_path, config=str(tmp_path / "custom.yaml"), name="custom")).cells
+    with pytest.raises(PipelineError, match="is not a pipeline preset"):
+        check_dvc_cells(good + custom, REPO, {"MLFLOW_TRACKING_URI": "https://mlflow.internal"})
+
+
 def test_bad_experiment_input_fails_before_dvc_is_asked(in_repo, tmp_path):
     bad = _experiment(tmp_path, axes={"generator.nope": [1]})
     res = subprocess.run([sys.executable, "-m", "stages.experiment", str(bad), "--via", "dvc"], cwd=REPO,

@@ -147,3 +147,50 @@ def test_run_pipeline_puts_params_yaml_back(tmp_path, plain_logger):
         q.run_pipeline.fn(_script("import os; os.remove('params.yaml'); raise SystemExit(3)"),
                           str(tmp_path))
     assert params.read_text() == "# comment\npreset: demo\n"
+
+
+def test_a_team_flow_run_pushes_its_outputs_and_experiment(s3_env, tmp_path, plain_logger, monkeypatch):
+    """With QIMERA_DVC_REMOTE (a flow run in its own clone, prefect.team.yaml) the flow
+    pushes the run's outputs to that DVC remote and, with QIMERA_DVC_EXP_REMOTE, its DVC
+    experiment to the git remote; without it, nothing is pushed."""
+    import os
+    import subprocess
+
+    from pipeline_project import DVC
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost", "DVC_NO_ANALYTICS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    work, bare = tmp_path / "clone", tmp_path / "team.git"
+
+    def run(*cmd, cwd=work):
+        proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    run("git", "init", "-q", "--bare", str(bare), cwd=tmp_path)
+    run("git", "init", "-q", str(work), cwd=tmp_path)
+    run(DVC, "init", "-q")
+    (work / "result.txt").write_text("baseline\n")
+    run(DVC, "add", "-q", "result.txt")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "baseline")
+    run("git", "remote", "add", "origin", str(bare))
+    run("git", "push", "-q", "origin", "HEAD")
+    (work / "result.txt").write_text("the run's output\n")
+    run(DVC, "add", "-q", "result.txt")
+    run(DVC, "exp", "save", "-q", "-n", "cell-1")
+
+    assert q._push(work, "cell-1", logging.getLogger("qimera-test")) == []  # no team settings: nothing
+    bucket = s3_env.bucket("team-flow")
+    monkeypatch.setenv("QIMERA_REMOTE", f"s3://{bucket}/cells")
+    monkeypatch.setenv("QIMERA_DVC_REMOTE", f"s3://{bucket}/dvc")
+    monkeypatch.setenv("QIMERA_DVC_EXP_REMOTE", "origin")
+    assert q._push(work, "cell-1", logging.getLogger("qimera-test")) == ["dvc push", "dvc exp push origin cell-1"]
+    assert "cell-1" in run("git", "ls-remote", str(bare), "refs/exps/*")
+    assert s3_env.keys(bucket, "dvc/")  # the output's content, in DVC's remote layout
+    assert "dvc push; dvc exp push origin cell-1" in plain_logger.text
+    local = (work / ".dvc" / "config.local").read_text()  # DVC's local config: never committed
+    assert "remote = qimera" in local and f"url = s3://{bucket}/dvc" in local
+    assert "qimera" not in (work / ".dvc" / "config").read_text()

@@ -87,3 +87,23 @@ def test_a_cell_resumes_on_another_worker_from_the_checkpoint_in_s3(tiny_config,
     assert not fetch_finished(other_cell, "remote", prefix) and not other_cell.out_dir.exists()
     # nothing uploaded: not finished
     assert not fetch_finished(load_experiment("exp.yaml").cells[0], "elsewhere", prefix)
+
+
+def test_remote_settings_are_checked_once_with_the_variable_named():
+    from pipelines.remote import RemoteSettings
+    from stages.s3 import StorageError
+
+    assert RemoteSettings.from_env({}) == RemoteSettings()
+    assert not RemoteSettings.from_env({"QIMERA_REMOTE": "  "}).prefix  # an empty job variable is unset
+    got = RemoteSettings.from_env({"QIMERA_REMOTE": "s3://b/cells", "QIMERA_DVC_REMOTE": "s3://b/dvc",
+                                   "QIMERA_DVC_EXP_REMOTE": "origin", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert got.via_dvc and (got.prefix, got.dvc_remote, got.exp_git_remote, got.endpoint) == (
+        "s3://b/cells", "s3://b/dvc", "origin", "http://127.0.0.1:9")
+    assert not RemoteSettings.from_env({"QIMERA_REMOTE": "s3://b/cells"}).via_dvc
+    for env, words in [({"QIMERA_REMOTE": "/shared/cells"}, "QIMERA_REMOTE: '/shared/cells': not an s3:// URL"),
+                       ({"QIMERA_REMOTE": "s3://b/c", "QIMERA_DVC_REMOTE": "b/dvc"}, "QIMERA_DVC_REMOTE: 'b/dvc'"),
+                       ({"QIMERA_DVC_REMOTE": "s3://b/dvc"}, "QIMERA_DVC_REMOTE is set but QIMERA_REMOTE is not"),
+                       ({"QIMERA_REMOTE": "s3://b/c", "QIMERA_DVC_EXP_REMOTE": "origin"},
+                        "QIMERA_DVC_EXP_REMOTE='origin' needs QIMERA_DVC_REMOTE")]:
+        with pytest.raises(StorageError, match=words.replace("(", r"\(").replace("?", r"\?")):
+            RemoteSettings.from_env(env)

@@ -69,6 +69,11 @@ def test_missing_bucket_and_key(s3_env, tmp_path):
     with pytest.raises(StorageError, match=f"s3://{bucket}/nothing.pt: no such object"):
         s3.download(f"s3://{bucket}/nothing.pt", tmp_path / "w.pt")
     assert not (tmp_path / "w.pt").exists()
+    assert not s3.exists(f"s3://{bucket}/nothing.pt")
+    s3.upload_file(_file(tmp_path / "a", 10), f"s3://{bucket}/a")
+    assert s3.exists(f"s3://{bucket}/a")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        s3.exists("s3://no-such-bucket/a")
 
 
 def test_missing_credentials(s3_env, monkeypatch, tmp_path):
