@@ -11,7 +11,11 @@ that runs several cells at once gives each the least busy GPU of its
 ``CUDA_VISIBLE_DEVICES`` (:mod:`pipelines.gpus`). With
 ``QIMERA_REMOTE=s3://bucket/prefix`` in the worker's environment (a job variable of the
 pool), the cell's checkpoint goes to S3 at the end of every epoch and a retried cell
-resumes from it on whichever worker takes it (:mod:`pipelines.remote`). How many
+resumes from it on whichever worker takes it (:mod:`pipelines.remote`); with
+``QIMERA_DVC_REMOTE`` as well (``prefect.team.yaml``: each flow run in its own clone), the
+cell is a DVC experiment of the pipeline, pushed to the DVC remote when it is finished. A
+cell whose flow run CRASHED (its worker died, :mod:`pipelines.zombies`) is submitted again
+for any worker (``cell_retries``). How many
 run at once is the pool's business: the workers' ``--limit`` and the work queue's
 concurrency limit (``prefect work-queue set-concurrency-limit cells J --pool qimera-pool``).
 The experiment's own flow run takes a worker slot while it waits, so give the workers
