@@ -89,6 +89,7 @@ def cell_flow(experiment: str, cell: str, seeds: Seeds = None, overrides: list[s
     from pipelines.remote import RemoteSettings, run_dvc_cell, run_remote_cell
 
     remote = RemoteSettings.from_env()
+    remote.use_credentials()
     prefix = remote.prefix
     if is_done(target):
         logger.info("%s: finished already", target.id)
@@ -212,6 +213,7 @@ def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] |
 
     exp = _load(experiment, seeds, overrides)  # every cell validated before any flow run starts
     remote = RemoteSettings.from_env()
+    remote.use_credentials()
     prefix = remote.prefix
 
     def finished(cell) -> bool:  # on this disk, or (with QIMERA_REMOTE) finished by any worker

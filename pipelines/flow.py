@@ -320,7 +320,10 @@ def qimera_flow(
         retry_delays: seconds to wait before each retry of a transient failure (one retry
             per entry; ``[]`` for none). Input errors are never retried.
     """
+    from pipelines.remote import RemoteSettings
+
     logger = get_run_logger()
+    RemoteSettings.from_env().use_credentials()  # a team pool's Secret block, if it names one
     project = Path.cwd()
     if not (project / "dvc.yaml").is_file():
         raise FlowInputError(

@@ -41,6 +41,11 @@ DVC_REMOTE_ENV = "QIMERA_DVC_REMOTE"
 #: the work pool's job variable: the git remote (a name of the clone's, e.g. origin) the
 #: cells' DVC experiments are pushed to
 DVC_EXP_REMOTE_ENV = "QIMERA_DVC_EXP_REMOTE"
+#: the work pool's job variable: the name of a Prefect Secret block holding the S3
+#: credentials, for workers that have none in their environment
+SECRET_BLOCK_ENV = "QIMERA_AWS_SECRET_BLOCK"
+#: what such a block may hold (a JSON object of these)
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: what the epoch hook reads in the cell's process: its directory and its S3 location
 CHECKPOINT_DIR_ENV = "QIMERA_CHECKPOINT_DIR"
 CHECKPOINT_URL_ENV = "QIMERA_CHECKPOINT_URL"
@@ -66,6 +71,8 @@ class RemoteSettings:
     exp_git_remote: str | None = None
     #: ``AWS_ENDPOINT_URL``: an S3-compatible store's endpoint (for the DVC remote)
     endpoint: str | None = None
+    #: ``QIMERA_AWS_SECRET_BLOCK``: the Prefect Secret block with the S3 credentials
+    secret_block: str | None = None
 
     @classmethod
     def from_env(cls, environ=None) -> "RemoteSettings":
@@ -73,7 +80,8 @@ class RemoteSettings:
         from stages.s3 import StorageError, parse_url
 
         env = environ if environ is not None else os.environ
-        get = {name: (env.get(name) or "").strip() or None for name in (REMOTE_ENV, DVC_REMOTE_ENV, DVC_EXP_REMOTE_ENV)}
+        get = {name: (env.get(name) or "").strip() or None
+               for name in (REMOTE_ENV, DVC_REMOTE_ENV, DVC_EXP_REMOTE_ENV, SECRET_BLOCK_ENV)}
         for name in (REMOTE_ENV, DVC_REMOTE_ENV):
             if get[name] is not None:
                 try:
@@ -88,7 +96,35 @@ class RemoteSettings:
             raise StorageError(f"{DVC_EXP_REMOTE_ENV}={get[DVC_EXP_REMOTE_ENV]!r} needs {DVC_REMOTE_ENV} "
                                "(the DVC remote the experiments' outputs go to)")
         return cls(prefix=get[REMOTE_ENV], dvc_remote=get[DVC_REMOTE_ENV], exp_git_remote=get[DVC_EXP_REMOTE_ENV],
-                   endpoint=(env.get("AWS_ENDPOINT_URL") or "").strip() or None)
+                   endpoint=(env.get("AWS_ENDPOINT_URL") or "").strip() or None, secret_block=get[SECRET_BLOCK_ENV])
+
+    def use_credentials(self, environ=None) -> list[str]:
+        """With :attr:`secret_block`, put the block's credentials into ``environ`` (this flow
+        run's process, so the processes it starts inherit them); returns the variable
+        names set, never their values. The block's value is a JSON object of
+        :data:`SECRET_KEYS`; anything else is refused with the block's name."""
+        if not self.secret_block:
+            return []
+        from prefect.blocks.system import Secret
+
+        from stages.s3 import StorageError
+
+        environ = environ if environ is not None else os.environ
+        try:
+            value = Secret.load(self.secret_block).get()
+        except ValueError as exc:  # no such block
+            raise StorageError(f"{SECRET_BLOCK_ENV}={self.secret_block!r}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(value, dict) or not value or set(value) - set(SECRET_KEYS) or not all(
+                isinstance(v, str) and v for v in value.values()):
+            keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise StorageError(f"{SECRET_BLOCK_ENV}={self.secret_block!r}: the Secret block must hold a JSON object "
+                               f"of non-empty strings with keys among {', '.join(SECRET_KEYS)} (it holds {keys})")
+        missing = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} - set(value)
+        if missing:
+            raise StorageError(f"{SECRET_BLOCK_ENV}={self.secret_block!r}: the Secret block lacks "
+                               f"{', '.join(sorted(missing))}")
+        environ.update(value)
+        return sorted(value)
 
     @property
     def via_dvc(self) -> bool:

@@ -44,6 +44,12 @@ OVERRIDES = ["train.epochs=3", "train.iters_per_epoch=100", "train.batch_size=32
              "train.warmup_epochs=0", "data.limit=200"]
 
 
+#: saves a Secret block (named by argv[1]) of the S3 credentials in the environment
+SAVE_SECRET = ("import os, sys\nfrom prefect.blocks.system import Secret\n"
+               "Secret(value={k: os.environ[k] for k in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY')})"
+               ".save(sys.argv[1], overwrite=True)\n")
+
+
 def _deployments(name: str) -> list[dict]:
     return yaml.safe_load((REPO / name).read_text())["deployments"]
 
@@ -61,7 +67,36 @@ def test_the_team_file_deploys_what_prefect_yaml_deploys():
     spec = yaml.safe_load((REPO / "prefect.team.yaml").read_text())
     assert list(spec["pull"][0]) == ["prefect.deployments.steps.git_clone"]
     env = spec["definitions"]["work_pool"]["job_variables"]["env"]
-    assert not [k for k in env if "SECRET" in k or "KEY" in k or "TOKEN" in k or "PASSWORD" in k], env
+    # settings travel (each the deploying shell's variable of the same name), credentials never do
+    assert not set(env) & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"}, env
+    assert all(value in ("{{ $%s }}" % key, "30") for key, value in env.items()), env
+
+
+def test_a_secret_block_gives_a_flow_run_its_credentials_by_name(prefect_env):
+    from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.remote import RemoteSettings
+    from stages.s3 import StorageError
+
+    def settings(name):
+        return RemoteSettings.from_env({"QIMERA_REMOTE": "s3://b/c", "QIMERA_AWS_SECRET_BLOCK": name})
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_env["api"]}):
+        Secret(value={"AWS_ACCESS_KEY_ID": "id-1", "AWS_SECRET_ACCESS_KEY": "secret-1"}).save("unit-s3", overwrite=True)
+        Secret(value="just-a-string").save("unit-str", overwrite=True)
+        Secret(value={"AWS_ACCESS_KEY_ID": "id-1", "PASSWORD": "x"}).save("unit-other", overwrite=True)
+        Secret(value={"AWS_ACCESS_KEY_ID": "id-1"}).save("unit-half", overwrite=True)
+        env: dict[str, str] = {}
+        assert settings("unit-s3").use_credentials(env) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        assert env == {"AWS_ACCESS_KEY_ID": "id-1", "AWS_SECRET_ACCESS_KEY": "secret-1"}
+        assert RemoteSettings.from_env({}).use_credentials(env) == []
+        for name, words in [("no-such-block", "QIMERA_AWS_SECRET_BLOCK='no-such-block'"),
+                            ("unit-str", "must hold a JSON object"), ("unit-other", "it holds"),
+                            ("unit-half", "lacks AWS_SECRET_ACCESS_KEY")]:
+            with pytest.raises(StorageError, match=words) as info:
+                settings(name).use_credentials({})
+            assert "secret-1" not in str(info.value) and "just-a-string" not in str(info.value)
 
 
 def _git(*args: str, cwd: Path, env: dict) -> str:
@@ -150,7 +185,8 @@ def test_two_workers_in_their_own_clones_share_only_the_servers(prefect_env, s3_
         commit = _git("rev-parse", "HEAD", cwd=laptop.path, env=genv).strip()
 
         settings = {"QIMERA_REMOTE": f"s3://{bucket}/cells", "QIMERA_DVC_REMOTE": f"s3://{bucket}/dvc",
-                    "QIMERA_DVC_EXP_REMOTE": "origin", "MLFLOW_TRACKING_URI": mlflow.url}
+                    "QIMERA_DVC_EXP_REMOTE": "origin", "MLFLOW_TRACKING_URI": mlflow.url,
+                    "QIMERA_AWS_SECRET_BLOCK": "team-s3"}
         deployer = {**genv, **prefect_env["settings"], **settings, "PWD": str(laptop.path)}
         prefect_cli(deployer, "work-pool", "create", POOL, "--type", "process", cwd=laptop.path)
         out = prefect_cli(deployer, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect.team.yaml",
@@ -158,16 +194,21 @@ def test_two_workers_in_their_own_clones_share_only_the_servers(prefect_env, s3_
         assert "qimera-experiment/demo-grid" in out and "qimera-cell/cell" in out, out
         subprocess.run([sys.executable, "-m", "pipelines.zombies", "--within", "60"], cwd=laptop.path,
                        env=deployer, check=True, capture_output=True, timeout=120)
+        # the S3 credentials as a Secret block, read from the environment (never a command line)
+        subprocess.run([sys.executable, "-c", SAVE_SECRET, "team-s3"], cwd=laptop.path, check=True, timeout=120,
+                       env={**deployer, **{k: s3[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
         dep = httpx.get(f"{api}/deployments/name/qimera-cell/cell", timeout=10).json()
         assert dep["pull_steps"][0]["prefect.deployments.steps.git_clone"]["commit_sha"] == commit
         assert dep["pull_steps"][0]["prefect.deployments.steps.git_clone"]["repository"] == str(bare)
 
-        # two machines: their own directories and Prefect homes, S3 credentials in their
-        # environment only, MLflow and the remotes from the pool's job variables
+        # two machines: their own directories and Prefect homes; MLflow and the remotes come
+        # from the pool's job variables. A has the S3 credentials in its environment, B has
+        # none: its flow runs take them from the Secret block the job variables name
         wenv = {**{k: v for k, v in genv.items() if k != "MLFLOW_TRACKING_URI"}, **prefect_env["settings"], **s3}
         worker_a, log_a = _worker("worker-a", ["cells"], 1, wenv, tmp_path)
         workers.append(worker_a)
-        worker_b, log_b = _worker("worker-b", ["default", "cells"], 3, wenv, tmp_path)
+        bare_env = {k: v for k, v in wenv.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        worker_b, log_b = _worker("worker-b", ["default", "cells"], 3, bare_env, tmp_path)
         workers.append(worker_b)
         logs = [log_a, log_b]
 
