@@ -5,10 +5,13 @@ them), 4w4a student, batch 200, superposition p=0.4/K=2, one DM layer, the stude
 being trained (past warm-up). Prints the median milliseconds per iteration over
 ``--iters`` timed iterations after ``--warmup`` untimed ones, and the FLOPs of one
 iteration (counted by ``torch.utils.flop_counter``). Each ``--amp`` mode given is timed
-in the same process, so the printed ratios compare like with like.
+in the same process, and each with every ``--compile`` mode given (``train.compile``),
+so the printed ratios compare like with like. A compiled mode also reports the seconds
+its first iterations took (compilation included) and, on a GPU, the peak memory.
 
     python benchmarks/train_step.py                      # fp32 and bf16 on this device
     python benchmarks/train_step.py --amp none --iters 20
+    python benchmarks/train_step.py --amp none --compile none default   # eager vs compiled
     python benchmarks/train_step.py --device cuda --arch torchvision.models:resnet18 \
         --input-size 3 224 224 --num-classes 1000 --batch-size 64   # an ImageNet-sized step
 """
@@ -25,7 +28,8 @@ import time
 import torch
 
 
-def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 32), num_classes: int = 10):
+def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 32), num_classes: int = 10,
+          compile_mode: str = "none"):
     from qimera.config import load_config
     from qimera.teachers import load_teacher
     from qimera.trainer import Trainer
@@ -44,7 +48,7 @@ def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 
         "quant": {"w_bits": 4, "a_bits": 4},
         "generator": {"p": 0.4, "k": 2, "dm_layers": 1, "variant": "cifar" if size[-1] <= 64 else "imagenet"},
         "train": {"batch_size": batch_size, "amp": amp, "device": device, "out_dir": tmp,
-                  "progress": False, "warmup_epochs": 0},
+                  "progress": False, "warmup_epochs": 0, "compile": compile_mode},
     })
     teacher = load_teacher(cfg.teacher)
     return Trainer(cfg, teacher)
@@ -55,12 +59,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_mode(amp: str, args) -> dict:
-    tr = build(amp, args.batch_size, args.device, args.arch, args.input_size, args.num_classes)
+def time_mode(amp: str, compile_mode: str, args) -> dict:
+    tr = build(amp, args.batch_size, args.device, args.arch, args.input_size, args.num_classes, compile_mode)
+    if tr.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tr.device)
     # calibrate the activation ranges once, as the first epochs do, then time the
-    # steady state: ranges frozen, generator and student both trained
+    # steady state: ranges frozen, generator and student both trained. The untimed first
+    # iterations compile what a compiled mode compiles (both kinds of batch: p=0.4)
+    sync(tr.device)
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         tr.train_step(calibrate=True, train_student=True)
+    for _ in range(args.warmup):
+        tr.train_step(calibrate=False, train_student=True)
+    sync(tr.device)
+    first_s = time.perf_counter() - t0
     times = []
     for _ in range(args.iters):
         sync(tr.device)
@@ -72,9 +85,13 @@ def time_mode(amp: str, args) -> dict:
 
     with FlopCounterMode(display=False) as counter:
         tr.train_step(calibrate=False, train_student=True)
+    peak = torch.cuda.max_memory_allocated(tr.device) / 2**30 if tr.device.type == "cuda" else None
     tr.close()
     return {
         "amp": amp,
+        "compile": tr.compile_mode,
+        "first_iters_s": round(first_s, 2),
+        "peak_gpu_gib": peak,
         "device": str(tr.device),
         "channels_last": tr.channels_last,
         "median_ms": 1000 * statistics.median(times),
@@ -88,6 +105,8 @@ def time_mode(amp: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
+    p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "default", "reduce-overhead"],
+                   help="train.compile modes to time, each with every --amp mode")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -111,14 +130,18 @@ def main() -> None:
           f"batch {args.batch_size}, {args.arch}, input {tuple(args.input_size)}")
     results = []
     for amp in args.amp:
-        r = time_mode(amp, args)
-        results.append(r)
-        print(f"amp={amp:5s} device={r['device']:5s} median {r['median_ms']:8.1f} ms/iter "
-              f"(min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['iters']})  "
-              f"{r['gflop_per_iter']:.1f} GFLOP/iter  {r['gflop_per_iter'] / r['median_ms'] * 1000:.0f} GFLOP/s")
-    base = results[0]["median_ms"]
+        for compile_mode in args.compile:
+            r = time_mode(amp, compile_mode, args)
+            results.append(r)
+            peak = f"  peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+            print(f"amp={amp:5s} compile={compile_mode:15s} device={r['device']:5s} median {r['median_ms']:8.1f} "
+                  f"ms/iter (min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['iters']})  "
+                  f"{r['gflop_per_iter']:.1f} GFLOP/iter  {r['gflop_per_iter'] / r['median_ms'] * 1000:.0f} GFLOP/s  "
+                  f"first {2 * args.warmup} iters {r['first_iters_s']:.1f} s{peak}")
+    base = results[0]
     for r in results[1:]:
-        print(f"speed-up of amp={r['amp']} over amp={results[0]['amp']}: {base / r['median_ms']:.2f}x")
+        print(f"speed-up of amp={r['amp']} compile={r['compile']} over amp={base['amp']} compile={base['compile']}: "
+              f"{base['median_ms'] / r['median_ms']:.2f}x")
     print(json.dumps({"batch_size": args.batch_size, "results": results}))
 
 

@@ -188,6 +188,10 @@ class TrainConfig(_Section):
     seed: int = Field(default=1, ge=0, le=2**63 - 2)  # torch generators take 64-bit seeds (seed + 1 is used too)
     device: str = "auto"
     amp: Literal["none", "bf16", "auto"] = "none"
+    #: torch.compile of the training step's two parts (generator + teacher + BNS loss, and
+    #: the student's loss): none (eager), default, reduce-overhead (CUDA graphs on a GPU),
+    #: or auto (on where it was measured to pay: qimera.trainer.resolve_compile)
+    compile: Literal["none", "default", "reduce-overhead", "auto"] = "none"
     channels_last: Literal["auto", "on", "off"] = "auto"
     out_dir: str = Field(default="runs/default", min_length=1, pattern=r"\S")
     resume: bool = True
@@ -276,11 +280,12 @@ class Config(_Section):
 
     def fingerprint(self, ignore: tuple[str, ...] = ()) -> str:
         """sha256 of the resolved config without the ``section.key`` names in ``ignore``
-        (and without the keys of :data:`FINGERPRINT_WHEN_SET` while they are None)."""
+        (and without the keys of :data:`FINGERPRINT_WHEN_SET` while they have the value it
+        gives them)."""
         d = self.resolved()
-        for dotted in FINGERPRINT_WHEN_SET:
+        for dotted, before in FINGERPRINT_WHEN_SET.items():
             sec, _, key = dotted.partition(".")
-            if d.get(sec, {}).get(key, 0) is None:
+            if key in d.get(sec, {}) and d[sec][key] == before:
                 d[sec].pop(key)
         for dotted in ignore:
             sec, _, key = dotted.partition(".")
@@ -291,11 +296,11 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-#: keys added after fingerprints were first recorded: left out of the fingerprint while
-#: None (their default, the behaviour from before they existed), so that a configuration
-#: that does not set them keeps its fingerprint: its checkpoint still resumes and its
-#: finished experiment cells are not run again
-FINGERPRINT_WHEN_SET = ("teacher.eval_resize", "teacher.eval_interpolation")
+#: keys added after fingerprints were first recorded, with the value that means the
+#: behaviour from before they existed: left out of the fingerprint while they have it, so
+#: that a configuration that does not set them keeps its fingerprint (its checkpoint still
+#: resumes and its finished experiment cells are not run again)
+FINGERPRINT_WHEN_SET = {"teacher.eval_resize": None, "teacher.eval_interpolation": None, "train.compile": "none"}
 
 
 def _format_errors(err: ValidationError, data: dict) -> str:

@@ -214,11 +214,18 @@ class Generator(nn.Module):
         return self.to(memory_format=memory_format)
 
     # -- embedding path -------------------------------------------------------------
+    def sample_noise(self, mix: ClassMix, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise :meth:`latent` combines with the embeddings, (B, K, D): drawn here when
+        the caller samples outside a compiled region (a traced graph takes no
+        ``torch.Generator``), the same numbers :meth:`latent` would draw itself."""
+        w = self.embedding.weight
+        return torch.randn((*mix.labels.shape, w.shape[1]), generator=generator, device=w.device, dtype=w.dtype)
+
     def latent(self, mix: ClassMix, noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mixed DM output ``Σ_k λ_k DM(u_k)`` of shape (B, width)."""
         e = self.embedding(mix.labels)  # (B, K, D)
         if noise is None:
-            noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+            noise = self.sample_noise(mix, generator=generator)
         noise = noise * self.noise_scale
         if self.combine == "add":
             u = F.layer_norm(e + noise, (self.embed_dim,))

@@ -120,6 +120,42 @@ def resolve_amp(amp: str, device: torch.device, input_size: tuple[int, ...] | No
     return "bf16"
 
 
+#: the torch.compile backend of ``train.compile`` (the tests swap in "aot_eager", which
+#: traces the same graphs and autograd without generating code)
+COMPILE_BACKEND = "inductor"
+
+
+#: ``train.compile: auto`` compiles a CPU run of at least this many iterations (about six
+#: times the measured break-even: ~80 s of compilation against 0.23-0.36 s saved per
+#: ResNet-20 iteration at batch 200)
+AUTO_COMPILE_MIN_ITERATIONS = 2000
+
+
+def resolve_compile(mode: str, device: torch.device, input_size: tuple[int, ...] | None = None,
+                    iterations: int | None = None) -> str:
+    """``train.compile: auto`` for this run; other values stay as they are.
+
+    ``auto`` compiles where it was measured to pay (benchmarks/train_step.py, README
+    "Speed"): on a 2-core AVX512 CPU the CIFAR ResNet-20 step at batch 200 ran 1.39x as
+    fast compiled in fp32 (1279 -> 920 ms) and 1.50x under bf16 (695 -> 464 ms), after
+    about 80 s of compilation; the digits demo's step was no faster. So: on CPU, for
+    CIFAR-sized inputs (32 to 64 pixels), runs of at least
+    :data:`AUTO_COMPILE_MIN_ITERATIONS` iterations, and only with a C++ compiler on the
+    machine (inductor builds its CPU kernels with it). Eager everywhere else, GPUs
+    included, until a GPU has measured it."""
+    if mode != "auto":
+        return mode
+    import os
+    import shutil
+
+    side = min(input_size[-2:]) if input_size is not None and len(input_size) >= 2 else 0
+    cxx = os.environ.get("CXX") or "g++"
+    if (device.type == "cpu" and 32 <= side <= CUDA_BF16_MIN_SIDE and (iterations or 0) >= AUTO_COMPILE_MIN_ITERATIONS
+            and shutil.which(cxx)):
+        return "default"
+    return "none"
+
+
 def autocast_context(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
@@ -229,15 +265,29 @@ class Trainer:
                 self.generator.embedding.weight.copy_(initial_embeddings)
         self.generator = self.generator.to(self.device).set_memory_format(mf)
         self.bn_hook = BNStatsHook(self.teacher)
+        #: ``train.compile`` resolved for this device (:func:`resolve_compile`)
+        self.compile_mode = resolve_compile(self.tc.compile, self.device, tuple(teacher.input_size),
+                                            self.tc.epochs * self.tc.iters_per_epoch)
+        # compiled steps on a GPU use the fused optimiser kernels; eager keeps PyTorch's
+        # default implementation, so that eager runs give the numbers they always gave
+        fused = {"fused": True} if self.compile_mode != "none" and self.device.type == "cuda" else {}
 
         self.opt_g = torch.optim.Adam(
             [p for p in self.generator.parameters() if p.requires_grad],
-            lr=self.tc.lr_generator, betas=tuple(self.tc.generator_betas),
+            lr=self.tc.lr_generator, betas=tuple(self.tc.generator_betas), **fused,
         )
         self.opt_s = torch.optim.SGD(
             self.student.parameters(), lr=self.tc.lr_student, momentum=self.tc.momentum,
-            nesterov=self.tc.nesterov and self.tc.momentum > 0, weight_decay=self.tc.weight_decay,
+            nesterov=self.tc.nesterov and self.tc.momentum > 0, weight_decay=self.tc.weight_decay, **fused,
         )
+        self._generator_step, self._student_step = self._generator_loss, self._student_loss
+        if self.compile_mode != "none":
+            # static shapes: the plain and the superposed batch are two graph variants each
+            opts = {"backend": COMPILE_BACKEND, "dynamic": False}
+            if COMPILE_BACKEND == "inductor" and self.compile_mode != "default":
+                opts["mode"] = self.compile_mode
+            self._generator_step = torch.compile(self._generator_loss, **opts)
+            self._student_step = torch.compile(self._student_loss, **opts)
         self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, self.tc.lr_milestones, self.tc.lr_gamma)
         self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, self.tc.lr_milestones, self.tc.lr_gamma)
         # Per-batch decisions (superpose or not) come from a CPU generator: a host-side
@@ -387,43 +437,60 @@ class Trainer:
         return True
 
     # -- one iteration --------------------------------------------------------------------
-    def train_step(self, *, calibrate: bool, train_student: bool) -> dict[str, torch.Tensor]:
-        """One iteration; returns detached loss tensors (no host sync)."""
-        mix = self.sample_mix()
-        y = mix.soft_labels(self.num_classes)
-        amp = autocast_context(self.device, self.amp)
-
+    def _generator_loss(self, labels: torch.Tensor, lam: torch.Tensor, noise: torch.Tensor):
+        """Generator, teacher and the generator's loss (CE + BNS) for one batch of class
+        slots and noise; the first part of :meth:`train_step`, compiled as one graph when
+        ``train.compile`` is on (the BN-statistics hooks are traced with it). Returns
+        ``(loss_g, ce, bns, images, teacher logits)``."""
+        mix = ClassMix(labels, lam)
         self.bn_hook.enabled = True
-        with amp:
-            x = self.generator(mix, generator=self.rng_dev)
+        with autocast_context(self.device, self.amp):
+            x = self.generator(mix, noise)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             t = self.teacher(x)
         self.bn_hook.enabled = False
-        ce = soft_cross_entropy(t, y)
+        ce = soft_cross_entropy(t, mix.soft_labels(self.num_classes))
         bns = self.bn_hook.loss()
-        loss_g = ce + self.tc.bns_weight * bns
+        return ce + self.tc.bns_weight * bns, ce, bns, x, t
+
+    def _student_loss(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The student's loss (KD + CE) on generated images; the second part."""
+        with autocast_context(self.device, self.amp):
+            a = self.student(x)
+        return kd_loss(a, t, self.tc.kd_temperature, self.tc.kd_reduction) + soft_cross_entropy(a, y)
+
+    def train_step(self, *, calibrate: bool, train_student: bool) -> dict[str, torch.Tensor]:
+        """One iteration; returns detached loss tensors (no host sync).
+
+        The class slots and the noise are drawn here, from the trainer's generators, in
+        the order the eager generator draws them, so a compiled step sees the same
+        numbers; the optimiser steps run eagerly (fused kernels on a GPU when compiled)."""
+        graphs = self.compile_mode == "reduce-overhead"
+        if graphs:  # CUDA graphs: a new step may overwrite the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        mix = self.sample_mix()
+        noise = self.generator.sample_noise(mix, generator=self.rng_dev)
+        loss_g, ce, bns, x, t = self._generator_step(mix.labels, mix.lam, noise)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
 
         out = {"loss_g": loss_g.detach(), "loss_g_ce": ce.detach(), "loss_g_bns": bns.detach()}
         if not (calibrate or train_student):
-            return out
-        x_s = x.detach()
-        t_s = t.detach()
+            return {k: v.clone() for k, v in out.items()} if graphs else out
+        x_s, t_s, y = x.detach(), t.detach(), mix.soft_labels(self.num_classes)
         if train_student:
-            with amp:
-                a = self.student(x_s)
-            loss_s = kd_loss(a, t_s, self.tc.kd_temperature, self.tc.kd_reduction) + soft_cross_entropy(a, y)
+            loss_s = self._student_step(x_s, t_s, y)
             self.opt_s.zero_grad(set_to_none=True)
             loss_s.backward()
             self.opt_s.step()
-        else:
-            with torch.no_grad(), amp:
-                a = self.student(x_s)
-                loss_s = kd_loss(a, t_s, self.tc.kd_temperature, self.tc.kd_reduction) + soft_cross_entropy(a, y)
+        else:  # calibration (the first epochs): updates the ranges, trains nothing; eager
+            with torch.no_grad():
+                loss_s = self._student_loss(x_s, t_s, y)
         out["loss_s"] = loss_s.detach()
+        if graphs:  # the epoch keeps these for its deferred checks: copies, not graph buffers
+            out = {k: v.clone() for k, v in out.items()}
         return out
 
     # -- epochs ---------------------------------------------------------------------------

@@ -94,6 +94,9 @@ def test_fingerprint_of_a_config_without_the_new_teacher_keys_is_unchanged():
     for key, value in (("eval_resize", 235), ("eval_interpolation", "bicubic")):
         changed = load_config({**base, "teacher": {**base["teacher"], key: value}})
         assert changed.fingerprint() != before
+    # train.compile (issue 15): "none" is the eager step of before; a compiled run is another run
+    assert load_config({**base, "train": {"compile": "none"}}).fingerprint() == before
+    assert load_config({**base, "train": {"compile": "default"}}).fingerprint() != before
 
 
 def test_overrides_parse_yaml_values():
