@@ -74,6 +74,10 @@ def time_mode(amp: str, compile_mode: str, args) -> dict:
         tr.train_step(calibrate=False, train_student=True)
     sync(tr.device)
     first_s = time.perf_counter() - t0
+    late = None
+    if args.start_at:  # several processes time the same window (benchmarks/parallel_runs.py)
+        late = max(0.0, time.time() - args.start_at)
+        time.sleep(max(0.0, args.start_at - time.time()))
     times = []
     for _ in range(args.iters):
         sync(tr.device)
@@ -91,6 +95,7 @@ def time_mode(amp: str, compile_mode: str, args) -> dict:
         "amp": amp,
         "compile": tr.compile_mode,
         "first_iters_s": round(first_s, 2),
+        "late_start_s": late,
         "peak_gpu_gib": peak,
         "device": str(tr.device),
         "channels_last": tr.channels_last,
@@ -117,6 +122,9 @@ def main() -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--default-malloc", action="store_true", help="skip qimera.runtime.tune_cpu_allocator()")
+    p.add_argument("--start-at", type=float, default=None, metavar="UNIX_TIME",
+                   help="after the untimed iterations, wait until this wall-clock time before timing "
+                        "(benchmarks/parallel_runs.py lines several processes up on one window)")
     args = p.parse_args()
     if not args.default_malloc:
         from qimera.runtime import tune_cpu_allocator
