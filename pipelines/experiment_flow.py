@@ -162,10 +162,8 @@ def check_dvc_cells(cells, root: Path, environ=None) -> None:
     """Before any cell starts, when the cells are to run as DVC experiments in their own
     clones (``QIMERA_DVC_REMOTE``): MLflow must be a server every machine reaches, and the
     pipeline must be able to run each cell's config (:func:`stages.experiment_dvc.cell_params`)."""
-    import yaml
-
     from pipelines.remote import DVC_REMOTE_ENV
-    from stages.common import PARAMS_FILE
+    from stages.common import PARAMS_FILE, load_params
     from stages.experiment_dvc import cell_params
     from stages.tracking import redact
 
@@ -174,7 +172,7 @@ def check_dvc_cells(cells, root: Path, environ=None) -> None:
         raise ValueError(f"{DVC_REMOTE_ENV} is set (each cell runs in its own clone, on any machine), but "
                          f"MLFLOW_TRACKING_URI={redact(uri)!r} is not a tracking server they all reach: set it to "
                          "http://host:port (a job variable of the pool, pipelines/README.md)")
-    params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+    params = load_params(root / PARAMS_FILE)
     for cell in cells:
         cell_params(cell, params, root)
 

@@ -278,16 +278,13 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger, tail: deque)
         return proc.wait()
 
 
-def _push(project: Path, experiment: str | None, logger) -> list[str]:
-    """With ``QIMERA_DVC_REMOTE`` (a team deployment: this flow run's checkout is its own
-    clone, gone when it ends), push the run's outputs there and, with
-    ``QIMERA_DVC_EXP_REMOTE``, the DVC experiment to that git remote
-    (:func:`stages.experiment_dvc.push_results`). Returns the commands run."""
-    from pipelines.remote import RemoteSettings
-
+def _push(project: Path, experiment: str | None, remote, logger) -> list[str]:
+    """With ``QIMERA_DVC_REMOTE`` (``remote``, a :class:`pipelines.remote.RemoteSettings`;
+    a team deployment: this flow run's checkout is its own clone, gone when it ends), push
+    the run's outputs there and, with ``QIMERA_DVC_EXP_REMOTE``, the DVC experiment to
+    that git remote (:func:`stages.experiment_dvc.push_results`). Returns the commands run."""
     from stages.experiment_dvc import push_results, use_remote
 
-    remote = RemoteSettings.from_env()
     if not remote.dvc_remote:
         return []
     use_remote(project, remote.dvc_remote, endpoint=remote.endpoint)
@@ -323,7 +320,8 @@ def qimera_flow(
     from pipelines.remote import RemoteSettings
 
     logger = get_run_logger()
-    RemoteSettings.from_env().use_credentials()  # a team pool's Secret block, if it names one
+    remote = RemoteSettings.from_env()
+    remote.use_credentials()  # a team pool's Secret block, if it names one
     project = Path.cwd()
     if not (project / "dvc.yaml").is_file():
         raise FlowInputError(
@@ -335,7 +333,7 @@ def qimera_flow(
     logger.info("preset %s at %dw%da in %s", resolved, w_bits, a_bits, project)
     pipeline = run_pipeline.with_options(retries=len(retry_delays), retry_delay_seconds=list(retry_delays))
     out = pipeline(cmd, str(project))
-    pushed = _push(project, out["dvc_experiment"], logger)
+    pushed = _push(project, out["dvc_experiment"], remote, logger)
     result = {
         "preset": resolved,
         "w_bits": w_bits,

@@ -53,11 +53,6 @@ CHECKPOINT_URL_ENV = "QIMERA_CHECKPOINT_URL"
 HOOK = f"{__name__}:push_checkpoint"
 
 
-def remote_prefix(environ=None) -> str | None:
-    """``QIMERA_REMOTE`` (checked: ``s3://bucket[/prefix]``), or None when unset."""
-    return RemoteSettings.from_env(environ).prefix
-
-
 @dataclass(frozen=True)
 class RemoteSettings:
     """Where a worker keeps what it shares with the others (module docstring), from the
@@ -271,11 +266,9 @@ def run_dvc_cell(cell, experiment: str, settings: RemoteSettings, root: str | os
     once it is finished, push its outputs to the DVC remote and its experiment to the git
     remote (``settings``), then upload its record. ``mlflow``: the ``mlflow.*`` params of
     the pipeline's run (the experiment and its parent run). Returns the cell's record."""
-    import yaml
-
     from qimera.experiments import cell_record, record_cell
 
-    from stages.common import PARAMS_FILE, PipelineError, TRAIN_DIR
+    from stages.common import PARAMS_FILE, TRAIN_DIR, PipelineError, load_params
     from stages.experiment_dvc import cell_sets, push_results, run_here, use_remote
     from stages.s3 import upload_dir
 
@@ -284,8 +277,7 @@ def run_dvc_cell(cell, experiment: str, settings: RemoteSettings, root: str | os
     if fetch_finished(cell, experiment, settings.prefix):
         log(f"{cell.id}: finished already (in {url}/)")
         return cell_record(cell)
-    params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
-    sets = cell_sets(cell, root, params, mlflow)
+    sets = cell_sets(cell, root, load_params(root / PARAMS_FILE), mlflow)
     use_remote(root, settings.dvc_remote, endpoint=settings.endpoint)
     if _has_checkpoint(url):  # the train stage takes it up (restore_checkpoint), after DVC's checkout
         log(f"{cell.id}: resuming from the checkpoint in {url}/")

@@ -36,13 +36,18 @@ SUMMARY_NAME = "summary.json"
 EPOCH_HOOK_ENV = "QIMERA_EPOCH_HOOK"
 
 
-def epoch_hook_from_env(error: type[Exception] = ConfigError) -> EpochCallback | None:
-    """The callback :data:`EPOCH_HOOK_ENV` names, or None when it is unset; a name that
-    does not import raises ``error`` with one line."""
+def hook_from_env(name: str, error: type[Exception] = ConfigError):
+    """The callable the environment variable ``name`` names (``package.module:callable``),
+    or None when it is unset; a name that does not import raises ``error`` with one line."""
     from ._registry import import_callable
 
-    spec = os.environ.get(EPOCH_HOOK_ENV)
-    return import_callable(spec, EPOCH_HOOK_ENV, error) if spec else None
+    spec = os.environ.get(name)
+    return import_callable(spec, name, error) if spec else None
+
+
+def epoch_hook_from_env(error: type[Exception] = ConfigError) -> EpochCallback | None:
+    """The callback :data:`EPOCH_HOOK_ENV` names, or None (:func:`hook_from_env`)."""
+    return hook_from_env(EPOCH_HOOK_ENV, error)
 
 
 @dataclass

@@ -437,11 +437,11 @@ class Trainer:
         return True
 
     # -- one iteration --------------------------------------------------------------------
-    def _generator_loss(self, labels: torch.Tensor, lam: torch.Tensor, noise: torch.Tensor):
+    def _generator_loss(self, labels: torch.Tensor, lam: torch.Tensor, noise: torch.Tensor, y: torch.Tensor):
         """Generator, teacher and the generator's loss (CE + BNS) for one batch of class
-        slots and noise; the first part of :meth:`train_step`, compiled as one graph when
-        ``train.compile`` is on (the BN-statistics hooks are traced with it). Returns
-        ``(loss_g, ce, bns, images, teacher logits)``."""
+        slots, noise and soft labels ``y``; the first part of :meth:`train_step`, compiled
+        as one graph when ``train.compile`` is on (the BN-statistics hooks are traced with
+        it). Returns ``(loss_g, ce, bns, images, teacher logits)``."""
         mix = ClassMix(labels, lam)
         self.bn_hook.enabled = True
         with autocast_context(self.device, self.amp):
@@ -450,7 +450,7 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             t = self.teacher(x)
         self.bn_hook.enabled = False
-        ce = soft_cross_entropy(t, mix.soft_labels(self.num_classes))
+        ce = soft_cross_entropy(t, y)
         bns = self.bn_hook.loss()
         return ce + self.tc.bns_weight * bns, ce, bns, x, t
 
@@ -471,27 +471,24 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
         mix = self.sample_mix()
         noise = self.generator.sample_noise(mix, generator=self.rng_dev)
-        loss_g, ce, bns, x, t = self._generator_step(mix.labels, mix.lam, noise)
+        y = mix.soft_labels(self.num_classes)
+        loss_g, ce, bns, x, t = self._generator_step(mix.labels, mix.lam, noise, y)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
 
         out = {"loss_g": loss_g.detach(), "loss_g_ce": ce.detach(), "loss_g_bns": bns.detach()}
-        if not (calibrate or train_student):
-            return {k: v.clone() for k, v in out.items()} if graphs else out
-        x_s, t_s, y = x.detach(), t.detach(), mix.soft_labels(self.num_classes)
         if train_student:
-            loss_s = self._student_step(x_s, t_s, y)
+            loss_s = self._student_step(x.detach(), t.detach(), y)
             self.opt_s.zero_grad(set_to_none=True)
             loss_s.backward()
             self.opt_s.step()
-        else:  # calibration (the first epochs): updates the ranges, trains nothing; eager
+            out["loss_s"] = loss_s.detach()
+        elif calibrate:  # the first epochs: updates the ranges, trains nothing; eager
             with torch.no_grad():
-                loss_s = self._student_loss(x_s, t_s, y)
-        out["loss_s"] = loss_s.detach()
-        if graphs:  # the epoch keeps these for its deferred checks: copies, not graph buffers
-            out = {k: v.clone() for k, v in out.items()}
-        return out
+                out["loss_s"] = self._student_loss(x.detach(), t.detach(), y)
+        # the epoch keeps these for its deferred checks: copies, not CUDA-graph buffers
+        return {k: v.clone() for k, v in out.items()} if graphs else out
 
     # -- epochs ---------------------------------------------------------------------------
     def _progress(self, epoch: int):

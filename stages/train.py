@@ -110,13 +110,10 @@ RESTORE_HOOK_ENV = "QIMERA_RESTORE_HOOK"
 
 
 def restore_hook():
-    """The callable ``QIMERA_RESTORE_HOOK`` names, or None."""
-    import os
+    """The callable ``QIMERA_RESTORE_HOOK`` names, or None (:func:`qimera.api.hook_from_env`)."""
+    from qimera.api import hook_from_env
 
-    from qimera._registry import import_callable
-
-    spec = os.environ.get(RESTORE_HOOK_ENV)
-    return import_callable(spec, RESTORE_HOOK_ENV, PipelineError) if spec else None
+    return hook_from_env(RESTORE_HOOK_ENV, PipelineError)
 
 
 def _prepare(cfg):

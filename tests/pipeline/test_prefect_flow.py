@@ -182,12 +182,15 @@ def test_a_team_flow_run_pushes_its_outputs_and_experiment(s3_env, tmp_path, pla
     run(DVC, "add", "-q", "result.txt")
     run(DVC, "exp", "save", "-q", "-n", "cell-1")
 
-    assert q._push(work, "cell-1", logging.getLogger("qimera-test")) == []  # no team settings: nothing
+    from pipelines.remote import RemoteSettings
+
+    assert q._push(work, "cell-1", RemoteSettings.from_env(), logging.getLogger("qimera-test")) == []  # no team settings
     bucket = s3_env.bucket("team-flow")
     monkeypatch.setenv("QIMERA_REMOTE", f"s3://{bucket}/cells")
     monkeypatch.setenv("QIMERA_DVC_REMOTE", f"s3://{bucket}/dvc")
     monkeypatch.setenv("QIMERA_DVC_EXP_REMOTE", "origin")
-    assert q._push(work, "cell-1", logging.getLogger("qimera-test")) == ["dvc push", "dvc exp push origin cell-1"]
+    assert q._push(work, "cell-1", RemoteSettings.from_env(), logging.getLogger("qimera-test")) == [
+        "dvc push", "dvc exp push origin cell-1"]
     assert "cell-1" in run("git", "ls-remote", str(bare), "refs/exps/*")
     assert s3_env.keys(bucket, "dvc/")  # the output's content, in DVC's remote layout
     assert "dvc push; dvc exp push origin cell-1" in plain_logger.text

@@ -14,7 +14,7 @@ from qimera.api import EPOCH_HOOK_ENV
 from qimera.experiments import load_experiment, run_cell
 
 import epoch_hooks
-from pipelines.remote import cell_url, fetch_finished, hook_env, remote_prefix, restore, run_remote_cell
+from pipelines.remote import RemoteSettings, cell_url, fetch_finished, hook_env, restore, run_remote_cell
 
 pytest.importorskip("moto")
 
@@ -33,7 +33,7 @@ def _worker_disk(path, base: dict):
 def test_a_cell_resumes_on_another_worker_from_the_checkpoint_in_s3(tiny_config, s3_env, tmp_path, monkeypatch):
     prefix = f"s3://{s3_env.bucket('cells')}/team"
     monkeypatch.setenv("QIMERA_REMOTE", prefix)
-    assert remote_prefix() == prefix
+    assert RemoteSettings.from_env().prefix == prefix
     base = {**tiny_config, "train": {**tiny_config["train"], "epochs": 2, "iters_per_epoch": 2},
             "naive": {"enabled": False}}
     a, b = _worker_disk(tmp_path / "a", base), _worker_disk(tmp_path / "b", base)
@@ -90,7 +90,6 @@ def test_a_cell_resumes_on_another_worker_from_the_checkpoint_in_s3(tiny_config,
 
 
 def test_remote_settings_are_checked_once_with_the_variable_named():
-    from pipelines.remote import RemoteSettings
     from stages.s3 import StorageError
 
     assert RemoteSettings.from_env({}) == RemoteSettings()
