@@ -48,6 +48,8 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.progress", "train.log_every", "train
                      "train.eval_every", "train.out_dir", "data", "naive", "preset")
 
 EpochCallback = Callable[[dict], None]
+#: the per-epoch diagnostics of the generated samples an epoch record carries (Trainer._diagnostics)
+EPOCH_DIAGNOSTICS = ("teacher_agree_plain", "teacher_agree_superposed", "teacher_max_prob", "label_max")
 
 
 #: the losses of an iteration, what they are, and the settings that most likely make each
@@ -295,6 +297,7 @@ class Trainer:
         self.rng_host = torch.Generator().manual_seed(self.tc.seed)
         self.rng_dev = torch.Generator(device=self.device).manual_seed(self.tc.seed + 1)
         self.epoch = 0
+        self._reset_diagnostics()
         self.history: list[dict] = []
         #: the evaluation of the final epoch's student, when this process trained that epoch
         self.final_eval = None
@@ -478,6 +481,7 @@ class Trainer:
         self.opt_g.step()
 
         out = {"loss_g": loss_g.detach(), "loss_g_ce": ce.detach(), "loss_g_bns": bns.detach()}
+        self._diagnose(t.detach(), y, superposed=mix.labels.shape[1] > 1)
         if train_student:
             loss_s = self._student_step(x.detach(), t.detach(), y)
             self.opt_s.zero_grad(set_to_none=True)
@@ -489,6 +493,42 @@ class Trainer:
                 out["loss_s"] = self._student_loss(x.detach(), t.detach(), y)
         # the epoch keeps these for its deferred checks: copies, not CUDA-graph buffers
         return {k: v.clone() for k, v in out.items()} if graphs else out
+
+    # -- diagnostics ----------------------------------------------------------------------
+    def _diagnose(self, t: torch.Tensor, y: torch.Tensor, *, superposed: bool) -> None:
+        """Accumulate this batch's diagnostics on the device (no host sync): how often the
+        teacher's top class is the intended one (the class with the largest soft label; a
+        superposed sample's dominant slot), the teacher's mean largest probability and the
+        mean largest soft label. :meth:`_diagnostics` turns them into the epoch's record."""
+        with torch.no_grad():
+            probs = torch.softmax(t.float(), dim=1)
+            target = y.max(dim=1)
+            hits = (probs.argmax(dim=1) == target.indices).sum()
+            kind = "superposed" if superposed else "plain"
+            sums = self._diag
+            for key, value in ((f"hits_{kind}", hits), ("teacher_max_prob", probs.max(dim=1).values.sum()),
+                               ("label_max", target.values.float().sum())):
+                sums[key] = sums[key] + value if key in sums else value.clone()
+            self._diag_counts[kind] += int(t.shape[0])
+
+    def _diagnostics(self) -> dict[str, float]:
+        """The epoch's diagnostics (one host sync): ``teacher_agree_plain`` and
+        ``teacher_agree_superposed`` (%, present when the epoch had such batches),
+        ``teacher_max_prob`` and ``label_max`` (means over every generated sample)."""
+        counts, sums = self._diag_counts, self._diag
+        out: dict[str, float] = {}
+        for kind in ("plain", "superposed"):
+            if counts[kind]:
+                out[f"teacher_agree_{kind}"] = 100.0 * float(sums[f"hits_{kind}"]) / counts[kind]
+        total = counts["plain"] + counts["superposed"]
+        if total:
+            out["teacher_max_prob"] = float(sums["teacher_max_prob"]) / total
+            out["label_max"] = float(sums["label_max"]) / total
+        return out
+
+    def _reset_diagnostics(self) -> None:
+        self._diag: dict[str, torch.Tensor] = {}
+        self._diag_counts = {"plain": 0, "superposed": 0}
 
     # -- epochs ---------------------------------------------------------------------------
     def _progress(self, epoch: int):
@@ -507,6 +547,7 @@ class Trainer:
         set_calibrating(self.student, calibrate)
         self.generator.train()
         sums: dict[str, torch.Tensor] = {}
+        self._reset_diagnostics()
         window: list[dict[str, torch.Tensor]] = []  # the losses since the last finiteness check
         bar = self._progress(epoch)
         start = time.perf_counter()
@@ -551,6 +592,7 @@ class Trainer:
         record.update({k: float(v) / n for k, v in sums.items()})
         record.update({"iters_per_second": n / seconds, "seconds": seconds,
                        "calibrating": calibrate, "student_trained": train_student})
+        record.update(self._diagnostics())
         if self.eval_data is not None and (self.epoch % self.tc.eval_every == 0 or self.epoch == self.tc.epochs):
             # never let test images move the activation ranges
             set_calibrating(self.student, False)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from qimera._files import atomic_write
+from qimera.trainer import EPOCH_DIAGNOSTICS
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"
@@ -60,7 +61,8 @@ NON_CONFIG_KEYS = ("preset", "mlflow", "export", "ladder")
 #: paths in the config that are read relative to the repository root
 ROOT_RELATIVE_PATHS = (("teacher", "weights"), ("teacher", "cache_dir"), ("data", "path"), ("data", "root"))
 #: columns of outputs/history.csv, in order
-HISTORY_COLUMNS = ("epoch", "loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second")
+HISTORY_COLUMNS = ("epoch", "loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second",
+                   *EPOCH_DIAGNOSTICS)
 
 
 class PipelineError(ValueError):

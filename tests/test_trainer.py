@@ -204,3 +204,37 @@ def test_resume_status_is_the_one_answer_to_may_this_run_continue(tiny_config, t
     tr.discard_checkpoint()
     assert not tr.checkpoint_path.exists() and not tr.history_path.exists()
     assert tr.resume_status().state == "none"
+
+
+def test_epoch_diagnostics_of_the_generated_samples(tiny_config, tiny_teacher):
+    """Each epoch records the teacher's agreement with the intended class on plain and on
+    superposed batches, its mean largest probability and the mean largest soft label
+    (issue 20), computed from the step's own teacher logits and labels."""
+    cfg = load_config(tiny_config, ["generator.p=0.5", "generator.k=2"])
+    tr = Trainer(cfg, tiny_teacher)
+    seen = []
+    step = tr._generator_step
+
+    def spy(labels, lam, noise, y):
+        out = step(labels, lam, noise, y)
+        seen.append((labels.shape[1] > 1, out[4].detach(), y))
+        return out
+
+    tr._generator_step = spy
+    record = tr.run_epoch()
+    for kind, superposed in (("plain", False), ("superposed", True)):
+        batches = [(t, y) for s, t, y in seen if s == superposed]
+        key = f"teacher_agree_{kind}"
+        if not batches:
+            assert key not in record
+            continue
+        hits = sum(int((t.argmax(1) == y.argmax(1)).sum()) for t, y in batches)
+        assert record[key] == pytest.approx(100.0 * hits / sum(len(t) for t, _ in batches))
+    t = torch.cat([t for _, t, _ in seen])
+    y = torch.cat([y for _, _, y in seen])
+    assert record["teacher_max_prob"] == pytest.approx(float(torch.softmax(t, 1).max(1).values.mean()), rel=1e-5)
+    assert record["label_max"] == pytest.approx(float(y.max(1).values.mean()), rel=1e-5)
+    # plain batches only: every soft label is one-hot, and no superposed agreement is recorded
+    plain = Trainer(load_config(tiny_config, ["generator.p=0.0"]), tiny_teacher).run_epoch()
+    assert plain["label_max"] == 1.0 and "teacher_agree_superposed" not in plain
+    assert 0.0 <= plain["teacher_agree_plain"] <= 100.0 and 0.1 <= plain["teacher_max_prob"] <= 1.0
