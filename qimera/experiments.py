@@ -92,7 +92,18 @@ class ExperimentSpec(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
     grids: list[GridSpec] = Field(min_length=1)
     paper: dict[str, dict[str, float]] = Field(default_factory=dict)
+    #: paired comparisons: ``[treatment, baseline]``, two columns (or two rows) of the
+    #: table; the report gives ``treatment − baseline`` per seed for every entry they share
+    compare: list[list[str]] = Field(default_factory=list)
     plot: Literal["lines", "heatmap", "none"] = "lines"
+
+    @field_validator("compare")
+    @classmethod
+    def _compare(cls, v: list[list[str]]) -> list[list[str]]:
+        for pair in v:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"compare entry {pair!r}: give two different names, [treatment, baseline]")
+        return v
 
 
 @dataclass
@@ -224,12 +235,32 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
                                   "different settings or remove one")
         seen[fp] = cell.id
     entries = {(c.row, c.column) for c in exp.cells}
+    _check_compare(exp, entries)
     for row, columns in spec.paper.items():
         for column in columns:
             if (row, column) not in entries:
                 raise ExperimentError(f"{path}: paper[{row!r}][{column!r}] matches no table entry; rows are "
                                       f"{sorted({r for r, _ in entries})}, columns {sorted({c for _, c in entries})}")
     return exp
+
+
+def _check_compare(exp: Experiment, entries: set[tuple[str, str]]) -> None:
+    """Each ``compare`` pair names two columns or two rows, and within an entry every seed
+    is one cell (else "the same seed" would not say which cells to pair)."""
+    rows, columns = {r for r, _ in entries}, {c for _, c in entries}
+    for pair in exp.spec.compare:
+        if not (set(pair) <= columns or set(pair) <= rows):
+            raise ExperimentError(f"{exp.path}: compare {pair!r}: name two columns ({sorted(columns)}) or two rows "
+                                  f"({sorted(rows)}) of the table")
+    if exp.spec.compare:
+        seen: dict[tuple[str, str, int], str] = {}
+        for cell in exp.cells:
+            key = (cell.row, cell.column, cell.seed)
+            if key in seen:
+                raise ExperimentError(f"{exp.path}: compare: cells {seen[key]!r} and {cell.id!r} are the same entry "
+                                      f"({cell.row!r}, {cell.column!r}) at the same seed; give their row or column "
+                                      "the axis that tells them apart")
+            seen[key] = cell.id
 
 
 def _cell(exp: Experiment, grid: GridSpec, where: str, cfg_path: Path, base: dict, base_budget, method: str,
@@ -386,6 +417,30 @@ def run_experiment(exp: Experiment, *, jobs: int = 1, log=None) -> dict[str, int
 # --------------------------------------------------------------------------- the report
 
 
+def cell_history(cell: Cell) -> list[dict]:
+    """The finished cell's per-epoch records (``history.jsonl``; empty for the calibration
+    methods, or when the file is missing)."""
+    try:
+        lines = (cell.out_dir / "history.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            return []
+    return out
+
+
+def best_epoch_gap(cell: Cell, final: float) -> float | None:
+    """``final − best`` top-1 over the cell's epochs (≤ 0), or None without a history. The
+    best epoch is chosen on the test data, so this is a note on stability, not a result."""
+    scores = [r["top1"] for r in cell_history(cell) if isinstance(r.get("top1"), (int, float))
+              and math.isfinite(r["top1"])]
+    return final - max(scores) if scores else None
+
+
 @dataclass
 class Entry:
     row: str
@@ -394,6 +449,10 @@ class Entry:
     reduced: bool
     budgets: set[tuple[int, int, int]]
     paper: Optional[float]
+    #: the final-epoch top-1 of each finished seed
+    by_seed: dict[int, float] = field(default_factory=dict)
+    #: each finished seed's final − best-epoch top-1 (seeds with a history)
+    gaps: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float | None:
@@ -416,7 +475,58 @@ def collect(exp: Experiment) -> list[Entry]:
         top1 = cell_top1(cell)
         if top1 is not None:
             entry.values.append(top1)
+            entry.by_seed[cell.seed] = top1
+            gap = best_epoch_gap(cell, top1)
+            if gap is not None:
+                entry.gaps.append(gap)
     return list(entries.values())
+
+
+@dataclass
+class Paired:
+    """``treatment − baseline`` at the same seed, for one entry of the other axis."""
+
+    treatment: str
+    baseline: str
+    entry: str  #: the row (when the pair names columns) or the column they share
+    diffs: dict[int, float]  #: seed -> difference
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.diffs.values()) if self.diffs else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.diffs.values()) if len(self.diffs) > 1 else (0.0 if self.diffs else None)
+
+    @property
+    def wins(self) -> int:
+        return sum(d > 0 for d in self.diffs.values())
+
+    def text(self) -> str:
+        if not self.diffs:
+            return "–"
+        per_seed = ", ".join(f"{d:+.2f} (seed {s})" for s, d in sorted(self.diffs.items()))
+        return (f"{per_seed}; mean {self.mean:+.2f} ± {self.std:.2f}; ahead at {self.wins} of {len(self.diffs)} seeds")
+
+
+def paired(exp: Experiment, entries: list[Entry] | None = None) -> list[Paired]:
+    """The file's ``compare`` pairs, per entry of the other axis, over the seeds both have."""
+    entries = collect(exp) if entries is None else entries
+    table = {(e.row, e.column): e for e in entries}
+    rows = list(dict.fromkeys(e.row for e in entries))
+    columns = list(dict.fromkeys(e.column for e in entries))
+    out = []
+    for treatment, baseline in exp.spec.compare:
+        along_columns = treatment in columns and baseline in columns
+        for other in (rows if along_columns else columns):
+            key_t, key_b = ((other, treatment), (other, baseline)) if along_columns else \
+                ((treatment, other), (baseline, other))
+            if key_t not in table or key_b not in table:
+                continue
+            t, b = table[key_t].by_seed, table[key_b].by_seed
+            out.append(Paired(treatment, baseline, other, {s: t[s] - b[s] for s in sorted(set(t) & set(b))}))
+    return out
 
 
 def _fmt(entry: Entry) -> str:
@@ -453,6 +563,31 @@ def report(exp: Experiment) -> dict[str, Path]:
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(_fmt(table[(row, c)]) if (row, c) in table else "" for c in columns)
                      + " |")
+    pairs = paired(exp, entries)
+    if pairs:
+        lines += ["", "## Paired differences (same seed)", "",
+                  "Treatment − baseline, final-epoch top-1 points, for each seed both finished; then the mean ± std "
+                  "of those differences and at how many seeds the treatment is ahead.", "",
+                  "| comparison | entry | difference per seed |", "|---|---|---|"]
+        lines += [f"| {p.treatment} − {p.baseline} | {p.entry} | {p.text()} |" for p in pairs]
+    diagnostics = _final_diagnostics(exp)
+    if diagnostics:
+        names = [k for k in DIAGNOSTIC_COLUMNS if any(k in d for d in diagnostics.values())]
+        lines += ["", "## Diagnostics of the generated samples at the final epoch (mean over the seeds)", "",
+                  "The generator's cross-entropy on the teacher (`loss_g_ce`); how often the teacher's top class is "
+                  "the intended one on plain and on superposed batches (%, a superposed sample's intended class is "
+                  "its largest soft label); the teacher's mean largest probability; the mean largest soft label.", "",
+                  "| row | column | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for (row, column), values in diagnostics.items():
+            lines.append(f"| {row} | {column} | " + " | ".join(
+                f"{values[k]:.3f}" if k in values else "–" for k in names) + " |")
+    if any(e.gaps for e in entries):
+        lines += ["", "## Final epoch against best epoch (a note)", "",
+                  "Final − best-epoch top-1, mean ± std over the seeds: how much a run loses between its best epoch "
+                  "and its last. The best epoch is chosen on the test data, so it is never the result.", "",
+                  "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for row in rows:
+            lines.append(f"| {row} | " + " | ".join(_fmt_gap(table.get((row, c))) for c in columns) + " |")
     out = exp.dir
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv"}
@@ -461,16 +596,56 @@ def report(exp: Experiment) -> dict[str, Path]:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["row", "column", "n", "mean_top1", "std_top1", "paper_top1", "difference", "reduced_budget",
-                     "values"])
+                     "values", "seeds", "mean_final_minus_best"])
     for e in entries:
         writer.writerow([e.row, e.column, len(e.values), _num(e.mean), _num(e.std), _num(e.paper),
                          _num(None if e.mean is None or e.paper is None else e.mean - e.paper), e.reduced,
-                         " ".join(f"{v:.4f}" for v in e.values)])
+                         " ".join(f"{v:.4f}" for v in e.values), " ".join(str(s) for s in e.by_seed),
+                         _num(statistics.fmean(e.gaps) if e.gaps else None)])
     atomic_write(paths["csv"], lambda h: h.write(buf.getvalue()), "w")
+    if pairs:
+        paths["pairs"] = out / "report-pairs.csv"
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["treatment", "baseline", "entry", "seed", "difference"])
+        for p in pairs:
+            for seed, d in p.diffs.items():
+                writer.writerow([p.treatment, p.baseline, p.entry, seed, f"{d:.4f}"])
+        atomic_write(paths["pairs"], lambda h: h.write(buf.getvalue()), "w")
     png = _plot(exp, rows, columns, table, out / "report.png")
     if png is not None:
         paths["png"] = png
     return paths
+
+
+#: the per-epoch values :func:`report` summarises at the final epoch (where the cells' histories have them)
+DIAGNOSTIC_COLUMNS = ("loss_g_ce", "teacher_agree_plain", "teacher_agree_superposed", "teacher_max_prob",
+                      "label_max")
+
+
+def _final_diagnostics(exp: Experiment) -> dict[tuple[str, str], dict[str, float]]:
+    """Per table entry, the mean over its finished seeds of each diagnostic at the final
+    epoch (entries whose histories have none are left out)."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for cell in exp.cells:
+        if cell_top1(cell) is None:
+            continue
+        history = cell_history(cell)
+        last = history[-1] if history else {}
+        found = {k: float(last[k]) for k in DIAGNOSTIC_COLUMNS if isinstance(last.get(k), (int, float))}
+        if "teacher_max_prob" not in found:  # a history from before the diagnostics existed
+            continue
+        entry = values.setdefault((cell.row, cell.column), {})
+        for k, v in found.items():
+            entry.setdefault(k, []).append(v)
+    return {key: {k: statistics.fmean(v) for k, v in d.items()} for key, d in values.items()}
+
+
+def _fmt_gap(entry: Entry | None) -> str:
+    if entry is None or not entry.gaps:
+        return "–" if entry is not None else ""
+    std = statistics.stdev(entry.gaps) if len(entry.gaps) > 1 else 0.0
+    return f"{statistics.fmean(entry.gaps):+.2f} ± {std:.2f}"
 
 
 def _num(x: float | None) -> str:

@@ -140,3 +140,53 @@ def test_shipped_experiments_validate(name, monkeypatch):
     monkeypatch.chdir(REPO)
     exp = load_experiment(path)
     assert exp.cells and all(c.cfg.train.out_dir.startswith(f"runs/{name}/") for c in exp.cells)
+
+
+def _fake_finished(cell, top1: float, history: list[float]) -> None:
+    """Record a cell as finished with a given final top-1 and per-epoch top-1s (no training)."""
+    from qimera.experiments import record_cell
+
+    cell.out_dir.mkdir(parents=True, exist_ok=True)
+    diag = {"loss_g_ce": 0.5, "teacher_agree_plain": 90.0, "teacher_max_prob": 0.8, "label_max": 1.0}
+    (cell.out_dir / "history.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "top1": v, **diag}) + "\n"
+                                                        for i, v in enumerate(history)))
+    record_cell(cell, "done", {"student_top1": top1})
+
+
+def test_report_gives_paired_differences_per_seed_and_the_final_against_best_gap(workdir):
+    """compare: [treatment, baseline] names two columns; the report gives treatment − baseline
+    at each seed, their mean ± std and the wins, and per entry final − best epoch (issue 20)."""
+    spec = {"name": "pairs", "seeds": [1, 2, 3],
+            "grids": [{"label": "d", "config": "base.yaml", "methods": ["gdfq", "qimera"], "bits": [4, "2w4a"],
+                       "row": "{bits}", "column": "{method}"}],
+            "compare": [["qimera", "gdfq"]]}
+    path = workdir / "pairs.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    exp = load_experiment(path)
+    finals = {("gdfq", 1): 90.0, ("gdfq", 2): 92.0, ("gdfq", 3): 91.0,
+              ("qimera", 1): 91.5, ("qimera", 2): 91.0, ("qimera", 3): 93.0}
+    for cell in exp.cells:
+        if cell.bits == "2w4a" and cell.seed == 3:
+            continue  # unfinished: pairs use only the seeds both have
+        top1 = finals[(cell.method, cell.seed)] - (0 if cell.bits == "4w4a" else 10)
+        _fake_finished(cell, top1, [top1 - 1.0, top1 + 2.5, top1])
+    paths = report(exp)
+    md = paths["md"].read_text()
+    assert ("| qimera − gdfq | 4w4a | +1.50 (seed 1), -1.00 (seed 2), +2.00 (seed 3); mean +0.83 ± 1.61; "
+            "ahead at 2 of 3 seeds |") in md
+    assert "| qimera − gdfq | 2w4a | +1.50 (seed 1), -1.00 (seed 2); mean +0.25 ± 1.77; ahead at 1 of 2 seeds |" in md
+    assert "| 4w4a | qimera | 0.500 | 90.000 | 0.800 | 1.000 |" in md  # no superposed column: no such batches
+    assert "## Final epoch against best epoch" in md and "| 4w4a | -2.50 ± 0.00 | -2.50 ± 0.00 |" in md
+    rows = list(csv.DictReader(paths["pairs"].open()))
+    assert [(r["entry"], r["seed"], float(r["difference"])) for r in rows][:3] == [
+        ("4w4a", "1", 1.5), ("4w4a", "2", -1.0), ("4w4a", "3", 2.0)]
+    entry = next(csv.DictReader(paths["csv"].open()))
+    assert entry["seeds"] == "1 2 3" and float(entry["mean_final_minus_best"]) == -2.5
+
+
+def test_compare_names_must_be_two_columns_or_two_rows(workdir):
+    for compare, needle in (([["qimera", "gdfq"]], "name two columns"), ([["p=0.25", "p=0.25"]], "two different"),
+                            ([["p=0.25"]], "two different")):
+        with pytest.raises(ExperimentError, match=needle):
+            load_experiment(_experiment(workdir, "bad", compare=compare))
+    assert load_experiment(_experiment(workdir, "ok", compare=[["p=0.75", "p=0.25"]])).spec.compare
