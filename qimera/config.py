@@ -166,6 +166,21 @@ class GeneratorConfig(_Section):
     freeze_embeddings: bool = False
     noise_scale: float = Field(default=1.0, gt=0.0)
     combine: Literal["add", "multiply"] = "add"
+    #: how the ImageNet generator's conditional BatchNorm mixes the γ and β of a superposed
+    #: sample: ``sum`` is Σλγ, the coefficients of the embeddings (the paper, SPEC §2);
+    #: ``mean`` is Σλγ/K, the authors' released ImageNet code (SPEC §5.8)
+    cbn_mix: Literal["sum", "mean"] = "sum"
+    #: whether the class embedding enters at the generator's input: ``auto`` is on, except
+    #: for GDFQ's ImageNet generator, whose own code has none (the class enters through the
+    #: conditional BatchNorm only); ``off`` needs the ImageNet variant
+    input_embedding: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _class_enters(self):
+        if self.input_embedding == "off" and self.variant != "imagenet":
+            raise ValueError("generator.input_embedding='off' needs generator.variant='imagenet': the CIFAR generator "
+                             "has no conditional BatchNorm, so the class would enter nowhere")
+        return self
 
 
 class TrainConfig(_Section):
@@ -263,14 +278,18 @@ class Config(_Section):
     zeroq: ZeroQConfig = Field(default_factory=ZeroQConfig)
 
     def effective_generator(self) -> GeneratorConfig:
-        """The generator the method really uses: GDFQ fixes p=0, no DM, random
-        embeddings and the multiplicative noise (SPEC §4)."""
+        """The generator the method really uses: GDFQ fixes p=0, no DM and the
+        multiplicative noise (SPEC §4), and on ImageNet its class enters through the
+        conditional BatchNorm only (``input_embedding: auto``). The embedding initialisation
+        is the config's for every method that has embeddings (GDFQ's own is ``random``), so
+        that a comparison of methods need not change it too."""
+        g = self.generator
         if self.method == "gdfq":
-            return self.generator.model_copy(
-                update=dict(p=0.0, k=1, dm_layers=0, embedding_init="random", combine="multiply",
-                            freeze_embeddings=False)
-            )
-        return self.generator
+            g = g.model_copy(update=dict(p=0.0, k=1, dm_layers=0, combine="multiply", freeze_embeddings=False))
+        if g.input_embedding == "auto":
+            off = self.method == "gdfq" and g.variant == "imagenet"
+            g = g.model_copy(update=dict(input_embedding="off" if off else "on"))
+        return g
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as it runs (GDFQ's fixed generator settings applied)."""
@@ -300,7 +319,8 @@ class Config(_Section):
 #: behaviour from before they existed: left out of the fingerprint while they have it, so
 #: that a configuration that does not set them keeps its fingerprint (its checkpoint still
 #: resumes and its finished experiment cells are not run again)
-FINGERPRINT_WHEN_SET = {"teacher.eval_resize": None, "teacher.eval_interpolation": None, "train.compile": "none"}
+FINGERPRINT_WHEN_SET = {"teacher.eval_resize": None, "teacher.eval_interpolation": None, "train.compile": "none",
+                        "generator.cbn_mix": "sum", "generator.input_embedding": "on"}
 
 
 def _format_errors(err: ValidationError, data: dict) -> str:

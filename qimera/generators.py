@@ -14,7 +14,11 @@ Choices where the paper is silent (documented in README):
   (SPEC §5.5).
 * Between stacked DM layers stands LeakyReLU(0.2); there is none after the last one.
 * GDFQ's variant multiplies embedding and noise (``E[c] ⊙ σ_z·ε``) and does not
-  standardize; it has no DM layers and is never superposed.
+  standardize; it has no DM layers and is never superposed. Its ImageNet generator feeds
+  the noise alone (``generator.input_embedding: auto``): in GDFQ's own code the class
+  enters through the conditional BatchNorm only.
+* The conditional BatchNorm mixes ``γ``/``β`` as Σλγ (``generator.cbn_mix: sum``, the
+  paper); ``mean`` gives the authors' released Σλγ/K.
 * The network doubles its side twice, so it makes sides divisible by 4. A teacher whose
   side is not (Inception-v3: 299) gets images generated at the next multiple of 4 (300)
   and centre-cropped (:func:`generated_side`, :meth:`Generator.forward`).
@@ -113,8 +117,12 @@ def pair_mix(c1: int, c2: int, lam: torch.Tensor) -> ClassMix:
 class ConditionalBatchNorm2d(nn.Module):
     """Non-affine BatchNorm2d followed by per-class ``γ``/``β`` mixed with ``λ``."""
 
-    def __init__(self, num_features: int, num_classes: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, num_classes: int, eps: float = 1e-5, mix: Literal["sum", "mean"] = "sum"):
         super().__init__()
+        if mix not in ("sum", "mean"):
+            raise ValueError(f"generator.cbn_mix={mix!r}: allowed 'sum', 'mean'")
+        #: ``sum``: Σλγ (the paper); ``mean``: Σλγ/K (the authors' ImageNet code)
+        self.mix = mix
         self.bn = nn.BatchNorm2d(num_features, eps=eps, affine=False)
         self.gamma = nn.Embedding(num_classes, num_features)
         self.beta = nn.Embedding(num_classes, num_features)
@@ -123,6 +131,8 @@ class ConditionalBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, mix: ClassMix) -> torch.Tensor:
         lam = mix.lam.unsqueeze(-1)
+        if self.mix == "mean":  # the authors' form: the λ-weighted slots averaged over K
+            lam = lam / mix.labels.shape[1]
         gamma = (self.gamma(mix.labels) * lam).sum(1)
         beta = (self.beta(mix.labels) * lam).sum(1)
         return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
@@ -153,6 +163,10 @@ class Generator(nn.Module):
         combine: ``"add"`` (Qimera: ``standardize(E[c] + σ_z ε)``) or ``"multiply"``
             (GDFQ: ``E[c] ⊙ σ_z ε``).
         conditional_bn: class-conditional BatchNorm (ImageNet variant).
+        cbn_mix: how that BatchNorm mixes a superposed sample's ``γ``/``β``: ``"sum"``
+            (Σλγ, the paper) or ``"mean"`` (Σλγ/K, the authors' code).
+        input_embedding: whether the class embedding enters at the input; False (only
+            with ``conditional_bn``) feeds the noise alone, as GDFQ's ImageNet generator.
     """
 
     def __init__(
@@ -165,11 +179,17 @@ class Generator(nn.Module):
         noise_scale: float = 1.0,
         combine: Literal["add", "multiply"] = "add",
         conditional_bn: bool = False,
+        cbn_mix: Literal["sum", "mean"] = "sum",
+        input_embedding: bool = True,
     ):
         super().__init__()
         side = generated_side((channels, img_size, img_size))
         if combine not in ("add", "multiply"):
             raise ValueError(f"generator.combine={combine!r}: allowed 'add', 'multiply'")
+        if not input_embedding and not conditional_bn:
+            raise ValueError("a generator without its input embedding needs the conditional BatchNorm "
+                             "(the ImageNet variant): the class would enter nowhere")
+        self.input_embedding = bool(input_embedding)
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.img_size = img_size
@@ -194,7 +214,7 @@ class Generator(nn.Module):
         self.fc = nn.Linear(width, 128 * self.init_size**2)
 
         def norm(c: int, eps: float) -> nn.Module:
-            return ConditionalBatchNorm2d(c, num_classes, eps) if conditional_bn else _Affine(c, eps)
+            return ConditionalBatchNorm2d(c, num_classes, eps, cbn_mix) if conditional_bn else _Affine(c, eps)
 
         self.bn0 = norm(128, 1e-5)
         self.conv1 = nn.Conv2d(128, 128, 3, stride=1, padding=1)
@@ -223,14 +243,15 @@ class Generator(nn.Module):
 
     def latent(self, mix: ClassMix, noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mixed DM output ``Σ_k λ_k DM(u_k)`` of shape (B, width)."""
-        e = self.embedding(mix.labels)  # (B, K, D)
         if noise is None:
             noise = self.sample_noise(mix, generator=generator)
         noise = noise * self.noise_scale
-        if self.combine == "add":
-            u = F.layer_norm(e + noise, (self.embed_dim,))
+        if not self.input_embedding:  # the class enters through the conditional BatchNorm only
+            u = F.layer_norm(noise, (self.embed_dim,)) if self.combine == "add" else noise
+        elif self.combine == "add":
+            u = F.layer_norm(self.embedding(mix.labels) + noise, (self.embed_dim,))
         else:
-            u = e * noise
+            u = self.embedding(mix.labels) * noise
         h = self.dm(u)  # (B, K, W)
         if h.shape[1] == 1:
             return h[:, 0]
@@ -295,6 +316,8 @@ def build_generator(cfg, teacher) -> Generator:
         noise_scale=g.noise_scale,
         combine=g.combine,
         conditional_bn=g.variant == "imagenet",
+        cbn_mix=g.cbn_mix,
+        input_embedding=g.input_embedding == "on",
     )
     gen.init_embeddings_from(initial_embeddings(g.embedding_init, teacher, cfg.train.seed))
     if g.freeze_embeddings:

@@ -97,6 +97,10 @@ def test_fingerprint_of_a_config_without_the_new_teacher_keys_is_unchanged():
     # train.compile (issue 15): "none" is the eager step of before; a compiled run is another run
     assert load_config({**base, "train": {"compile": "none"}}).fingerprint() == before
     assert load_config({**base, "train": {"compile": "default"}}).fingerprint() != before
+    # issue 20's generator keys: the paper's CBN mix and the input embedding are the behaviour of before
+    assert load_config({**base, "generator": {"cbn_mix": "sum", "input_embedding": "auto"}}).fingerprint() == before
+    assert load_config({**base, "generator": {"input_embedding": "on"}}).fingerprint() == before
+    assert load_config({**base, "generator": {"cbn_mix": "mean"}}).fingerprint() != before
 
 
 def test_overrides_parse_yaml_values():
@@ -113,6 +117,24 @@ def test_gdfq_resolves_its_fixed_generator():
     g = c.effective_generator()
     assert (g.p, g.dm_layers, g.combine, g.embedding_init, g.noise_scale) == (0.0, 0, "multiply", "random", 0.5)
     assert c.resolved()["generator"]["combine"] == "multiply"
+    assert g.input_embedding == "on"  # the CIFAR generator: class embedding at the input
+
+
+def test_gdfq_keeps_the_configured_embedding_init_and_drops_its_imagenet_input_embedding():
+    """A comparison of methods need not change the embedding init with the method (issue 20):
+    GDFQ takes teacher_fc when asked; on ImageNet its generator feeds the noise alone, as
+    GDFQ's own code does, unless input_embedding says otherwise."""
+    gdfq = load_config({**BASE, "method": "gdfq", "generator": {"embedding_init": "teacher_fc"}})
+    assert gdfq.effective_generator().embedding_init == "teacher_fc"
+    imagenet = {**BASE, "generator": {"variant": "imagenet"}}
+    assert load_config({**imagenet, "method": "gdfq"}).effective_generator().input_embedding == "off"
+    assert load_config(imagenet).effective_generator().input_embedding == "on"
+    forced = {**BASE, "method": "gdfq", "generator": {"variant": "imagenet", "input_embedding": "on"}}
+    assert load_config(forced).effective_generator().input_embedding == "on"
+    with pytest.raises(ConfigError, match=r"input_embedding='off' needs generator.variant='imagenet'"):
+        load_config({**BASE, "generator": {"input_embedding": "off"}})
+    with pytest.raises(ConfigError, match=r"generator.cbn_mix='avg'.*'sum' or 'mean'"):
+        load_config({**BASE, "generator": {"cbn_mix": "avg"}})
 
 
 def test_yaml_file_and_missing_file(tmp_path):

@@ -101,6 +101,43 @@ def test_conditional_bn_mixes_gamma_beta_with_lambda():
     torch.testing.assert_close(out[1], normed[1] * cbn.gamma.weight[1][:, None, None] + cbn.beta.weight[1][:, None, None])
 
 
+def test_conditional_bn_mean_is_the_authors_sum_over_k():
+    """cbn_mix='mean' (the authors' ImageNet code, SPEC §5.8) divides the λ-weighted γ and β by K."""
+    paper, authors = ConditionalBatchNorm2d(4, 3), ConditionalBatchNorm2d(4, 3, mix="mean")
+    with torch.no_grad():
+        for cbn in (paper, authors):
+            cbn.gamma.weight.copy_(torch.arange(12.0).reshape(3, 4) + 1)
+            cbn.beta.weight.copy_(torch.arange(12.0).reshape(3, 4))
+    x = torch.randn(2, 4, 5, 5)
+    mix = ClassMix(torch.tensor([[0, 2], [1, 1]]), torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    normed = paper.bn(x)
+    lam = mix.lam / 2
+    g = (paper.gamma(mix.labels) * lam[..., None]).sum(1)
+    b = (paper.beta(mix.labels) * lam[..., None]).sum(1)
+    torch.testing.assert_close(authors(x, mix), normed * g[:, :, None, None] + b[:, :, None, None])
+    plain = ClassMix(torch.tensor([[1], [2]]), torch.ones(2, 1))  # K = 1: both forms agree
+    torch.testing.assert_close(authors(x, plain), paper(x, plain))
+    with pytest.raises(ValueError, match="cbn_mix='avg'"):
+        ConditionalBatchNorm2d(4, 3, mix="avg")
+
+
+def test_generator_without_input_embedding_feeds_the_noise_alone():
+    """GDFQ's ImageNet generator (its own code): the class enters through the conditional
+    BatchNorm only, so the embedding table has no effect and gets no gradient."""
+    gen = Generator(5, 8, img_size=8, conditional_bn=True, combine="multiply", input_embedding=False)
+    mix = ClassMix(torch.tensor([[0], [3]]), torch.ones(2, 1))
+    noise = torch.randn(2, 1, 8)
+    torch.testing.assert_close(gen.latent(mix, noise), gen.dm(noise * gen.noise_scale)[:, 0])
+    out = gen(mix, noise)
+    with torch.no_grad():
+        gen.embedding.weight.mul_(7.0)
+    torch.testing.assert_close(gen(mix, noise), out)
+    gen(mix, noise).pow(2).mean().backward()
+    assert gen.embedding.weight.grad is None and gen.bn1.gamma.weight.grad is not None
+    with pytest.raises(ValueError, match="needs the conditional BatchNorm"):
+        Generator(5, 8, img_size=8, input_embedding=False)
+
+
 def test_imagenet_variant_runs_and_backprops_to_embeddings():
     gen = Generator(7, 16, img_size=16, conditional_bn=True)
     g = torch.Generator().manual_seed(0)
