@@ -2,7 +2,7 @@
 
 Runs the experiment file that params ``ladder.experiment`` names (by default
 ``experiments/demo-ladder.yaml``: naive, GDFQ and Qimera on the digits demo at 4w4a and at
-low bit widths where noise calibration collapses), ``ladder.jobs`` cells at once, each one
+low bit widths where noise calibration collapses), ``ladder.jobs`` cells at once (``ladder.seeds``: seeds 1..N instead of the file's), each one
 an ordinary run (:func:`qimera.experiments.run_cell`, one torch thread unless
 ``OMP_NUM_THREADS`` says otherwise) in ``outputs/ladder/<name>/<cell>/``, with
 ``ladder.set`` (``section.key=value`` strings) applied to every cell. It does not depend
@@ -30,7 +30,7 @@ from pathlib import Path
 from .common import LADDER_DIR, LADDER_METRICS, PipelineError, load_params, run_stage, write_json
 
 #: params.yaml ``ladder`` keys and their defaults
-DEFAULTS = {"experiment": "experiments/demo-ladder.yaml", "jobs": 2, "set": []}
+DEFAULTS = {"experiment": "experiments/demo-ladder.yaml", "jobs": 2, "seeds": None, "set": []}
 
 
 def ladder_params(params: dict) -> dict:
@@ -50,6 +50,10 @@ def ladder_params(params: dict) -> dict:
     jobs = out["jobs"]
     if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= 64:
         raise PipelineError(f"params.yaml: ladder.jobs={jobs!r}: a whole number of cells at once, 1..64")
+    seeds = out["seeds"]
+    if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= 100):
+        raise PipelineError(f"params.yaml: ladder.seeds={seeds!r}: null (the file's seeds) or a whole number N, "
+                            "1..100 (seeds 1..N)")
     if not isinstance(out["set"], list) or not all(isinstance(x, str) for x in out["set"]):
         raise PipelineError(f"params.yaml: ladder.set={out['set']!r}: a list of 'section.key=value' strings")
     return out
@@ -67,20 +71,34 @@ def load_ladder(params: dict):
     path = Path(spec["experiment"])  # relative to the workspace, like the configs the file names
     if not path.is_file():
         raise PipelineError(f"params.yaml: ladder.experiment={spec['experiment']!r}: file not found in {Path.cwd()}")
-    return load_experiment(path, overrides=tuple(spec["set"]), runs_dir=LADDER_DIR)
+    return load_experiment(path, seeds=spec["seeds"], overrides=tuple(spec["set"]), runs_dir=LADDER_DIR)
 
 
 def ladder_metrics(exp) -> dict:
-    """``ladder.json``: every report entry's final-epoch top-1 by row and column."""
-    from qimera.experiments import SUMMARY, collect, is_done
+    """``ladder.json``: every report entry's final-epoch top-1 by row and column (the mean
+    over the seeds, with its standard deviation and count), and the file's paired
+    comparisons (``treatment − baseline`` per seed)."""
+    from qimera.experiments import SUMMARY, collect, is_done, paired
 
+    def r4(x):
+        return None if x is None else round(x, 4)
+
+    entries = collect(exp)
     rows: dict[str, dict[str, float | None]] = {}
-    for entry in collect(exp):
-        rows.setdefault(entry.row, {})[entry.column] = None if entry.mean is None else round(entry.mean, 4)
+    std: dict[str, dict[str, float | None]] = {}
+    n: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        rows.setdefault(entry.row, {})[entry.column] = r4(entry.mean)
+        std.setdefault(entry.row, {})[entry.column] = r4(entry.std)
+        n.setdefault(entry.row, {})[entry.column] = len(entry.values)
+    pairs = [{"treatment": p.treatment, "baseline": p.baseline, "entry": p.entry,
+              "by_seed": {str(s): r4(d) for s, d in p.diffs.items()}, "mean": r4(p.mean), "std": r4(p.std),
+              "wins": p.wins} for p in paired(exp, entries)]
     teacher = {json.loads((c.out_dir / SUMMARY).read_text()).get("teacher_top1") for c in exp.cells if is_done(c)}
     budgets = sorted({c.budget for c in exp.cells})
     return {"experiment": str(exp.path), "columns": list(dict.fromkeys(c.column for c in exp.cells)),
-            "rows": rows, "teacher_top1": teacher.pop() if len(teacher) == 1 else None,
+            "rows": rows, "std": std, "n": n, "seeds": sorted({c.seed for c in exp.cells}), "pairs": pairs,
+            "teacher_top1": teacher.pop() if len(teacher) == 1 else None,
             "budget": ", ".join(f"{e} x {i} x {b}" for e, i, b in budgets), "cells": len(exp.cells),
             "report": str(exp.dir / "report.md")}
 

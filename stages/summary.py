@@ -11,11 +11,13 @@ followed, when the export stage has run, by where the deployable files are and h
 scored (``outputs/export/verification.json``, ``model.json``), and, when the ``ladder``
 stage has run, by its bit-width table (``outputs/ladder.json``)::
 
-    bit-width ladder (final-epoch top-1 %; experiments/demo-ladder.yaml, budget ...)
-    model                      4w4a    2w4a    4w2a
-    teacher (full precision)  98.70   98.70   98.70
-    naive (noise calibration) 98.52   63.89   75.93
+    bit-width ladder (final-epoch top-1 %, mean ± std over seeds 1, 2, 3; experiments/demo-ladder.yaml, ...)
+    model                                 2w4a           2w2a
+    teacher (full precision)             98.89          98.89
+    naive (noise calibration)     67.04 ± 0.19   49.69 ± 5.85
     ...
+    paired difference, same seed (final-epoch top-1 points):
+      Qimera − GDFQ at 2w4a: +1.11 +3.70 +4.26; mean +3.02 ± 1.68, ahead at 3/3
 
 The method and bit widths come from ``outputs/config/run.yaml`` when it is there.
 """
@@ -61,21 +63,41 @@ def main(argv: list[str]) -> int:
 
 
 def ladder_table(ladder: dict) -> str:
-    """The ladder stage's table: a row per method (teacher first), a column per bit width."""
+    """The ladder stage's table: a row per method (teacher first), a column per bit width,
+    each entry the mean ± std over the seeds; then the paired differences per seed."""
     rows, columns = ladder.get("rows") or {}, ladder.get("columns") or []
     if not rows:
         return ""
+    std = ladder.get("std") or {}
+    spread = any(isinstance(v, (int, float)) and n > 1 for r, d in (ladder.get("n") or {}).items()
+                 for c, n in d.items() for v in [std.get(r, {}).get(c)])
     width = max(len(LADDER_NAMES.get(r, r)) for r in [*rows, "teacher (full precision)"]) + 2
+    cw = 15 if spread else 8
 
-    def fmt(v):
-        return f"{v:8.2f}" if isinstance(v, (int, float)) else f"{'–':>8}"
+    def fmt(v, s=None):
+        if not isinstance(v, (int, float)):
+            return f"{'–':>{cw}}"
+        text = f"{v:.2f} ± {s:.2f}" if spread and isinstance(s, (int, float)) else f"{v:.2f}"
+        return f"{text:>{cw}}"
 
-    lines = [f"bit-width ladder (final-epoch top-1 %; {ladder['experiment']}, epochs x iterations x batch "
-             f"{ladder['budget']})", f"{'model':<{width}}" + "".join(f"{c:>8}" for c in columns)]
+    seeds = ladder.get("seeds") or []
+    over = (f"mean ± std over seeds {', '.join(str(s) for s in seeds)}" if len(seeds) > 1
+            else f"seed {seeds[0]}" if seeds else "")
+    lines = [f"bit-width ladder (final-epoch top-1 %{', ' + over if over else ''}; {ladder['experiment']}, "
+             f"epochs x iterations x batch {ladder['budget']})", f"{'model':<{width}}" + "".join(f"{c:>{cw}}" for c in columns)]
     if ladder.get("teacher_top1") is not None:
         lines.append(f"{'teacher (full precision)':<{width}}" + fmt(ladder["teacher_top1"]) * len(columns))
     for row, values in rows.items():
-        lines.append(f"{LADDER_NAMES.get(row, row):<{width}}" + "".join(fmt(values.get(c)) for c in columns))
+        lines.append(f"{LADDER_NAMES.get(row, row):<{width}}"
+                     + "".join(fmt(values.get(c), std.get(row, {}).get(c)) for c in columns))
+    pairs = ladder.get("pairs") or []
+    if pairs:
+        lines.append("paired difference, same seed (final-epoch top-1 points):")
+        for p in pairs:
+            diffs = " ".join(f"{d:+.2f}" for d in p["by_seed"].values() if d is not None)
+            name = f"{LADDER_NAMES.get(p['treatment'], p['treatment'])} − {LADDER_NAMES.get(p['baseline'], p['baseline'])}"
+            mean = "" if p["mean"] is None else f"; mean {p['mean']:+.2f} ± {p['std']:.2f}, ahead at {p['wins']}/{len(p['by_seed'])}"
+            lines.append(f"  {name} at {p['entry']}: {diffs or '–'}{mean}")
     lines.append(f"(report: {ladder['report']})")
     return "\n".join(lines)
 

@@ -512,10 +512,12 @@ def test_ladder_params_are_checked_in_one_line(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)
     assert ladder_params({}) == DEFAULTS
-    assert len(load_ladder({}).cells) == 9  # the shipped ladder: 3 methods x 3 bit widths
+    assert len(load_ladder({}).cells) == 18  # the shipped ladder: 3 methods x 2 bit widths x 3 seeds
+    assert len(load_ladder({"ladder": {"seeds": 1}}).cells) == 6
     assert load_ladder({"ladder": {"experiment": None}}) is None
     for section, message in [("x", "ladder='x': must be a mapping"), ({"job": 2}, "ladder.job: unknown key"),
                              ({"jobs": 0}, "ladder.jobs=0"), ({"jobs": True}, "ladder.jobs=True"),
+                             ({"seeds": 0}, "ladder.seeds=0"), ({"seeds": "3"}, "ladder.seeds='3'"),
                              ({"set": "train.epochs=1"}, "ladder.set='train.epochs=1'"),
                              ({"experiment": 3}, "ladder.experiment=3"),
                              ({"experiment": "experiments/nope.yaml"}, "ladder.experiment='experiments/nope.yaml': file")]:
@@ -534,3 +536,15 @@ def test_summary_prints_the_ladder_table():
     assert lines[2].split()[-2:] == ["98.70", "98.70"] and lines[3].split()[-2:] == ["98.50", "45.70"]
     assert lines[4].startswith("Qimera") and lines[4].split()[-2:] == ["98.30", "–"]
     assert ladder_table({"experiment": None, "skipped": "off"}) == ""
+    # several seeds: mean ± std per entry, then the paired differences per seed
+    text = ladder_table({"experiment": "e.yaml", "columns": ["2w4a"], "seeds": [1, 2, 3],
+                         "rows": {"gdfq": {"2w4a": 94.0}, "qimera": {"2w4a": 95.5}},
+                         "std": {"gdfq": {"2w4a": 2.5}, "qimera": {"2w4a": 1.25}},
+                         "n": {"gdfq": {"2w4a": 3}, "qimera": {"2w4a": 3}},
+                         "pairs": [{"treatment": "qimera", "baseline": "gdfq", "entry": "2w4a",
+                                    "by_seed": {"1": 1.5, "2": -0.5, "3": 3.5}, "mean": 1.5, "std": 2.0, "wins": 2}],
+                         "teacher_top1": 98.7, "budget": "10 x 50 x 128", "report": "r.md"})
+    lines = text.splitlines()
+    assert "mean ± std over seeds 1, 2, 3" in lines[0]
+    assert lines[3].startswith("GDFQ") and lines[3].endswith("94.00 ± 2.50") and lines[4].endswith("95.50 ± 1.25")
+    assert lines[6] == "  Qimera − GDFQ at 2w4a: +1.50 -0.50 +3.50; mean +1.50 ± 2.00, ahead at 2/3"
