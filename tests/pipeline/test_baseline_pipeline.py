@@ -30,7 +30,8 @@ def test_zeroq_runs_end_to_end_and_matches_qimera_run(dvc_project):
     train = project.read_json("outputs/train/train.json")
     assert train["method"] == "zeroq" and train["iterations"] == 5 and train["epochs"] == 0
     assert (project.path / "outputs/history.csv").read_text().splitlines() == [
-        "epoch,loss_g,loss_g_ce,loss_g_bns,loss_s,top1,top5,iters_per_second"]
+        "epoch,loss_g,loss_g_ce,loss_g_bns,loss_s,top1,top5,iters_per_second,"
+        "teacher_agree_plain,teacher_agree_superposed,teacher_max_prob,label_max"]
     state = torch.load(project.path / "outputs/train/checkpoint.pt", map_location="cpu", weights_only=True)
     assert state["generator"] is None and state["history"] == [] and state["epoch"] == 0
     assert state["calibration_images"].shape == (16, 1, 8, 8)

@@ -128,14 +128,15 @@ def test_repro_runs_the_demo_and_records_everything(built, tmp_path):
     assert p["preset"] == "demo" and p["method"] == "qimera" and p["preset_file"] == "demo.yaml"
     assert p["quant.w_bits"] == "4" and p["quant.a_bits"] == "4"
     assert p["train.epochs"] == "2" and p["train.iters_per_epoch"] == "3"
-    assert p["generator.p"] == "0.4" and p["generator.embedding_init"] == "teacher_fc"
+    assert p["generator.p"] == "0.4" and p["generator.embedding_init"] == "random"
     assert p["train.lr_generator"] == "0.001"  # from configs/demo.yaml (null in params.yaml)
     head = built.git("rev-parse", "HEAD~1", check=True).stdout.strip()
     t = run.data.tags
     assert t["mlflow.source.git.commit"] == head and t["git_commit"] == head
     assert t["device"] == "cpu" and t["preset"] == "demo" and t["bits"] == "w4a4"
     assert "dvc.exp_name" not in t and "prefect.flow_run_id" not in t  # plain `dvc repro`
-    for key in ("loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second"):
+    for key in ("loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second",
+                "teacher_agree_plain", "teacher_max_prob", "label_max"):  # and the generated samples' diagnostics
         assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     final = run.data.metrics
     for model in ("teacher", "naive", "student"):

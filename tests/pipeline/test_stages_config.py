@@ -359,10 +359,12 @@ def test_workspace_teacher_keeps_the_evaluation_transform(tiny_weights):
 def test_history_csv_leaves_missing_values_empty():
     text = history_csv([{"epoch": 1, "loss_g": 2.5, "loss_g_ce": 2.0, "loss_g_bns": 5.0, "iters_per_second": 3.0},
                         {"epoch": 2, "loss_g": 2.0, "loss_g_ce": 1.5, "loss_g_bns": 5.0, "loss_s": 1.0,
-                         "top1": 50.0, "top5": 90.0, "iters_per_second": float("nan")}])
+                         "top1": 50.0, "top5": 90.0, "iters_per_second": float("nan"), "teacher_agree_plain": 97.5,
+                         "teacher_max_prob": 0.875, "label_max": 1.0}])
     assert text.splitlines() == [
-        "epoch,loss_g,loss_g_ce,loss_g_bns,loss_s,top1,top5,iters_per_second",
-        "1,2.5,2,5,,,,3", "2,2,1.5,5,1,50,90,"]
+        "epoch,loss_g,loss_g_ce,loss_g_bns,loss_s,top1,top5,iters_per_second,"
+        "teacher_agree_plain,teacher_agree_superposed,teacher_max_prob,label_max",
+        "1,2.5,2,5,,,,3,,,,", "2,2,1.5,5,1,50,90,,97.5,,0.875,1"]
 
 
 def test_sample_grid_is_a_class_by_class_figure(tmp_path):
