@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ._files import atomic_write
 from .config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
+from .trainer import HISTORY_NAME
 
 RUNS_DIR = Path("runs")
 CELL_CONFIG = "config.yaml"
@@ -421,7 +422,7 @@ def cell_history(cell: Cell) -> list[dict]:
     """The finished cell's per-epoch records (``history.jsonl``; empty for the calibration
     methods, or when the file is missing)."""
     try:
-        lines = (cell.out_dir / "history.jsonl").read_text().splitlines()
+        lines = (cell.out_dir / HISTORY_NAME).read_text().splitlines()
     except OSError:
         return []
     out = []

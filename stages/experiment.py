@@ -51,7 +51,7 @@ def _parent(client, exp_id: str, name: str, path: str, *, reuse: bool = True) ->
 
 def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
     """Log every finished cell of ``exp`` as a child of ``parent_id``; returns how many."""
-    from qimera.experiments import SUMMARY, is_done
+    from qimera.experiments import SUMMARY, cell_history, is_done
 
     children: dict[str, str] = {}
     for r in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000):
@@ -74,10 +74,8 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
             params = tracking.flatten(cell.cfg.resolved())
             params.update({f"axis.{k}": json.dumps(v) for k, v in cell.values.items()})
             tracking.log_params(client, run_id, params)
-            history = cell.out_dir / "history.jsonl"
-            if history.is_file():
-                for line in history.read_text().splitlines():
-                    tracking.log_epoch(client, run_id, json.loads(line))
+            for record in cell_history(cell):
+                tracking.log_epoch(client, run_id, record)
         else:
             tracking.log_tags(client, run_id, tags)
         tracking.log_metrics(client, run_id, {k: summary.get(k) for k in (
