@@ -27,6 +27,21 @@ class ConfigError(ValueError):
 #: no integer key needs more (a batch of 2**40 images would not fit any machine), and
 #: larger ones overflow inside torch and Python's slicing
 MAX_INT = 2**40
+#: error messages quote at most this many characters of a value from the input
+EXCERPT_CHARS = 80
+
+
+def shorten(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis where it was cut: what an
+    error message quotes of the input (a 5 MB file echoed whole is no message)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quoted(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)``, shortened as :func:`shorten` does (the one way a config or
+    experiment error quotes a value of the input)."""
+    return shorten(repr(value), limit)
 
 
 class _Section(BaseModel):
@@ -244,7 +259,8 @@ class TrainConfig(_Section):
         late = [m for m in self.lr_milestones if m > self.epochs]
         if late:
             raise ValueError(
-                f"train.lr_milestones={self.lr_milestones} has {late} beyond the last epoch (train.epochs="
+                f"train.lr_milestones={shorten(self.lr_milestones)} has {shorten(late)} beyond the last epoch "
+                "(train.epochs="
                 f"{self.epochs}), where it would never take effect; use milestones up to {self.epochs} "
                 "(e.g. scaled with the epochs) or []")
         return self
@@ -331,8 +347,8 @@ def _format_errors(err: ValidationError, data: dict) -> str:
 def _error_lines(err: ValidationError, data: dict) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p is not None)
-        msg = e["msg"]
+        loc = shorten(".".join(str(p) for p in e["loc"] if p is not None))
+        msg = shorten(e["msg"], 6 * EXCERPT_CHARS)  # pydantic's and the validators' own text
         if e["type"] == "extra_forbidden":
             section = e["loc"][0] if len(e["loc"]) > 1 else None
             model = Config.model_fields[section].annotation if section in Config.model_fields else Config
@@ -346,22 +362,22 @@ def _error_lines(err: ValidationError, data: dict) -> list[str]:
             # a section's own check names its keys already ("train.warmup_epochs=…")
             lines.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}.") else msg)
         else:
-            lines.append(f"{loc}={value!r}: {msg}")
+            lines.append(f"{loc}={quoted(value)}: {msg}")
     return lines
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], parsed YAML value)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
+        raise ConfigError(f"--set {quoted(item)}: expected section.key=value")
     key, _, raw = item.partition("=")
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({yaml_problem(exc)})") from None
+        raise ConfigError(f"--set {quoted(item)}: value is not valid YAML ({yaml_problem(exc)})") from None
     return path, value
 
 
@@ -385,7 +401,56 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     context = getattr(exc, "context", None)
-    return f"{context + ': ' if context else ''}{problem}{where}"
+    return shorten(f"{context + ': ' if context else ''}{problem}", 4 * EXCERPT_CHARS) + where
+
+
+#: YAML input nests at most this deep (a config needs 3 levels; ``[[[[…`` thousands deep
+#: would exhaust Python's recursion limit in the composer)
+MAX_YAML_DEPTH = 64
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*name`` (and the ``<<: *name`` merge) is
+    refused where it is met, so that a few hundred bytes of nested aliases cannot expand
+    to gigabytes in memory and in error messages (a config never needs one); and nesting
+    deeper than :data:`MAX_YAML_DEPTH` is refused likewise."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{shorten(event.anchor, 40)} refused (anchors and aliases are not allowed in "
+                "qimera's YAML input: write the value out)", event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely and without aliases (:class:`_NoAliasLoader`); raises
+    ``yaml.YAMLError`` (:func:`yaml_problem` says it in one line)."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def safe_yaml_load(text: str, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The one reader of YAML the user wrote (configs, experiment files, params.yaml, the
+    pipeline's run configs): :func:`yaml_load`, its failure as ``error("<what> is not valid
+    YAML: <problem> at line L, column C")``."""
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} is not valid YAML: {yaml_problem(exc)}") from None
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError,
@@ -395,9 +460,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception]
     if not path.is_file():
         raise error(f"{what} {missing_hint}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{what} is not valid YAML: {yaml_problem(exc)}") from None
+        data = safe_yaml_load(path.read_text(encoding="utf-8"), what, error) or {}
     except UnicodeDecodeError as exc:
         raise error(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason}); a config is a YAML text file") from None
     except OSError as exc:

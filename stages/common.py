@@ -130,7 +130,12 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    return yaml.safe_load(Path(path).read_text())
+    """A YAML file of the pipeline (a run config, a stage's fragment), read as every user
+    YAML is read (:func:`qimera.config.safe_yaml_load`: no aliases; bad YAML is a
+    :class:`PipelineError` naming the file, line and column)."""
+    from qimera.config import safe_yaml_load
+
+    return safe_yaml_load(Path(path).read_text(encoding="utf-8"), str(path), PipelineError)
 
 
 # --------------------------------------------------------------------------- presets
@@ -211,14 +216,14 @@ def resolve_config(params: dict, root: Path | None = None):
     the pipeline's ``outputs/train``. Raises :class:`PipelineError` for an unknown preset
     and :class:`qimera.config.ConfigError` (key, value, what is allowed) for invalid values.
     """
-    from qimera.config import load_config
+    from qimera.config import load_config, read_yaml_mapping
 
     root = Path(root) if root is not None else repo_root()
     if not isinstance(params, dict):
         raise PipelineError("params.yaml: top level must be a mapping")
     quant = params.get("quant") or {}
     path = preset_file(root, params.get("preset"), quant.get("w_bits"), quant.get("a_bits"))
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_mapping(path, f"preset file {str(path)!r}", PipelineError)
     overrides = {k: v for k, v in params.items() if k not in NON_CONFIG_KEYS}
     _merge_non_null(data, overrides)
     data["preset"] = params["preset"]

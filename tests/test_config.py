@@ -199,3 +199,35 @@ def test_every_preset_validates():
             assert c.train.lr_student == (1e-6 if imagenet else 1e-4)
             assert c.train.warmup_epochs == (50 if imagenet else 4)
             assert c.generator.variant == ("imagenet" if imagenet else "cifar")
+
+
+# --------------------------------------------------------------------------- issue 21: bounded work
+
+
+def test_yaml_aliases_are_refused_with_file_line_and_column(tmp_path):
+    """A few hundred bytes of nested aliases expand to gigabytes (and to a 17 MB error line)."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    path = tmp_path / "bomb.yaml"
+    path.write_text("quant: {w_bits: 4, a_bits: 4}\ntrain:\n  epochs: 3\n" + "".join("  " + ln + "\n" for ln in
+                                                                                  bomb.splitlines()))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and "alias *a refused" in msg and "at line 5, column" in msg and len(msg) < 400
+    with pytest.raises(ConfigError, match=r"--set 'train.lr_milestones=\[\*x\]': value is not valid YAML \(alias"):
+        load_config(BASE, ["train.lr_milestones=[*x]"])
+    path.write_text("quant: {w_bits: 4, a_bits: 4}\ntrain: &t {epochs: 3, warmup_epochs: 1, lr_milestones: []}\n")
+    assert load_config(path).train.epochs == 3  # an anchor alone is harmless
+
+
+def test_error_messages_quote_a_short_excerpt_of_the_value():
+    from qimera.config import EXCERPT_CHARS, quoted
+
+    assert quoted("x" * 1000).endswith("…") and len(quoted("x" * 1000)) == EXCERPT_CHARS and quoted("ab") == "'ab'"
+    for overrides in (["data.name=" + "d" * 100_000], ["teacher.eval_interpolation=" + "x" * 100_000],
+                      ["train.lr_milestones=[" + ",".join(map(str, range(1, 20_000))) + "]"],
+                      ["x" * 100_000 + "=1"], ["train.epochs=" + "[" * 50_000]):
+        with pytest.raises(ConfigError) as e:
+            load_config(BASE, overrides)
+        assert len(str(e.value)) < 1000 and "…" in str(e.value), str(e.value)[:300]
