@@ -66,6 +66,58 @@ class _Section(BaseModel):
 
 Bits = Field(ge=2, le=8)
 
+#: the ``teacher`` keys each built-in source reads besides ``source`` (qimera/teachers/*.py;
+#: ``finish_teacher`` reads num_classes, mean, std, input_size and the eval_* keys for all);
+#: a key that another source reads is refused when set. Sources added with
+#: ``register_source`` are not checked: the library cannot know what they read.
+_EVERY_TEACHER = ("name", "num_classes", "mean", "std", "input_size", "eval_resize", "eval_interpolation")
+TEACHER_READS: dict[str, tuple[str, ...]] = {
+    "pytorchcv": (*_EVERY_TEACHER, "pretrained", "cache_dir"),
+    "torchvision": (*_EVERY_TEACHER, "pretrained", "cache_dir"),
+    "timm": (*_EVERY_TEACHER, "pretrained", "cache_dir", "weights"),
+    "checkpoint": (*_EVERY_TEACHER, "arch", "weights"),
+    "demo": (*_EVERY_TEACHER, "cache_dir"),
+}
+#: accepted by every source although not every one reads them: ``cache_dir`` is a place on
+#: the machine, set once for whichever source a run uses (params.yaml, an experiment's
+#: ``set``); ``pretrained`` is a switch whose default every written-out config carries,
+#: and ``false`` ("download nothing") is true of a source that downloads nothing
+TEACHER_ANY_SOURCE = ("cache_dir", "pretrained")
+#: the ``data`` keys each built-in dataset reads besides ``name`` (qimera/data.py)
+_EVERY_DATASET = ("mean", "std", "batch_size", "num_workers", "limit")
+DATA_READS: dict[str, tuple[str, ...]] = {
+    "cifar10": (*_EVERY_DATASET, "root", "download"),
+    "cifar100": (*_EVERY_DATASET, "root", "download"),
+    "imagenet": (*_EVERY_DATASET, "path"),
+    "npz": (*_EVERY_DATASET, "path"),
+    "digits": _EVERY_DATASET,
+}
+
+
+def unread_keys(section: str, choice: str, values: dict[str, Any]) -> list[str]:
+    """The keys of ``values`` (a ``teacher`` or ``data`` section) that are set (not their
+    default) although ``choice`` (its source or dataset name) does not read them; [] for
+    a source or dataset added by the user."""
+    model, reads = (TeacherConfig, TEACHER_READS) if section == "teacher" else (DataConfig, DATA_READS)
+    if choice not in reads:
+        return []
+    tolerated = TEACHER_ANY_SOURCE if section == "teacher" else ()
+    keep = {"source", "name", *reads[choice], *tolerated}
+    return [k for k, v in values.items()
+            if k not in keep and k in model.model_fields and v != model.model_fields[k].default]
+
+
+def _refuse_unread(section: str, choice_key: str, cfg: BaseModel) -> None:
+    choice = getattr(cfg, choice_key)
+    values = {k: getattr(cfg, k) for k in type(cfg).model_fields}
+    unread = unread_keys(section, choice, values)
+    if unread:
+        reads = TEACHER_READS if section == "teacher" else DATA_READS
+        key = unread[0]
+        raise ValueError(
+            f"{section}.{key}={quoted(values[key])}: not used by {section}.{choice_key}={choice!r} (it reads: "
+            f"{', '.join(reads[choice])}); remove it or set it to null")
+
 
 class TeacherConfig(_Section):
     """The ``teacher`` section; :func:`qimera.teachers.load_teacher` takes it as it is."""
@@ -123,6 +175,7 @@ class TeacherConfig(_Section):
                     + " required when teacher.source='checkpoint' (arch as 'package.module:callable', "
                     "weights as a file path)"
                 )
+        _refuse_unread("teacher", "source", self)
         return self
 
 
@@ -150,6 +203,7 @@ class DataConfig(_Section):
     def _needs(self):
         if self.name in ("npz", "imagenet") and not self.path:
             raise ValueError(f"data.path is required when data.name={self.name!r}")
+        _refuse_unread("data", "name", self)
         return self
 
 

@@ -208,6 +208,25 @@ def _merge_non_null(base: dict, overrides: dict, where: str = "") -> None:
             base[key] = copy.deepcopy(value)
 
 
+def _drop_unread_preset_keys(preset: dict, overrides: dict) -> None:
+    """Where params.yaml picks another teacher source or dataset than the preset's, drop
+    the preset's keys of that section which the new one does not read (the preset's
+    ``data.root`` once ``data.name`` is ``npz``): the config refuses a key its source
+    ignores, and a null in params.yaml means "the preset's value", so it could not unset
+    them. Keys that params.yaml sets itself are kept, and refused if the source ignores them."""
+    from qimera.config import unread_keys
+
+    for section, choice_key in (("teacher", "source"), ("data", "name")):
+        given, base = overrides.get(section), preset.get(section)
+        if not isinstance(given, dict) or not isinstance(base, dict) or given.get(choice_key) is None:
+            continue
+        if given[choice_key] == base.get(choice_key):
+            continue
+        for key in unread_keys(section, given[choice_key], base):
+            if given.get(key) is None:
+                base.pop(key)
+
+
 def resolve_config(params: dict, root: Path | None = None):
     """``params.yaml`` -> a validated :class:`qimera.config.Config`.
 
@@ -225,6 +244,7 @@ def resolve_config(params: dict, root: Path | None = None):
     path = preset_file(root, params.get("preset"), quant.get("w_bits"), quant.get("a_bits"))
     data = read_yaml_mapping(path, f"preset file {str(path)!r}", PipelineError)
     overrides = {k: v for k, v in params.items() if k not in NON_CONFIG_KEYS}
+    _drop_unread_preset_keys(data, overrides)
     _merge_non_null(data, overrides)
     data["preset"] = params["preset"]
     data.setdefault("train", {})["out_dir"] = str(TRAIN_DIR)

@@ -201,6 +201,55 @@ def test_every_preset_validates():
             assert c.generator.variant == ("imagenet" if imagenet else "cifar")
 
 
+# --------------------------------------------------------------------------- issue 21: settings that cannot take effect
+
+
+@pytest.mark.parametrize("section, values, needle", [
+    ("teacher", {"weights": "x"}, "teacher.weights='x': not used by teacher.source='demo' (it reads: name,"),
+    ("teacher", {"arch": "a.b:c"}, "teacher.arch='a.b:c': not used by teacher.source='demo'"),
+    ("teacher", {"source": "pytorchcv", "name": "resnet20_cifar10", "arch": "a.b:c"},
+     "teacher.arch='a.b:c': not used by teacher.source='pytorchcv'"),
+    ("teacher", {"source": "torchvision", "name": "resnet18", "weights": "w.pt"},
+     "teacher.weights='w.pt': not used by teacher.source='torchvision'"),
+    ("teacher", {"source": "timm", "name": "resnet18", "arch": "a.b:c"}, "not used by teacher.source='timm'"),
+    ("data", {"path": "x.npz"}, "data.path='x.npz': not used by data.name='digits' (it reads: mean, std"),
+    ("data", {"root": "data/cifar10"}, "data.root='data/cifar10': not used by data.name='digits'"),
+    ("data", {"name": "npz", "path": "x.npz", "download": True}, "data.download=True: not used by data.name='npz'"),
+    ("data", {"name": "cifar10", "path": "x.npz"}, "data.path='x.npz': not used by data.name='cifar10'"),
+    ("data", {"name": "imagenet", "path": "val", "root": "r"}, "data.root='r': not used by data.name='imagenet'"),
+])
+def test_a_key_the_source_does_not_read_is_refused(section, values, needle):
+    with pytest.raises(ConfigError) as e:
+        cfg(**{section: values})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_keys_the_source_reads_are_accepted():
+    """What each source reads, and the two keys accepted everywhere (a cache location set
+    once for any source; pretrained, whose default every written-out config carries)."""
+    checkpoint = {"source": "checkpoint", "arch": "a.b:c", "weights": "w.pt", "name": "r20", "num_classes": 10,
+                  "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.2] * 3, "eval_resize": 36,
+                  "cache_dir": "c", "pretrained": False}
+    assert cfg(teacher=checkpoint).teacher.arch == "a.b:c"
+    assert cfg(teacher={"source": "timm", "name": "resnet18", "weights": "w.pt", "cache_dir": "c"}).teacher.weights
+    assert cfg(teacher={"source": "demo", "name": "digits", "cache_dir": "c", "num_classes": 10}).teacher.cache_dir
+    assert cfg(data={"name": "cifar10", "root": "r", "download": True, "limit": 5}).data.root == "r"
+    assert cfg(data={"name": "npz", "path": "x.npz", "batch_size": 7, "mean": [0.5], "std": [0.5]}).data.path
+    # a round trip through model_dump (every key written out, at its default) still validates
+    c = cfg(teacher=checkpoint, data={"name": "npz", "path": "x.npz"})
+    assert load_config(c).teacher == c.teacher and load_config(c.model_dump(mode="json")).data == c.data
+
+
+def test_a_registered_source_is_not_checked():
+    from qimera._registry import TEACHER_SOURCES
+
+    TEACHER_SOURCES.register("probe-any", lambda config: None)
+    try:
+        assert cfg(teacher={"source": "probe-any", "arch": "a.b:c", "weights": "w"}).teacher.weights == "w"
+    finally:
+        TEACHER_SOURCES.unregister("probe-any")
+
+
 # --------------------------------------------------------------------------- issue 21: bounded work
 
 
