@@ -246,6 +246,9 @@ class GeneratorConfig(_Section):
 
     @model_validator(mode="after")
     def _class_enters(self):
+        if self.k == 1 and self.p > 0:
+            raise ValueError(f"generator.k=1 with generator.p={self.p}: a superposition of one class is a plain "
+                             "sample; give generator.k >= 2 for superposed batches, or generator.p=0 for none")
         if self.input_embedding == "off" and self.variant != "imagenet":
             raise ValueError("generator.input_embedding='off' needs generator.variant='imagenet': the CIFAR generator "
                              "has no conditional BatchNorm, so the class would enter nowhere")

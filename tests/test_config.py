@@ -250,6 +250,14 @@ def test_a_registered_source_is_not_checked():
         TEACHER_SOURCES.unregister("probe-any")
 
 
+def test_one_class_superposition_is_refused():
+    with pytest.raises(ConfigError, match=r"generator.k=1 with generator.p=0.4: a superposition of one class is a "
+                                          r"plain sample"):
+        cfg(generator={"k": 1})
+    assert cfg(generator={"k": 1, "p": 0.0}).generator.k == 1
+    assert cfg(method="gdfq", generator={"k": 2}).effective_generator().k == 1  # GDFQ's own setting stays
+
+
 # --------------------------------------------------------------------------- issue 21: bounded work
 
 
