@@ -428,9 +428,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {quoted(item)}: expected section.key=value")
     key, _, raw = item.partition("=")
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"--set {item!r}: empty key")
+    path = key.strip().split(".")
+    if not key.strip():
+        raise ConfigError(f"--set {quoted(item)}: empty key")
+    if not all(path):
+        raise ConfigError(f"--set {quoted(item)}: key {quoted(key.strip())} has an empty part between dots; "
+                          "write section.key=value")
     try:
         value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:

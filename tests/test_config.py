@@ -258,6 +258,14 @@ def test_one_class_superposition_is_refused():
     assert cfg(method="gdfq", generator={"k": 2}).effective_generator().k == 1  # GDFQ's own setting stays
 
 
+@pytest.mark.parametrize("item", ["..train..epochs..=3", "train..epochs=3", ".train.epochs=3", "train.epochs.=3",
+                                  " . =3"])
+def test_empty_key_parts_are_refused(item):
+    with pytest.raises(ConfigError) as e:
+        load_config(BASE, [item])
+    assert "empty" in str(e.value) and "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- issue 21: bounded work
 
 
