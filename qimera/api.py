@@ -25,6 +25,7 @@ from .config import Config, ConfigError, load_config, make_out_dir
 from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
 from .generators import generated_side
+from .quant.convert import check_exclude, weight_layer_names
 from .teachers import LoadedTeacher, load_teacher
 from .trainer import EpochCallback, Trainer, resolve_device
 
@@ -124,6 +125,10 @@ def _prepare(cfg: Config, out_dir: Path, existed: bool, with_data: bool) -> Prep
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     teacher = load_teacher(cfg.teacher)
+    try:  # quant.exclude can only be checked against the teacher's layers
+        check_exclude(weight_layer_names(teacher.model), cfg.quant.exclude)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     gen = cfg.effective_generator()
     if cfg.method not in CALIBRATION_METHODS:
         if gen.p > 0 and gen.k > teacher.num_classes:

@@ -46,6 +46,25 @@ def test_k_larger_than_classes(tiny_config):
     assert "generator.k=11" in _error(tiny_config, ["generator.k=11"])
 
 
+def test_exclude_that_matches_no_layer_or_every_layer_stops_check_and_run(tiny_config, tmp_path, capsys):
+    """Issue 21: checked once the teacher is loaded, before any training: one line, status 2."""
+    import yaml
+
+    from qimera import cli
+
+    tiny_config["train"]["out_dir"] = str(tmp_path / "out")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    for command in ("check", "run"):
+        for exclude, needle in (('["*"]', "quant.exclude=['*'] matches every layer with weights (features.0, "),
+                                ('["conv*"]', "quant.exclude: pattern 'conv*' matches no layer with weights")):
+            assert cli.main([command, str(path), "--set", f"quant.exclude={exclude}"]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.count("\n") == 1 and err.startswith("qimera: error: ") and needle in err, err
+    assert not (tmp_path / "out").exists()
+    assert qimera.prepare(tiny_config, ['quant.exclude=["fc"]'], with_data=False).cfg.quant.exclude == ["fc"]
+
+
 def test_teacher_without_batchnorm(tiny_config, tmp_path):
     import torch
 

@@ -181,6 +181,32 @@ def _weight_modules_in_call_order(model: nn.Module, gm: fx.GraphModule | None) -
     return [n for n, m in model.named_modules() if type(m) in WEIGHT_QUANT_REGISTRY]
 
 
+def weight_layer_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s modules whose weights a recipe quantizes (those of a
+    registered weight type), in module order: what ``recipe.exclude`` patterns match."""
+    return [n for n, m in model.named_modules() if type(m) in WEIGHT_QUANT_REGISTRY]
+
+
+def check_exclude(layers: Iterable[str], patterns: Iterable[str]) -> None:
+    """Raise ``ValueError`` (one line, naming the pattern and a few layer names) unless
+    every ``quant.exclude`` pattern matches one of ``layers`` and some layer is left to
+    quantize: a pattern that matches nothing is a typo, and one that matches everything
+    leaves a "quantized" student with float weights."""
+    from ..config import quoted
+
+    layers, patterns = list(layers), list(patterns)
+    if not patterns:
+        return
+    names = ", ".join(layers[:4]) + (f", … ({len(layers)} in all)" if len(layers) > 4 else "")
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            raise ValueError(f"quant.exclude: pattern {quoted(pattern)} matches no layer with weights (fnmatch on "
+                             f"module names: {names}); fix or remove it")
+    if layers and all(any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in layers):
+        raise ValueError(f"quant.exclude={quoted(patterns)} matches every layer with weights ({names}): no weight "
+                         "would be quantized; exclude fewer layers")
+
+
 def set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
     """Replace the submodule ``qualname`` of ``root`` by ``new``."""
     parent_name, _, attr = qualname.rpartition(".")
@@ -216,6 +242,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, trace: bool = True)
                 stacklevel=2,
             )
     order = _weight_modules_in_call_order(src, gm)
+    check_exclude(order, recipe.exclude)
     root: nn.Module = gm if gm is not None else src
     for idx, name in enumerate(order):
         if any(fnmatch.fnmatchcase(name, pat) for pat in recipe.exclude):

@@ -110,6 +110,17 @@ def test_first_last_8bit_and_exclude():
     assert isinstance(q2.get_submodule("linear"), nn.Linear) and not isinstance(q2.get_submodule("linear"), QuantLinear)
 
 
+def test_exclude_patterns_that_match_nothing_or_everything_are_refused():
+    """Issue 21: ``quant.exclude: ["*"]`` quantized no layer while the summary said w_bits 4."""
+    for exclude, needle in ((("lienar",), "pattern 'lienar' matches no layer with weights (fnmatch on module names: "
+                                          "conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, … (20 in all))"),
+                            (("*",), "quant.exclude=['*'] matches every layer with weights"),
+                            (("conv1", "layer*", "linear"), "matches every layer with weights")):
+        with pytest.raises(ValueError) as info:
+            quantize_model(resnet20(), QuantRecipe(4, 4, exclude=exclude))
+        assert needle in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("bad", [1, 9, 0, "4", 4.0])
 def test_bits_out_of_range(bad):
     with pytest.raises(ValueError, match="2..8"):
