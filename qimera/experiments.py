@@ -48,6 +48,38 @@ class ExperimentError(ValueError):
     """An experiment file is invalid; the message names the file, the key and the value."""
 
 
+#: the keys every cell sets itself, and where an experiment says them instead: a ``--set``,
+#: ``set`` or ``axes`` entry naming one would be overwritten by the cell (or would run
+#: other settings than the cell's name says), so it is refused
+CELL_KEYS = {
+    "method": "list the methods in the grid's methods",
+    "quant.w_bits": "list the bit widths in the grid's bits (4 for 4w4a, or '2w4a')",
+    "quant.a_bits": "list the bit widths in the grid's bits (4 for 4w4a, or '2w4a')",
+    "train.seed": "list the seeds in the file's seeds, or give --seeds N (seeds 1..N)",
+    "train.out_dir": "cells run in runs/<experiment name>/<cell id>; another name puts them elsewhere",
+    "train.progress": "cells always run without a progress bar (their output goes to files)",
+}
+
+
+def _cell_key(key: str, value: Any) -> str | None:
+    """The :data:`CELL_KEYS` entry that setting ``key`` to ``value`` would set (also inside
+    a whole section, ``quant={w_bits: 2}``), or None."""
+    if key in CELL_KEYS:
+        return key
+    if isinstance(value, dict):
+        for sub, inner in value.items():
+            found = _cell_key(f"{key}.{sub}", inner)
+            if found:
+                return found
+    return None
+
+
+def _refuse_cell_key(key: str, value: Any, prefix: str) -> None:
+    found = _cell_key(key, value)
+    if found:
+        raise ExperimentError(f"{prefix}{found} is set by each cell itself: {CELL_KEYS[found]}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -200,15 +232,20 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ExperimentError(f"{path}: {loc}={first.get('input')!r}: {first['msg']}") from None
-    for item in overrides:
-        parse_override(item)  # a malformed --set fails here, before any cell
+    for key, value in _parsed(overrides).items():  # a malformed --set fails here, before any cell
+        _refuse_cell_key(key, value, "--set ")
     seed_list = list(range(1, seeds + 1)) if seeds else spec.seeds
+    for key, value in spec.set.items():
+        _refuse_cell_key(key, value, f"{path}: set: ")
     exp = Experiment(spec, path, runs_dir=Path(runs_dir))
     for g, grid in enumerate(spec.grids):
         where = f"{path}: grids[{g}] ({grid.label})"
         for key in [*spec.set, *grid.set, *grid.axes]:
             if not _is_config_key(key):
                 raise ExperimentError(f"{where}: {key!r} is not a config key (configs/README.md lists them)")
+        for what, keys in (("set", grid.set), ("axes", grid.axes)):
+            for key in keys:
+                _refuse_cell_key(key, None, f"{where}: {what}: ")
         for method, bits in itertools.product(grid.methods, grid.bits):
             w, a = bits
             if "{bits}" in grid.config and w != a:

@@ -192,3 +192,31 @@ def test_compare_names_must_be_two_columns_or_two_rows(workdir):
         with pytest.raises(ExperimentError, match=needle):
             load_experiment(_experiment(workdir, "bad", compare=compare))
     assert load_experiment(_experiment(workdir, "ok", compare=[["p=0.75", "p=0.25"]])).spec.compare
+
+
+def test_keys_the_cells_set_themselves_are_refused(workdir):
+    """Issue 21: `--set method=gdfq --set quant.w_bits=2 --set train.seed=7` ran GDFQ at 2w4a
+    filed as `…-qimera-w4a4-seed1` and dropped the seed. Now each is one line naming the key
+    and where to say it instead; the file's own set and axes likewise."""
+    path = _experiment(workdir)
+    for item, needle in (("method=gdfq", "--set method is set by each cell itself: list the methods in the grid's"),
+                         ("quant.w_bits=2", "--set quant.w_bits is set by each cell itself: list the bit widths"),
+                         ("quant.a_bits=2", "--set quant.a_bits is set"),
+                         ("train.seed=7", "--set train.seed is set by each cell itself: list the seeds in the file's "
+                                          "seeds, or give --seeds N"),
+                         ("train.out_dir=elsewhere", "--set train.out_dir is set by each cell itself"),
+                         ("quant={w_bits: 2, a_bits: 4}", "--set quant.w_bits is set"),
+                         ("train={seed: 3}", "--set train.seed is set")):
+        with pytest.raises(ExperimentError) as info:
+            load_experiment(path, overrides=(item,))
+        assert needle in str(info.value) and "\n" not in str(info.value), (item, str(info.value))
+    grid = {"label": "x", "config": "base.yaml"}
+    for extra, needle in (({"set": {"method": "gdfq"}}, ": set: method is set by each cell itself"),
+                          ({"grids": [{**grid, "set": {"quant.w_bits": 2}}]}, "grids[0] (x): set: quant.w_bits is set"),
+                          ({"grids": [{**grid, "axes": {"train.seed": [1, 2]}}]}, "grids[0] (x): axes: train.seed is set"),
+                          ({"grids": [{**grid, "axes": {"method": ["gdfq"]}}]}, "axes: method is set")):
+        with pytest.raises(ExperimentError) as info:
+            load_experiment(_experiment(workdir, "bad", **extra))
+        assert needle in str(info.value) and str(workdir / "bad.yaml") in str(info.value)
+    assert not (workdir / "runs").exists()
+    assert load_experiment(path, overrides=("train.epochs=1", "naive.enabled=false")).cells  # others still apply
