@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._files import atomic_write
-from .config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
+from .config import Config, ConfigError, load_config, parse_override, quoted, read_yaml_mapping, shorten
 from .trainer import HISTORY_NAME
 
 RUNS_DIR = Path("runs")
@@ -48,6 +48,11 @@ class ExperimentError(ValueError):
     """An experiment file is invalid; the message names the file, the key and the value."""
 
 
+#: at most this many cells per experiment (methods × bits × axis values × seeds, over the
+#: grids): a file or ``--seeds`` that asks for more is refused before any cell is built
+MAX_CELLS = 10_000
+#: ``--seeds N`` runs seeds 1..N, N at most this; a file lists at most this many seeds
+MAX_SEEDS = 1000
 #: the keys every cell sets itself, and where an experiment says them instead: a ``--set``,
 #: ``set`` or ``axes`` entry naming one would be overwritten by the cell (or would run
 #: other settings than the cell's name says), so it is refused
@@ -121,7 +126,7 @@ class GridSpec(_Strict):
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     title: str = ""
-    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [1], min_length=1, max_length=MAX_SEEDS)
     set: dict[str, Any] = Field(default_factory=dict)
     grids: list[GridSpec] = Field(min_length=1)
     paper: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -231,18 +236,26 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ExperimentError(f"{path}: {loc}={first.get('input')!r}: {first['msg']}") from None
+        raise ExperimentError(f"{path}: {shorten(loc)}={quoted(first.get('input'))}: {first['msg']}") from None
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS):
+        raise ExperimentError(f"--seeds {quoted(seeds)}: expected a whole number N from 1 to {MAX_SEEDS} "
+                              "(seeds 1..N)")
     for key, value in _parsed(overrides).items():  # a malformed --set fails here, before any cell
         _refuse_cell_key(key, value, "--set ")
     seed_list = list(range(1, seeds + 1)) if seeds else spec.seeds
     for key, value in spec.set.items():
         _refuse_cell_key(key, value, f"{path}: set: ")
+    total = sum(len(grid.methods) * len(grid.bits) * math.prod(len(v) for v in grid.axes.values())
+                for grid in spec.grids) * len(seed_list)
+    if total > MAX_CELLS:
+        raise ExperimentError(f"{path}: {total} cells (methods × bits × axis values × {len(seed_list)} seeds, over "
+                              f"the grids): at most {MAX_CELLS} per experiment; split it into several files")
     exp = Experiment(spec, path, runs_dir=Path(runs_dir))
     for g, grid in enumerate(spec.grids):
-        where = f"{path}: grids[{g}] ({grid.label})"
+        where = f"{path}: grids[{g}] ({shorten(grid.label)})"
         for key in [*spec.set, *grid.set, *grid.axes]:
             if not _is_config_key(key):
-                raise ExperimentError(f"{where}: {key!r} is not a config key (configs/README.md lists them)")
+                raise ExperimentError(f"{where}: {quoted(key)} is not a config key (configs/README.md lists them)")
         for what, keys in (("set", grid.set), ("axes", grid.axes)):
             for key in keys:
                 _refuse_cell_key(key, None, f"{where}: {what}: ")
@@ -264,14 +277,16 @@ def load_experiment(path: str | os.PathLike, *, seeds: int | None = None, overri
                 for seed in seed_list:
                     exp.cells.append(_cell(exp, grid, where, cfg_path, base, base_budget, method, bits, seed, values,
                                            overrides))
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # fingerprint -> cell id
+    ids: set[str] = set()  # a set, not seen.values(): the check stays linear in the cells
     for cell in exp.cells:
         fp = cell.cfg.fingerprint(ignore=("train.out_dir",))
-        if cell.id in seen.values() or fp in seen:
+        if cell.id in ids or fp in seen:
             other = seen.get(fp, cell.id)
             raise ExperimentError(f"{path}: cells {other!r} and {cell.id!r} resolve to the same run; give them "
                                   "different settings or remove one")
         seen[fp] = cell.id
+        ids.add(cell.id)
     entries = {(c.row, c.column) for c in exp.cells}
     _check_compare(exp, entries)
     for row, columns in spec.paper.items():
@@ -319,7 +334,7 @@ def _cell(exp: Experiment, grid: GridSpec, where: str, cfg_path: Path, base: dic
         cfg = load_config(base, items)
     except ConfigError as exc:
         text = str(exc).removeprefix("invalid configuration: ")
-        raise ExperimentError(f"{where}: cell {cell_id}: {text}") from None
+        raise ExperimentError(f"{where}: cell {shorten(cell_id)}: {text}") from None
     return Cell(cell_id, grid.label, method, w, a, seed, values, row, column, cfg, base_budget, cfg_path, applied)
 
 

@@ -220,3 +220,39 @@ def test_keys_the_cells_set_themselves_are_refused(workdir):
         assert needle in str(info.value) and str(workdir / "bad.yaml") in str(info.value)
     assert not (workdir / "runs").exists()
     assert load_experiment(path, overrides=("train.epochs=1", "naive.enabled=false")).cells  # others still apply
+
+
+def test_seeds_and_cells_are_bounded(workdir):
+    from qimera.experiments import MAX_CELLS, MAX_SEEDS
+
+    path = _experiment(workdir)
+    for seeds in (0, MAX_SEEDS + 1, 10**9):
+        with pytest.raises(ExperimentError, match=rf"--seeds {seeds}: expected a whole number N from 1 to {MAX_SEEDS}"):
+            load_experiment(path, seeds=seeds)
+    with pytest.raises(ExperimentError, match=rf"seeds=.*at most {MAX_SEEDS} items"):
+        load_experiment(_experiment(workdir, "many", seeds=list(range(MAX_SEEDS + 1))))
+    start = time.monotonic()  # refused before any cell is built: no 10,001 config validations
+    grids = [{"label": "x", "config": "base.yaml", "axes": {"generator.noise_scale": [1 + i / 1e4 for i in range(5001)]}}]
+    with pytest.raises(ExperimentError, match=rf"10002 cells .*: at most {MAX_CELLS} per experiment"):
+        load_experiment(_experiment(workdir, "huge", grids=grids, paper={}))
+    assert time.monotonic() - start < 5
+
+
+def test_experiment_errors_quote_a_short_excerpt(workdir):
+    """Issue 21: a 5 MB file without a name was echoed whole in the error line."""
+    path = workdir / "big.yaml"
+    path.write_text(yaml.safe_dump({"title": "t" * 5_000_000, "grids": [{"label": "x", "config": "base.yaml"}]}))
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    assert "name" in str(info.value) and "…" in str(info.value) and len(str(info.value)) < 500
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(_experiment(workdir, "label", grids=[{"label": "L" * 100_000, "config": "base.yaml",
+                                                               "axes": {"generator.p": [1.5]}}], paper={}))
+    assert "generator.p=1.5" in str(info.value) and len(str(info.value)) < 500
+
+
+def test_experiment_files_refuse_yaml_aliases(workdir):
+    path = workdir / "alias.yaml"
+    path.write_text("name: alias\nseeds: &s [1, 2]\ngrids:\n  - {label: x, config: base.yaml}\npaper: {a: *s}\n")
+    with pytest.raises(ExperimentError, match=r"alias.yaml' is not valid YAML: alias \*s refused .* at line 5, column"):
+        load_experiment(path)
