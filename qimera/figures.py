@@ -53,6 +53,11 @@ BOUNDARY_COLOUR = "lightgreen"
 BOUNDARY_MARKER = "^"
 #: images per generator / teacher call
 CHUNK = 256
+#: ``--samples`` of ``qimera figure pca``: at most this many per class and per boundary
+#: cloud (the PCA of 4096 points per cloud is already dense; more only costs time)
+MAX_SAMPLES = 4096
+#: ``--per-class`` of ``qimera figure samples``: at most this many images in a row
+MAX_PER_CLASS = 64
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -650,14 +655,15 @@ def pca_figures(run_dir: str | Path, pairs: Sequence[tuple[int, int]] | None = N
     """``qimera figure pca``: Figure 5 (``pca_pairs.png``), Figure 3 (``pca_all.png``) and
     their points (``pca_points.npz``, :class:`PcaPoints`) into ``out`` (default
     ``RUN_DIR/figures``). ``seed`` defaults to the run's ``train.seed``."""
+    if not 2 <= samples <= MAX_SAMPLES:
+        raise FigureError(f"--samples {samples}: need at least 2 samples per cloud for a PCA" if samples < 2
+                          else f"--samples {samples}: at most {MAX_SAMPLES} samples per class and per cloud")
     require_matplotlib()
     run = open_run(run_dir, config)
     pairs = list(pairs) if pairs is not None else default_pairs(run.num_classes)
     check_classes([c for p in pairs for c in p], run.num_classes, "--pairs")
     if not pairs:
         raise FigureError("--pairs: the run has one class, there is no pair to draw")
-    if samples < 2:
-        raise FigureError(f"--samples {samples}: need at least 2 samples per cloud for a PCA")
     dev = figure_device(device)
     folder = _out_dir(run, out)
     teacher, generator = run.load(dev)
@@ -678,6 +684,8 @@ def sample_figures(run_dir: str | Path, classes: Sequence[int] | None = None, *,
     chosen classes' when C > :data:`MAX_FULL_GRID`), 6c (``samples_rows.png``, plain
     samples of the chosen classes), 6d (``samples_boundary.png``, the chosen classes' K = 2,
     λ = 0.5 grid) and the three arrays (``samples.npz``) into ``out``."""
+    if not 1 <= per_class <= MAX_PER_CLASS:
+        raise FigureError(f"--per-class {per_class}: expected 1 to {MAX_PER_CLASS} samples per row")
     require_matplotlib()
     run = open_run(run_dir, config)
     if classes is not None:

@@ -173,3 +173,18 @@ def test_class_labels_prefer_the_teachers_names():
     assert class_labels(None, "cifar10", 10) == dataset_class_names("cifar10", 10)
     assert class_labels(teacher_names[:9], "cifar10", 10) == dataset_class_names("cifar10", 10)  # not one per class
     assert class_labels(None, "digits", 10) is None  # label by index
+
+
+def test_sample_counts_are_bounded_before_any_work(tmp_path):
+    """Issue 21: ``--samples`` and ``--per-class`` have upper bounds, named in one line."""
+    from qimera.figures import MAX_PER_CLASS, MAX_SAMPLES, pca_figures, sample_figures
+
+    missing = tmp_path / "nothing-here"  # the bound is checked before the run is opened
+    with pytest.raises(FigureError, match=rf"--samples {MAX_SAMPLES + 1}: at most {MAX_SAMPLES} samples"):
+        pca_figures(missing, samples=MAX_SAMPLES + 1)
+    with pytest.raises(FigureError, match="--samples 1: need at least 2"):
+        pca_figures(missing, samples=1)
+    with pytest.raises(FigureError, match=rf"--per-class {MAX_PER_CLASS + 1}: expected 1 to {MAX_PER_CLASS}"):
+        sample_figures(missing, per_class=MAX_PER_CLASS + 1)
+    assert_one_line_error(finish(cli("pca", str(missing), "--samples", "100000")), "--samples 100000", "at most")
+    assert not missing.exists()
