@@ -72,6 +72,7 @@ class RemoteSettings:
     @classmethod
     def from_env(cls, environ=None) -> "RemoteSettings":
         """Read and check the variables; a clear error names the variable and its value."""
+        from stages.common import redact
         from stages.s3 import StorageError, parse_url
 
         env = environ if environ is not None else os.environ
@@ -88,7 +89,7 @@ class RemoteSettings:
                                f"in their own clones keep their checkpoints and results in {REMOTE_ENV} "
                                "(s3://bucket/prefix)")
         if get[DVC_EXP_REMOTE_ENV] and not get[DVC_REMOTE_ENV]:
-            raise StorageError(f"{DVC_EXP_REMOTE_ENV}={get[DVC_EXP_REMOTE_ENV]!r} needs {DVC_REMOTE_ENV} "
+            raise StorageError(f"{DVC_EXP_REMOTE_ENV}={redact(get[DVC_EXP_REMOTE_ENV])!r} needs {DVC_REMOTE_ENV} "
                                "(the DVC remote the experiments' outputs go to)")
         return cls(prefix=get[REMOTE_ENV], dvc_remote=get[DVC_REMOTE_ENV], exp_git_remote=get[DVC_EXP_REMOTE_ENV],
                    endpoint=(env.get("AWS_ENDPOINT_URL") or "").strip() or None, secret_block=get[SECRET_BLOCK_ENV])
@@ -268,7 +269,7 @@ def run_dvc_cell(cell, experiment: str, settings: RemoteSettings, root: str | os
     the pipeline's run (the experiment and its parent run). Returns the cell's record."""
     from qimera.experiments import cell_record, record_cell
 
-    from stages.common import PARAMS_FILE, TRAIN_DIR, PipelineError, load_params
+    from stages.common import PARAMS_FILE, TRAIN_DIR, PipelineError, load_params, redact, redact_text
     from stages.experiment_dvc import cell_sets, push_results, run_here, use_remote
     from stages.s3 import upload_dir
 
@@ -289,9 +290,10 @@ def run_dvc_cell(cell, experiment: str, settings: RemoteSettings, root: str | os
     except PipelineError as exc:  # the run is good but nobody could fetch it: not finished
         return record_cell(cell, "failed", returncode=record.get("returncode"), dvc_experiment=record["dvc_experiment"],
                            error=str(exc))
-    log(f"{cell.id}: {'; '.join(pushed)} ({settings.dvc_remote}"
-        f"{', ' + settings.exp_git_remote if settings.exp_git_remote else ''})")
-    record = record_cell(cell, "done", dvc_pushed=settings.dvc_remote, dvc_exp_pushed=settings.exp_git_remote,
+    log(redact_text(f"{cell.id}: {'; '.join(pushed)} ({settings.dvc_remote}"
+                    f"{', ' + settings.exp_git_remote if settings.exp_git_remote else ''})"))
+    exp_remote = redact(settings.exp_git_remote) if settings.exp_git_remote else None  # a name, or a URL
+    record = record_cell(cell, "done", dvc_pushed=redact(settings.dvc_remote), dvc_exp_pushed=exp_remote,
                          **{k: v for k, v in record.items() if k not in ("cell", "status", "fingerprint")})
     upload_dir(cell.out_dir, url, metadata={"cell": cell.id, "experiment": experiment})
     return record

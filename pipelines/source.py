@@ -45,8 +45,10 @@ def url(root: Path, environ=None) -> str:
     remote = remote_name(environ)
     got = _git("remote", "get-url", remote, cwd=root)
     if got.returncode != 0:
+        from stages.common import redact_text
+
         raise SourceError(f"{GIT_REMOTE_ENV}={remote!r}: this checkout has no such git remote "
-                          f"({got.stderr.strip()}); add one (`git remote add {remote} URL`) and push, or set "
+                          f"({redact_text(got.stderr.strip())}); add one (`git remote add {remote} URL`) and push, or set "
                           f"{GIT_URL_ENV}")
     value = got.stdout.strip()
     if "://" not in value and not value.startswith("git@") and ":" not in value.split("/")[0]:

@@ -40,7 +40,10 @@ value of the same config key when it is not ``null`` (``dvc exp run -S generator
 Relative paths in presets and params (teacher weights, caches, datasets) are relative to
 the repository root, also inside queued experiments. Environment:
 ``MLFLOW_TRACKING_URI`` (overrides ``mlflow.tracking_uri`` and the default
-``sqlite:///<repo root>/mlflow.db``), ``PREFECT__FLOW_RUN_ID`` (recorded as the run's tag
+``sqlite:///<repo root>/mlflow.db``; wherever a URI is printed, raised or recorded, e.g.
+``mlflow_run.json``, it is redacted by :func:`stages.common.redact`: no ``user:password@``,
+and ``***`` for the value of query or fragment parameters whose name contains token, key,
+passw, secret, sig, credential or auth), ``PREFECT__FLOW_RUN_ID`` (recorded as the run's tag
 ``prefect.flow_run_id``), ``QIMERA_EPOCH_HOOK=package.module:callable`` (an extra callback
 the train stage calls with each epoch's record, after the epoch's checkpoint), ``DVC_EXP_NAME``/``DVC_EXP_BASELINE_REV``/``DVC_ROOT`` (set by DVC).
 

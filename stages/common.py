@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import traceback
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +68,51 @@ HISTORY_COLUMNS = ("epoch", "loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1
 
 class PipelineError(ValueError):
     """Bad pipeline input (params, files, MLflow store); the message says what to change."""
+
+
+# --------------------------------------------------------------------------- credentials
+
+#: a query or fragment parameter whose value is a credential (matched case-insensitively
+#: anywhere in its name: token, access_token, api_key, apikey, password, client_secret,
+#: sig, X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, auth, ...)
+SECRET_PARAM = re.compile(r"(?i)token|key|passw|secret|sig|credential|auth")
+#: a URI inside free text (an error message of MLflow, boto3, DVC or git)
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+REDACTED = "***"
+
+
+def _redact_params(text: str) -> str:
+    """``a=1&token=x`` -> ``a=1&token=***``: the value of every credential parameter."""
+    def one(item: str) -> str:
+        name, eq, _ = item.partition("=")
+        return f"{name}={REDACTED}" if eq and SECRET_PARAM.search(urllib.parse.unquote_plus(name)) else item
+
+    return "&".join(";".join(one(i) for i in part.split(";")) for part in text.split("&"))
+
+
+def redact(uri: str) -> str:
+    """``uri`` as it may be printed or recorded: without ``user:password@`` and with the
+    value of every credential query or fragment parameter (:data:`SECRET_PARAM`)
+    replaced by ``***``; the rest is kept as written (``sqlite:////abs/path`` too).
+    Anything that is not a URI comes back unchanged."""
+    head, hash_, fragment = str(uri).partition("#")
+    head, mark, query = head.partition("?")
+    authority = re.match(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*:)?//([^/]*)", head)
+    if authority and "@" in authority.group(1):
+        head = head[: authority.start(1)] + authority.group(1).rpartition("@")[2] + head[authority.end(1):]
+    return head + mark + _redact_params(query) + hash_ + _redact_params(fragment)
+
+
+#: a query parameter in free text without its URI (urllib3 quotes ``url: /path?token=…``)
+_PARAM_IN_TEXT = re.compile(r"([?&;#])([^=\s?&;#'\"<>]+)=([^\s&;#'\"<>]*)")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a command's output) with every URI in it redacted, and
+    every credential parameter (``?token=…``) of a URI quoted without its scheme."""
+    text = _URI_IN_TEXT.sub(lambda m: redact(m.group(0)), str(text))
+    return _PARAM_IN_TEXT.sub(lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}"
+                              if SECRET_PARAM.search(urllib.parse.unquote_plus(m.group(2))) else m.group(0), text)
 
 
 # --------------------------------------------------------------------------- repository root

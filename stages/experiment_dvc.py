@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import PipelineError, available_presets, dvc_executable, format_value, preset_file, resolve_config
+from .common import (PipelineError, available_presets, dvc_executable, format_value, preset_file, redact_text,
+                     resolve_config)
 
 #: config keys that differ between a cell and its pipeline run by design
 _PIPELINE_OWNED = ("preset", "train.out_dir", "train.progress")
@@ -229,7 +230,7 @@ def use_remote(root: Path, url: str, *, endpoint: str | None = None) -> None:
         proc = _run(cmd, root)
         if proc.returncode != 0:
             raise PipelineError(f"`{' '.join(cmd[1:4])} …` exited with {proc.returncode}: "
-                                f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+                                f"{redact_text((proc.stderr or proc.stdout).strip())[-500:]}")
 
 
 def run_here(cell, root: Path, sets: dict[str, Any], *, env: dict[str, str] | None = None) -> dict:
@@ -265,6 +266,6 @@ def push_results(root: Path, name: str, *, git_remote: str | None = None) -> lis
     for cmd in steps:
         proc = _run(cmd, root)
         if proc.returncode != 0:
-            raise PipelineError(f"`{' '.join(['dvc', *cmd[1:]])}` exited with {proc.returncode}: "
-                                f"{(proc.stderr or proc.stdout).strip()[-800:]}")
-    return [" ".join(["dvc", *cmd[1:]]) for cmd in steps]
+            raise PipelineError(redact_text(f"`{' '.join(['dvc', *cmd[1:]])}` exited with {proc.returncode}: ")
+                                + redact_text((proc.stderr or proc.stdout).strip())[-800:])
+    return [redact_text(" ".join(["dvc", *cmd[1:]])) for cmd in steps]

@@ -40,7 +40,7 @@ from typing import Iterator
 
 from qimera._files import atomic_dir, default_permissions, sha256_file
 
-from .common import PipelineError
+from .common import PipelineError, redact, redact_text
 
 MANIFEST = "MANIFEST.json"
 #: single-request uploads up to this size, so that S3's stored SHA-256 covers the whole object
@@ -60,15 +60,16 @@ class NoSuchObject(StorageError):
 def parse_url(url: str, *, key_required: bool = True) -> tuple[str, str]:
     """``s3://bucket/key`` -> ``(bucket, key)``; clear errors for anything else."""
     parts = urllib.parse.urlsplit(str(url))
+    shown = repr(redact(str(url)))  # a presigned https URL given by mistake keeps its signature out of the message
     if parts.scheme != "s3":
-        raise StorageError(f"{url!r}: not an s3:// URL (expected s3://bucket/key)")
+        raise StorageError(f"{shown}: not an s3:// URL (expected s3://bucket/key)")
     if not parts.netloc:
-        raise StorageError(f"{url!r}: no bucket (expected s3://bucket/key)")
+        raise StorageError(f"{shown}: no bucket (expected s3://bucket/key)")
     if parts.query or parts.fragment:
-        raise StorageError(f"{url!r}: ? and # are not allowed in an s3:// URL")
+        raise StorageError(f"{shown}: ? and # are not allowed in an s3:// URL")
     key = parts.path.lstrip("/")
     if key_required and (not key or key.endswith("/")):
-        raise StorageError(f"{url!r}: no object key (expected s3://bucket/key)")
+        raise StorageError(f"{shown}: no object key (expected s3://bucket/key)")
     return parts.netloc, key
 
 
@@ -99,7 +100,8 @@ def _client():
 
 
 def _endpoint(client) -> str:
-    return client.meta.endpoint_url
+    """The S3 endpoint, as it may be printed (:func:`stages.common.redact`)."""
+    return redact(client.meta.endpoint_url)
 
 
 @contextmanager
@@ -143,7 +145,7 @@ def _errors(client, url: str, action: str) -> Iterator[None]:
                 f"{action} {url}: access denied ({code or 'see the store'}); check the credentials "
                 "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy"
             ) from None
-        raise StorageError(f"{action} {url}: {text.splitlines()[0][:300]}") from None
+        raise StorageError(f"{action} {url}: {redact_text(text.splitlines()[0])[:300]}") from None
 
 
 def _bucket_exists(client, bucket: str) -> bool:

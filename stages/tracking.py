@@ -49,7 +49,7 @@ from typing import Any, Iterable
 
 from qimera.trainer import EPOCH_DIAGNOSTICS
 
-from .common import MLFLOW_RUN, PipelineError, bits_tag, read_json, repo_root, write_json
+from .common import MLFLOW_RUN, PipelineError, bits_tag, read_json, redact, redact_text, repo_root, write_json
 
 #: per-epoch record keys logged as MLflow metrics (step = epoch)
 EPOCH_METRICS = ("loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second",
@@ -72,18 +72,9 @@ def tracking_uri(params: dict | None = None, root: Path | None = None) -> str:
         return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri or uri.startswith("file:"):
         raise PipelineError(
-            f"MLflow tracking URI {uri!r}: MLflow 3 has no plain file store; use a database URI such as "
+            f"MLflow tracking URI {redact(uri)!r}: MLflow 3 has no plain file store; use a database URI such as "
             f"sqlite:///{root / 'mlflow.db'} or a server URL (http://host:5000)"
         )
-    return uri
-
-
-def redact(uri: str) -> str:
-    """The URI without user:password."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password or parts.username:
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return uri
 
 
@@ -139,7 +130,7 @@ def _store_lock(db: Path, uri: str, timeout: float = STORE_LOCK_TIMEOUT):
         except PermissionError:  # another user's lock file: flock needs no write access
             fd = os.open(lock, os.O_RDONLY)
     except OSError as exc:
-        raise PipelineError(f"MLflow store {uri}: cannot create its lock file {lock} ({exc.strerror})") from None
+        raise PipelineError(f"MLflow store {redact(uri)}: cannot create its lock file {lock} ({exc.strerror})") from None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -149,7 +140,7 @@ def _store_lock(db: Path, uri: str, timeout: float = STORE_LOCK_TIMEOUT):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise PipelineError(
-                        f"MLflow store {uri}: another process has held {lock} for {timeout:.0f} s (creating "
+                        f"MLflow store {redact(uri)}: another process has held {lock} for {timeout:.0f} s (creating "
                         "or upgrading the store); wait for it to finish, or stop it") from None
                 time.sleep(0.05)
             except OSError:  # a file system without flock: go on unlocked
@@ -184,7 +175,7 @@ def connect(uri: str):
     if uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
-            raise PipelineError(f"MLflow store {uri}: directory {db.parent} does not exist or is not writable")
+            raise PipelineError(f"MLflow store {redact(uri)}: directory {db.parent} does not exist or is not writable")
         try:
             with _store_lock(db, uri):
                 client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -193,11 +184,11 @@ def connect(uri: str):
         except PipelineError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
-            reason = _sqlite_reason(exc)
-            remedy = (f"back the file up, then run `mlflow db upgrade {uri}`" if "mlflow db upgrade" in reason
+            reason = redact_text(_sqlite_reason(exc))  # (cut to 500 characters of a message without URIs)
+            remedy = (f"back the file up, then run `mlflow db upgrade {redact(uri)}`" if "mlflow db upgrade" in reason
                       else "repair the file or move it away (a missing file is created as a new store)")
             raise PipelineError(
-                f"MLflow store {uri} (SQLite file {db}) cannot be opened: {reason.rstrip('.')}. To fix: "
+                f"MLflow store {redact(uri)} (SQLite file {db}) cannot be opened: {reason.rstrip('.')}. To fix: "
                 f"{remedy}, or point MLFLOW_TRACKING_URI (or mlflow.tracking_uri in params.yaml) at another store"
             ) from None
         _connected_uri = uri
@@ -207,7 +198,7 @@ def connect(uri: str):
         with _fail_fast():
             client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
-        text = str(exc)
+        text = redact_text(str(exc))  # before any cut, which could leave half a token unrecognised
         reason = _errno_text(text) or (text.strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PipelineError(
             f"MLflow tracking store {redact(uri)!r} is not usable: {reason}. Start the server, fix "
@@ -577,7 +568,7 @@ def outage_message(exc: BaseException, stage: str) -> str | None:
     failure = _server_failure(exc, uri)
     if failure is None:
         return None
-    text = str(failure)
+    text = redact_text(str(failure))
     detail = _errno_text(text) or re.sub(r"^\w*ConnectionPool\([^)]*\):\s*", "", text)
     detail = (detail.strip().splitlines() or [""])[0][:200]
     reason = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
