@@ -245,7 +245,7 @@ def test_resolve_writes_fragments_that_change_only_with_what_they_hold(tmp_path,
     bits = run(quant={"w_bits": 4, "a_bits": 5})
     assert bits["run.yaml"] != base["run.yaml"]
     assert bits["teacher.yaml"] == base["teacher.yaml"] and bits["embeddings.yaml"] == base["embeddings.yaml"]
-    init = run(generator={"embedding_init": "random"})
+    init = run(generator={"embedding_init": "teacher_fc"})  # the demo preset starts from random embeddings
     assert init["embeddings.yaml"] != base["embeddings.yaml"] and init["teacher.yaml"] == base["teacher.yaml"]
     data = run(data={"limit": 100})
     assert data["teacher.yaml"] != base["teacher.yaml"] and data["embeddings.yaml"] == base["embeddings.yaml"]
