@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -491,6 +492,20 @@ class _NoAliasLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+    def construct_yaml_int(self, node):
+        # Python refuses to convert an integer string of more than sys.get_int_max_str_digits()
+        # digits with a ValueError that PyYAML does not turn into a YAML error
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters is too long (at most "
+                f"{sys.get_int_max_str_digits()} digits)", node.start_mark) from None
+
+
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
 
 
 def yaml_load(text: str) -> Any:

@@ -51,7 +51,7 @@ SET_CASES = [
     ("train.device=quantum", "train.device"), ("teacher.source=bogus", "teacher.source"),
     ("teacher.num_classes=0", "teacher.num_classes"), ("teacher.num_classes=-10", "teacher.num_classes"),
     ("teacher.nosuchkey=1", "nosuchkey"), ("naive.batches=-1", "naive.batches"),
-    pytest.param("train.epochs=" + "9" * 5000, "train.epochs", marks=pytest.mark.xfail(strict=True, reason="bug: a --set integer of over 4300 digits escapes as ValueError from yaml (int str-digit limit) with a traceback")), ("train.out_dir=" + "x" * 10 + "\0", "out_dir"),
+    ("train.epochs=" + "9" * 5000, "train.epochs"), ("train.out_dir=" + "x" * 10 + "\0", "out_dir"),
     ("train.epochs=&a", "train.epochs"), ("train.epochs=*a", "train.epochs"),
     ("train.epochs=[" * 200, "train.epochs"), ("train.epochs=!!python/object:os.system x", "train.epochs"),
 ]
