@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ._files import atomic_dir, atomic_write
+from ._files import atomic_dir, atomic_write, check_replaceable
 from .quant import (ActQuantizer, QuantRecipe, quantize_model, recipe_of, set_calibrating, set_module,
                     weight_quant_types)
 from .quant.functional import affine_params, per_channel_minmax, qrange
@@ -135,7 +135,10 @@ def export_integer(
 ) -> dict:
     """Write the integer artifact of ``student`` (built by :func:`qimera.quantize_model`
     from ``arch(**arch_kwargs)``; its recipe is read from the student) into ``out_dir``;
-    returns the quantization map. The directory appears complete or not at all."""
+    returns the quantization map. The directory appears complete or not at all, and
+    replaces only a directory qimera wrote: an existing ``out_dir`` holding anything else
+    is refused (:class:`qimera._files.OutputDirError`) before anything is computed."""
+    check_replaceable(out_dir)
     try:
         recipe = recipe_of(student)
     except ValueError as exc:
@@ -325,6 +328,10 @@ def export_deployables(
     float teacher, is timed too, as plain ONNX in a temporary file), under
     ``"deployment"``, with the machine they were measured on. Returns that verification
     after :func:`check_verification` passed. Needs the ``onnx`` extra.
+
+    ``out_dir`` appears complete or not at all (:func:`qimera._files.atomic_dir`): it may
+    be absent, empty or an earlier export of qimera's; anything else is refused before the
+    work starts, and left as it is.
     """
     import torch.fx as fx
 
@@ -335,38 +342,38 @@ def export_deployables(
     check_finite_parameters(student, "student")
     if int8:
         check_onnxruntime()  # before any file is written: the int8 form needs a recent onnxruntime
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-    atomic_write(out / STUDENT_FILE, lambda handle: torch.save(state, handle), "wb")
-    export_integer(student, out / INTEGER_DIR, arch=arch, arch_kwargs=arch_kwargs)
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    report = export_onnx(student, out / ONNX_FILE, input_size=input_size, opset=opset, metadata=metadata)
-    int8_report: dict[str, Any]
-    if not int8:
-        int8_report = {"skipped": "switched off (export.int8_form: false)"}
-    elif isinstance(student, fx.GraphModule):
-        int8_report = export_onnx(student, out / ONNX_INT8_FILE, input_size=input_size, form="int8",
-                                  opset=max(opset, INT8_DEFAULT_OPSET), metadata=metadata).to_dict()
-    else:
-        int8_report = {"skipped": "the student is not a torch.fx graph (its teacher could not be traced), "
-                                  "which the int8 form's rewrite needs"}
-    verification = verify_exports(student, loader, integer_dir=out / INTEGER_DIR, onnx_path=out / ONNX_FILE,
-                                  onnx_models={} if "skipped" in int8_report else {"onnx_int8": out / ONNX_INT8_FILE},
-                                  max_samples=verify_samples)
-    verification["onnx"] = report.to_dict()
-    verification["onnx_int8"] = int8_report
-    if latency_runs > 0:
-        from .onnx_deploy import deployment_figures
+    check_replaceable(out_dir)  # before any work: a directory of someone else's is refused, and kept
+    with atomic_dir(out_dir) as out:
+        state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+        atomic_write(out / STUDENT_FILE, lambda handle: torch.save(state, handle), "wb")
+        export_integer(student, out / INTEGER_DIR, arch=arch, arch_kwargs=arch_kwargs)
+        opset = DEFAULT_OPSET if opset is None else int(opset)
+        report = export_onnx(student, out / ONNX_FILE, input_size=input_size, opset=opset, metadata=metadata)
+        int8_report: dict[str, Any]
+        if not int8:
+            int8_report = {"skipped": "switched off (export.int8_form: false)"}
+        elif isinstance(student, fx.GraphModule):
+            int8_report = export_onnx(student, out / ONNX_INT8_FILE, input_size=input_size, form="int8",
+                                      opset=max(opset, INT8_DEFAULT_OPSET), metadata=metadata).to_dict()
+        else:
+            int8_report = {"skipped": "the student is not a torch.fx graph (its teacher could not be traced), "
+                                      "which the int8 form's rewrite needs"}
+        verification = verify_exports(student, loader, integer_dir=out / INTEGER_DIR, onnx_path=out / ONNX_FILE,
+                                      onnx_models={} if "skipped" in int8_report else {"onnx_int8": out / ONNX_INT8_FILE},
+                                      max_samples=verify_samples)
+        verification["onnx"] = report.to_dict()
+        verification["onnx_int8"] = int8_report
+        if latency_runs > 0:
+            from .onnx_deploy import deployment_figures
 
-        forms = {"qdq": out / ONNX_FILE}
-        if "skipped" not in int8_report:
-            forms["int8"] = out / ONNX_INT8_FILE
-        verification["deployment"] = deployment_figures(forms, input_size, runs=latency_runs, reference=reference)
-    check_verification(verification)
-    rejected = int8_rejection(verification)
-    if rejected:  # measured and reported, not shipped
-        verification["onnx_int8"]["rejected"] = rejected
-        (out / ONNX_INT8_FILE).unlink()
-    atomic_write(out / VERIFICATION_FILE, lambda handle: handle.write(json.dumps(verification, indent=2) + "\n"), "w")
+            forms = {"qdq": out / ONNX_FILE}
+            if "skipped" not in int8_report:
+                forms["int8"] = out / ONNX_INT8_FILE
+            verification["deployment"] = deployment_figures(forms, input_size, runs=latency_runs, reference=reference)
+        check_verification(verification)
+        rejected = int8_rejection(verification)
+        if rejected:  # measured and reported, not shipped
+            verification["onnx_int8"]["rejected"] = rejected
+            (out / ONNX_INT8_FILE).unlink()
+        atomic_write(out / VERIFICATION_FILE, lambda handle: handle.write(json.dumps(verification, indent=2) + "\n"), "w")
     return verification

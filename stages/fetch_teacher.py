@@ -17,18 +17,20 @@ Later stages load the teacher from that file as a ``checkpoint`` teacher
 (:func:`stages.common.workspace_teacher`), with the same evaluation transform; this stage
 checks that the rebuilt teacher has it. Both files are written into a temporary directory beside
 ``outputs/teacher/``, the weights are loaded back from there through the ``checkpoint``
-source, and only then does that directory replace ``outputs/teacher/``: a failure leaves
-neither file (and an earlier ``outputs/teacher/`` as it was).
+source, and only then are the two files moved into ``outputs/teacher/`` (the record
+last): a failure leaves neither file. Nothing else in ``outputs/teacher/`` is touched (DVC
+keeps its ``.gitignore`` there).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from qimera._files import atomic_dir, sha256_file
+from qimera._files import sha256_file, staging_dir
 from qimera.config import DataConfig, TeacherConfig
 
 from .common import (
@@ -36,6 +38,7 @@ from .common import (
     TEACHER_DIR,
     TEACHER_RECORD,
     TEACHER_WEIGHTS,
+    all_or_nothing,
     read_yaml,
     repo_root,
     root_relative,
@@ -124,13 +127,17 @@ def main() -> None:
           f"input {list(teacher.input_size)}), rebuilt as {teacher.arch}")
     res = evaluate(teacher.model.to(device), data.loader, device=device, num_classes=teacher.num_classes)
     state = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
-    with atomic_dir(TEACHER_DIR) as tmp:
+    with staging_dir(TEACHER_DIR) as tmp:
         weights = tmp / TEACHER_WEIGHTS.name
         torch.save(state, weights)
         record = _record(teacher, data, res, remote, sha256_file(weights))
         rebuilt = load_teacher(workspace_teacher(record, weights))  # later stages rebuild it this way
         check_rebuilt(teacher, rebuilt)
         write_json(tmp / TEACHER_RECORD.name, record)
+        TEACHER_DIR.mkdir(parents=True, exist_ok=True)
+        with all_or_nothing(TEACHER_WEIGHTS, TEACHER_RECORD):
+            os.replace(weights, TEACHER_WEIGHTS)
+            os.replace(tmp / TEACHER_RECORD.name, TEACHER_RECORD)  # last: the record says the weights are complete
     print(f"fetch_teacher: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}% on {res.num_samples} {data.name} "
           f"images; sha256 {record['sha256'][:12]}")
 

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from qimera._files import atomic_dir, default_permissions, sha256_file
+from qimera._files import WRITTEN_MARKER, OutputDirError, atomic_dir, default_permissions, sha256_file
 
 from .common import PipelineError, redact, redact_text
 
@@ -263,13 +263,16 @@ def upload_file(path: str | os.PathLike, url: str, *, client=None) -> dict:
 
 
 def upload_dir(local_dir: str | os.PathLike, prefix: str, *, client=None, metadata: dict | None = None) -> dict:
-    """Upload every file under ``local_dir`` to ``prefix``/<relative path>, verified, then
+    """Upload every file under ``local_dir`` (but qimera's ownership markers,
+    :data:`qimera._files.WRITTEN_MARKER`) to ``prefix``/<relative path>, verified, then
     ``prefix/MANIFEST.json``. On failure the files this call uploaded are deleted again
     and no manifest exists. Returns the manifest."""
     local_dir = Path(local_dir)
     bucket, base = parse_url(prefix, key_required=False)
     client = client or _client()
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    # the markers by which a local directory says qimera wrote it are not content: the
+    # directory a download makes gets its own
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != WRITTEN_MARKER)
     if not files:
         raise StorageError(f"upload {local_dir}: no files to upload")
     manifest_url = join(prefix, MANIFEST)
@@ -302,7 +305,8 @@ def upload_dir(local_dir: str | os.PathLike, prefix: str, *, client=None, metada
 
 def download_dir(prefix: str, dest: str | os.PathLike, *, client=None) -> dict:
     """Download a prefix written by :func:`upload_dir` into ``dest`` (which appears
-    complete or not at all), checking every file against the manifest."""
+    complete or not at all, and must be absent, empty or a directory qimera wrote:
+    :class:`qimera._files.OutputDirError` otherwise), checking every file against the manifest."""
     client = client or _client()
     with atomic_dir(dest) as tmp:
         try:
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             info = {"files": len(download_dir(args.prefix, args.dir)["files"])}
         else:
             info = {"files": len(upload_dir(args.dir, args.prefix)["files"]), "prefix": args.prefix}
-    except StorageError as exc:
+    except (StorageError, OutputDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info))

@@ -42,3 +42,45 @@ def test_integer_export_is_readable_by_the_team(tmp_path, umask_022):
     export_integer(student, tmp_path / "int", arch="qimera.models.digits_cnn:DigitsCNN")
     assert _mode(tmp_path / "int") == 0o755
     assert all(_mode(p) == 0o644 for p in (tmp_path / "int").iterdir())
+
+
+def test_atomic_dir_refuses_a_directory_it_did_not_write(tmp_path):
+    """Issue 21 item 1: a directory holding a user's files is refused, and kept whole."""
+    import pytest
+
+    from qimera._files import OutputDirError, atomic_dir
+
+    dest = tmp_path / "mine"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "thesis.txt").write_text("years of work")
+    with pytest.raises(OutputDirError, match="thesis.txt"):
+        with atomic_dir(dest) as tmp:
+            (tmp / "out.bin").write_bytes(b"x")
+    assert (dest / "thesis.txt").read_text() == "years of work" and (dest / "sub").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_atomic_dir_replaces_what_it_wrote_and_refuses_the_cwd(tmp_path, monkeypatch):
+    import pytest
+
+    from qimera._files import WRITTEN_MARKER, OutputDirError, atomic_dir
+
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (dest / WRITTEN_MARKER).is_file()
+    with atomic_dir(dest) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in dest.iterdir()) == sorted([WRITTEN_MARKER, "b.txt"])
+    (dest / "added-by-user.txt").write_text("keep")
+    with pytest.raises(OutputDirError, match="added-by-user.txt"):
+        with atomic_dir(dest):
+            pass
+    assert (dest / "added-by-user.txt").exists() and (dest / "b.txt").exists()
+    (cwd := tmp_path / "cwd").mkdir()
+    (cwd / "f").write_text("x")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(OutputDirError, match="working directory"):
+        with atomic_dir("."):
+            pass
+    assert (cwd / "f").exists()
