@@ -1,8 +1,9 @@
 """The one obvious call: :func:`run` (teacher → naive baseline → method → evaluation).
 
 Everything that can be checked is checked before any training starts: the config, the
-output directory, the teacher (loadable, has BatchNorm2d, K ≤ classes), the evaluation
-data (shape, classes, input size).
+output directory, the teacher (loadable, has BatchNorm2d, finite weights, K ≤ classes),
+the evaluation data (shape, classes, input size). A run holds its ``train.out_dir`` for
+itself from start to summary (:func:`qimera._lock.hold_out_dir`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,14 +20,15 @@ import torch
 import torch.nn as nn
 
 from ._files import atomic_write
+from ._lock import hold_out_dir
 from .baselines import CALIBRATION_METHODS, calibrated_student, naive_student
-from .config import Config, ConfigError, load_config, make_out_dir
+from .config import Config, ConfigError, check_out_files, load_config, probe_out_dir
 from .data import EvalData, check_fits_teacher, load_eval_data
 from .evaluate import EvalResult, evaluate
 from .generators import generated_side
 from .quant.convert import check_exclude, weight_layer_names
 from .teachers import LoadedTeacher, load_teacher
-from .trainer import EpochCallback, Trainer, resolve_device
+from .trainer import CHECKPOINT_NAME, HISTORY_NAME, EpochCallback, Trainer, resolve_device
 
 SUMMARY_NAME = "summary.json"
 #: the environment variable naming an extra per-epoch callback (``package.module:callable``,
@@ -60,8 +61,6 @@ class Prepared:
     eval_data: Optional[EvalData]
     device: torch.device
     out_dir: Path
-    #: whether ``out_dir`` was there before :func:`prepare` (a failed run removes an empty one it made)
-    out_dir_existed: bool = True
 
 
 @dataclass
@@ -99,27 +98,21 @@ class RunResult:
         }
 
 
-@contextmanager
-def _no_empty_dir_left(path: Path, existed: bool):
-    """Remove ``path`` when the block fails, if this call created it and it is still empty."""
-    try:
-        yield
-    except BaseException:
-        if not existed and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        raise
+#: the files a run writes into ``train.out_dir``
+OUT_FILES = (CHECKPOINT_NAME, HISTORY_NAME, SUMMARY_NAME)
 
 
 def prepare(config: str | os.PathLike | dict | Config, overrides=(), *, with_data: bool = True) -> Prepared:
-    """Validate everything a run needs, load the teacher and the evaluation data."""
+    """Validate everything a run needs, load the teacher and the evaluation data. The
+    output directory is checked (it can be created and written; the files a run writes
+    there are not directories), not created: :func:`run` creates it."""
     cfg = load_config(config, overrides)
-    out_dir, created = make_out_dir(cfg.train.out_dir)
-    existed = not created
-    with _no_empty_dir_left(out_dir, existed):
-        return _prepare(cfg, out_dir, existed, with_data)
+    out_dir = probe_out_dir(cfg.train.out_dir)
+    check_out_files(out_dir, OUT_FILES)
+    return _prepare(cfg, out_dir, with_data)
 
 
-def _prepare(cfg: Config, out_dir: Path, existed: bool, with_data: bool) -> Prepared:
+def _prepare(cfg: Config, out_dir: Path, with_data: bool) -> Prepared:
     try:
         device = resolve_device(cfg.train.device)
     except ValueError as exc:
@@ -145,7 +138,7 @@ def _prepare(cfg: Config, out_dir: Path, existed: bool, with_data: bool) -> Prep
         eval_data = load_eval_data(cfg.data, default_mean=teacher.mean, default_std=teacher.std,
                                    transform=teacher.eval_transform)
         check_fits_teacher(eval_data, teacher.input_size, teacher.num_classes)
-    return Prepared(cfg, teacher, eval_data, device, out_dir, existed)
+    return Prepared(cfg, teacher, eval_data, device, out_dir)
 
 
 def _evaluate(model: nn.Module, prep: Prepared) -> EvalResult | None:
@@ -168,9 +161,15 @@ def run(
     ``section.key=value`` strings. Returns the accuracies (teacher, naive baseline,
     student at the **final** epoch), the student model and the training history, and
     writes ``summary.json`` into ``train.out_dir``.
+
+    The run holds ``train.out_dir`` from before the teacher is loaded until the summary
+    is written: another run there is refused (:class:`qimera._lock.OutDirBusy`, naming
+    this one's pid, host and start time). A run that fails leaves no directory it created
+    empty behind.
     """
-    prep = prepared or prepare(config, overrides)
-    with _no_empty_dir_left(prep.out_dir, prep.out_dir_existed):
+    cfg = prepared.cfg if prepared is not None else load_config(config, overrides)
+    with hold_out_dir(cfg.train.out_dir):
+        prep = prepared or prepare(cfg)
         return _run(prep, callbacks, initial_embeddings)
 
 

@@ -568,15 +568,56 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 def make_out_dir(out_dir: str | os.PathLike) -> tuple[Path, bool]:
     """:func:`check_out_dir`, also saying whether this call created the directory (a
     failed run removes an empty one it made)."""
+    created = create_out_dir(out_dir)
+    return Path(out_dir), bool(created)
+
+
+def create_out_dir(out_dir: str | os.PathLike, key: str = "train.out_dir") -> list[Path]:
+    """Create ``train.out_dir`` (with its missing parents) and prove it is writable, or
+    raise ConfigError naming it (as ``key``); returns the directories this call created,
+    outermost first (:func:`remove_created_dirs` takes them away again)."""
     path = Path(out_dir)
+    missing = [p for p in (path, *path.parents) if not p.exists() and not p.is_symlink()][::-1]
+    created: list[Path] = []
     try:
-        created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        for p in missing:
+            p.mkdir(exist_ok=True)
+            created.append(p)
+        path.mkdir(exist_ok=True)  # an existing file there is refused here
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
+        remove_created_dirs(created)
         raise ConfigError(
-            f"train.out_dir={str(out_dir)!r}: cannot create or write there ({exc.strerror or exc}); "
+            f"{key}={str(out_dir)!r}: cannot create or write there ({exc.strerror or exc}); "
             "choose a writable directory"
         ) from None
-    return path, created
+    return created
+
+
+def remove_created_dirs(created: list[Path]) -> None:
+    """Remove the directories :func:`create_out_dir` made, innermost first, while they
+    are empty: nothing a failed run or a check made is left behind."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            return
+
+
+def probe_out_dir(out_dir: str | os.PathLike, key: str = "train.out_dir") -> Path:
+    """Prove that ``train.out_dir`` can be created and written, and leave nothing behind
+    (``qimera check`` and :func:`qimera.api.prepare`; the run creates it when it starts)."""
+    remove_created_dirs(create_out_dir(out_dir, key))
+    return Path(out_dir)
+
+
+def check_out_files(out_dir: str | os.PathLike, names: tuple[str, ...]) -> None:
+    """Refuse a ``train.out_dir`` where a file a run writes (``names``) is something else,
+    e.g. a directory: the run could not publish it at the end of its first epoch."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.exists() and not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise ConfigError(f"train.out_dir={str(out_dir)!r}: {name} there is not a file ({kind}); "
+                              "remove it, or choose another out_dir")

@@ -10,7 +10,8 @@ INPUT_ERRORS: tuple[tuple[str, str], ...] = (
     ("qimera.config", "ConfigError"), ("qimera.teachers", "TeacherError"), ("qimera.data", "DataError"),
     ("qimera.export", "ExportError"), ("qimera.trainer", "TrainingDiverged"), ("qimera.trainer", "CheckpointError"),
     ("qimera.evaluate", "NonFiniteError"), ("qimera.experiments", "ExperimentError"),
-    ("qimera.figures", "FigureError"),
+    ("qimera.figures", "FigureError"), ("qimera._lock", "OutDirBusy"),
+    ("qimera._files", "OutputDirError"),
 )
 
 

@@ -33,7 +33,8 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from ._files import atomic_write, remove_stale_temps
-from .config import Config
+from ._lock import hold_out_dir
+from .config import Config, check_out_files
 from .data import EvalData
 from .evaluate import evaluate, first_non_finite
 from .generators import ClassMix, build_generator, sample_plain, sample_superposed
@@ -43,9 +44,16 @@ from .teachers import LoadedTeacher
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.jsonl"
-#: config keys that may change between a run and its resume
+#: config keys that may change between a run and its resume (a change of ``data`` is
+#: recorded: every evaluated epoch's record names its evaluation set, :data:`EVAL_SET_KEYS`)
 RESUME_MAY_CHANGE = ("train.epochs", "train.progress", "train.log_every", "train.resume",
                      "train.eval_every", "train.out_dir", "data", "naive", "preset")
+#: what an evaluated epoch's record says of the evaluation set its top-1/top-5 are on: the
+#: number of images and the identity of the ``data`` section (12 hex digits of its sha256,
+#: without the keys that do not change the images: batch_size, num_workers)
+EVAL_SET_KEYS = ("eval_images", "eval_set")
+#: the fingerprint's part for the teacher's weights (:meth:`LoadedTeacher.content_sha256`)
+TEACHER_PART = "teacher_weights"
 
 EpochCallback = Callable[[dict], None]
 #: the per-epoch diagnostics of the generated samples an epoch record carries (Trainer._diagnostics)
@@ -237,7 +245,8 @@ class Trainer:
         extra_fingerprint: Optional[Mapping[str, str]] = None,
     ):
         """``extra_fingerprint``: what else a checkpoint must have been trained from to be
-        resumed (e.g. the pipeline's teacher and embedding hashes), beside the config."""
+        resumed (e.g. the pipeline's teacher and embedding hashes), beside the config and
+        the teacher's weights (:meth:`LoadedTeacher.content_sha256`)."""
         self.cfg = cfg
         self.tc = cfg.train
         self.gc = cfg.effective_generator()
@@ -302,16 +311,61 @@ class Trainer:
         #: the evaluation of the final epoch's student, when this process trained that epoch
         self.final_eval = None
         self.resumed_from_epoch = 0
-        self._fingerprint = self._make_fingerprint(cfg, extra_fingerprint)
+        #: what a resumed checkpoint must have been trained from, part by part (a mismatch
+        #: names the parts that differ), and their one hash
+        self._fingerprint_parts = self.fingerprint_parts(cfg, teacher, extra_fingerprint)
+        self._fingerprint = hashlib.sha256(json.dumps(self._fingerprint_parts, sort_keys=True).encode()).hexdigest()
+        #: the evaluated epochs' :data:`EVAL_SET_KEYS` (None without evaluation data)
+        self._eval_set = self._make_eval_set()
+        #: the line :meth:`maybe_resume` printed when the evaluation set changed since the
+        #: checkpoint's last evaluated epoch (None when it did not)
+        self.eval_set_change: str | None = None
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
-    def _make_fingerprint(cfg: Config, extra: Optional[Mapping[str, str]]) -> str:
-        base = cfg.fingerprint(ignore=RESUME_MAY_CHANGE)
-        if not extra:
-            return base
-        blob = json.dumps({"config": base, **{str(k): str(v) for k, v in extra.items()}}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def fingerprint_parts(cfg: Config, teacher: LoadedTeacher, extra: Optional[Mapping[str, str]]) -> dict[str, str]:
+        """What a checkpoint of ``cfg`` trained from ``teacher`` records, part by part: the
+        config (without :data:`RESUME_MAY_CHANGE`), the teacher's weights (their content,
+        not their path) and ``extra`` (e.g. the pipeline's embedding table and library)."""
+        return {"config": cfg.fingerprint(ignore=RESUME_MAY_CHANGE), TEACHER_PART: teacher.content_sha256(),
+                **{str(k): str(v) for k, v in (extra or {}).items()}}
+
+    def _mismatch(self, state: dict) -> str:
+        """What the checkpoint ``state`` was trained from that this run is not."""
+        theirs = state.get("fingerprint_parts")
+        if not isinstance(theirs, dict):  # written before checkpoints named their parts
+            return "another configuration, teacher, embedding table or library version"
+        mine = self._fingerprint_parts
+        differ = [k for k in mine if theirs.get(k) != mine[k]] + [k for k in theirs if k not in mine]
+        weights = self.cfg.teacher.weights
+        named = {"config": "a different configuration",
+                 TEACHER_PART: "other teacher weights (the teacher's parameters differ from the ones it was "
+                               "trained from" + (f"; teacher.weights={weights!r} changed?)" if weights else ")")}
+        return ", ".join(named.get(k, f"a different {k}") for k in differ) or "another fingerprint"
+
+    def _make_eval_set(self) -> dict | None:
+        if self.eval_data is None:
+            return None
+        data = {k: v for k, v in self.cfg.resolved()["data"].items() if k not in ("batch_size", "num_workers")}
+        ident = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        return dict(zip(EVAL_SET_KEYS, (int(self.eval_data.num_samples), ident)))
+
+    def _note_eval_set_change(self) -> None:
+        """Say so (stderr, :attr:`eval_set_change`) when the checkpoint's last evaluated
+        epoch was evaluated on another set than this run evaluates on."""
+        last = next((r for r in reversed(self.history) if "top1" in r), None)
+        if last is None or self._eval_set is None:
+            return
+        images, ident = (last.get(k) for k in EVAL_SET_KEYS)
+        if (images, ident) == tuple(self._eval_set.values()):
+            return
+        now_images, now_ident = self._eval_set.values()
+        self.eval_set_change = (
+            f"train.out_dir={str(self.out_dir)!r}: resuming with another evaluation set: epoch {last['epoch']} was "
+            f"evaluated on {images if images is not None else 'an unrecorded number of'} images (set {ident}), the "
+            f"epochs from now on are on {now_images} images (set {now_ident}); each record of {HISTORY_NAME} "
+            f"names its set ({', '.join(EVAL_SET_KEYS)})")
+        print(f"qimera: {self.eval_set_change}", file=sys.stderr, flush=True)
 
     def _use_channels_last(self) -> bool:
         if self.tc.channels_last == "on":
@@ -346,6 +400,7 @@ class Trainer:
             "format": 1,
             "epoch": self.epoch,
             "fingerprint": self._fingerprint,
+            "fingerprint_parts": self._fingerprint_parts,
             "student": self.student.state_dict(),
             "generator": self.generator.state_dict(),
             "opt_s": self.opt_s.state_dict(),
@@ -360,7 +415,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self._fingerprint:
             raise CheckpointError(
-                f"train.out_dir={str(self.out_dir)!r} holds a checkpoint of a different configuration; "
+                f"train.out_dir={str(self.out_dir)!r} holds a checkpoint trained from {self._mismatch(state)}; "
                 "use another out_dir, or train.resume=false to start over"
             )
         self.student.load_state_dict(state["student"])
@@ -406,8 +461,7 @@ class Trainer:
         if not isinstance(state, dict) or not {"epoch", "student", "generator"} <= set(state):
             return ResumeStatus("unreadable", f"{CHECKPOINT_NAME} is not a qimera checkpoint"), None
         if state.get("fingerprint") != self._fingerprint:
-            return ResumeStatus("mismatch", "the checkpoint belongs to another configuration, teacher, "
-                                            "embedding table or library version"), state
+            return ResumeStatus("mismatch", f"the checkpoint was trained from {self._mismatch(state)}"), state
         epoch = int(state.get("epoch", 0))
         history = tuple(state.get("history", ()))
         if epoch > self.tc.epochs:
@@ -437,6 +491,7 @@ class Trainer:
         # loaded on the CPU: load_state_dict copies parameters and optimiser state to the
         # modules' device, and the RNG states must stay on the CPU (a mismatch raises)
         self.load_state_dict(state)
+        self._note_eval_set_change()
         return True
 
     # -- one iteration --------------------------------------------------------------------
@@ -598,7 +653,7 @@ class Trainer:
             set_calibrating(self.student, False)
             res = evaluate(self.student, self.eval_data.loader, device=self.device,
                            num_classes=self.num_classes, channels_last=self.channels_last)
-            record.update({"top1": res.top1, "top5": res.top5})
+            record.update({"top1": res.top1, "top5": res.top5, **self._eval_set})
             if self.epoch == self.tc.epochs:
                 self.final_eval = res  # the whole result (per-class too) of the final student
         self.history.append(record)
@@ -645,13 +700,17 @@ class Trainer:
         self.bn_hook.remove()
 
     def fit(self) -> TrainResult:
-        """Train until ``train.epochs``, resuming from ``out_dir`` when a checkpoint is there."""
+        """Train until ``train.epochs``, resuming from ``out_dir`` when a checkpoint is there.
+        Holds ``out_dir`` for this run alone meanwhile (:func:`qimera._lock.hold_out_dir`:
+        another run there is refused, naming its holder)."""
         try:
-            return self._fit()
+            with hold_out_dir(self.out_dir):
+                return self._fit()
         finally:
             self.close()
 
     def _fit(self) -> TrainResult:
+        check_out_files(self.out_dir, (CHECKPOINT_NAME, HISTORY_NAME))
         for path in (self.checkpoint_path, self.history_path):
             remove_stale_temps(path)  # left by a run that was killed while writing them
         self.maybe_resume()

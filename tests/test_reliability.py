@@ -247,3 +247,26 @@ def test_a_corrupt_demo_teacher_cache_is_one_line(tmp_path, capsys):
     line = _one_line(capsys.readouterr().err)
     assert rc == 2 and "teacher.cache_dir=" in line and "corrupt" in line and "delete the cached file" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_teacher_with_a_nan_weight_fails_check_naming_it_and_check_writes_nothing(tiny_config, tmp_path, capsys):
+    """Issue 21: a damaged teacher is refused by ``qimera check`` (not blamed on a diverged
+    student by the run), and ``check`` leaves no ``out_dir`` behind."""
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(tiny_config))
+    assert cli.main(["check", str(good)]) == 0
+    capsys.readouterr()
+    assert not Path(tiny_config["train"]["out_dir"]).exists()
+
+    state = torch.load(tiny_config["teacher"]["weights"], weights_only=True)
+    name = next(k for k, v in state.items() if k.endswith("weight") and v.is_floating_point())
+    state[name] = state[name].clone()
+    state[name].view(-1)[3] = math.nan
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    rc, err = _cli(capsys, {**tiny_config, "teacher": {**tiny_config["teacher"], "weights": str(bad)}}, tmp_path)
+    line = _one_line(err)
+    assert rc == 2 and name in line and "NaN or infinite" in line and "diverged" not in line, line
+    path = tmp_path / "run.yaml"
+    assert cli.main(["check", str(path)]) == 2 and name in _one_line(capsys.readouterr().err)
+    assert not Path(tiny_config["train"]["out_dir"]).exists()

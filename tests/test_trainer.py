@@ -238,3 +238,50 @@ def test_epoch_diagnostics_of_the_generated_samples(tiny_config, tiny_teacher):
     plain = Trainer(load_config(tiny_config, ["generator.p=0.0"]), tiny_teacher).run_epoch()
     assert plain["label_max"] == 1.0 and "teacher_agree_superposed" not in plain
     assert 0.0 <= plain["teacher_agree_plain"] <= 100.0 and 0.1 <= plain["teacher_max_prob"] <= 1.0
+
+
+def test_a_teacher_changed_in_place_is_not_resumed(tiny_config, tmp_path):
+    """The fingerprint holds the teacher's weights, not its path: the same file rewritten
+    with other weights between a run and its resume is refused, naming the teacher."""
+    from qimera.teachers import load_teacher
+
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(open(tiny_config["teacher"]["weights"], "rb").read())
+    config = {**tiny_config, "teacher": {**tiny_config["teacher"], "weights": str(weights)}}
+    t = config["teacher"]
+
+    def teacher():
+        return load_teacher("checkpoint", arch=t["arch"], weights=t["weights"], num_classes=10,
+                            input_size=(1, 8, 8), mean=(0.3,), std=(0.4,))
+
+    Trainer(load_config(config, ["train.epochs=1"]), teacher()).fit()
+    longer = load_config(config, ["train.epochs=2"])
+    assert Trainer(longer, teacher()).resume_status().resumable  # the same bytes: resumed
+    state = torch.load(weights, weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 0.01
+    torch.save(state, weights)
+    status = Trainer(longer, teacher()).resume_status()
+    assert status.state == "mismatch" and "other teacher weights" in status.reason, status.reason
+    with pytest.raises(ValueError, match="other teacher weights.*teacher.weights="):
+        Trainer(longer, teacher()).fit()
+
+
+def test_a_resume_on_other_evaluation_data_is_recorded_in_the_history(tiny_config, tiny_teacher, capsys):
+    """data may change on resume (RESUME_MAY_CHANGE), but every evaluated epoch names its
+    evaluation set, and the resume says that it changed."""
+    from qimera.data import load_eval_data
+
+    def data(limit):
+        return load_eval_data(load_config(tiny_config, [f"data.limit={limit}"]).data, default_mean=(0.3,),
+                              default_std=(0.4,))
+
+    Trainer(load_config(tiny_config, ["train.epochs=1", "data.limit=64"]), tiny_teacher, data(64)).fit()
+    tr = Trainer(load_config(tiny_config, ["train.epochs=2", "data.limit=7"]), tiny_teacher, data(7))
+    res = tr.fit()
+    assert res.resumed_from_epoch == 1
+    assert [(r["epoch"], r["eval_images"]) for r in res.history] == [(1, 64), (2, 7)]
+    assert res.history[0]["eval_set"] != res.history[1]["eval_set"]
+    err = capsys.readouterr().err
+    assert "resuming with another evaluation set: epoch 1 was evaluated on 64 images" in err
+    assert tr.eval_set_change and "on 7 images" in tr.eval_set_change

@@ -4,6 +4,7 @@ model, and :func:`finish_teacher`, the last step of every loader."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch.nn as nn
 from qimera._files import sha256_file
 from qimera.config import TeacherConfig
 from qimera.data import EvalTransform
+from qimera.evaluate import first_non_finite
 
 __all__ = [
     "EvalTransform",
@@ -22,6 +24,7 @@ __all__ = [
     "TeacherSpec",
     "LoadedTeacher",
     "check_batchnorm",
+    "check_finite_weights",
     "drop_auxiliary_head",
     "find_classifier",
     "finish_teacher",
@@ -86,6 +89,17 @@ class LoadedTeacher:
         """Width of the classifier's input (``D`` in ``fc_weight``'s ``(C, D)``)."""
         return int(self.fc_weight.shape[1])
 
+    def content_sha256(self) -> str:
+        """SHA-256 (hex) of the model's weights and buffers as loaded (names, dtypes,
+        shapes and bytes, in ``state_dict`` order), whatever file or download they came
+        from: what a checkpoint records of the teacher it was trained from."""
+        digest = hashlib.sha256()
+        for name, t in self.model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``"ExcType: first line of message"``, shortened to ``limit`` characters."""
@@ -146,6 +160,18 @@ def check_batchnorm(model: nn.Module, key: str = "teacher") -> None:
             f"{key} has no BatchNorm2d layer: Qimera's generator loss matches BN statistics; "
             "choose a teacher with BatchNorm2d layers (e.g. a ResNet or MobileNetV2)"
         )
+
+
+def check_finite_weights(model: nn.Module, config: TeacherConfig | None = None) -> None:
+    """Raise :class:`TeacherError` naming the first parameter or buffer of the teacher that
+    holds a NaN or an infinity (damaged weights): nothing it computes would mean anything."""
+    found = first_non_finite((*model.named_parameters(), *model.named_buffers()))
+    if found is None:
+        return
+    name, t = found
+    where = f" (teacher.weights={config.weights!r})" if config is not None and config.weights else ""
+    raise TeacherError(f"teacher{where}: its {name} holds {int((~torch.isfinite(t)).sum())} NaN or infinite "
+                       f"value(s) of {t.numel()}; the weights are damaged: use other teacher weights")
 
 
 def drop_auxiliary_head(model: nn.Module) -> bool:
@@ -234,6 +260,7 @@ def finish_teacher(
     model.requires_grad_(False)
     drop_auxiliary_head(model)
     check_batchnorm(model)
+    check_finite_weights(model, config)
     wanted = config.num_classes if config.num_classes is not None else (
         spec.num_classes if spec.num_classes > 0 else None)
     classifier = find_classifier(model, wanted)
