@@ -83,9 +83,10 @@ def _positive_int(text: str) -> int:
 
 
 def _experiment(args) -> int:
-    from .experiments import load_experiment, report, run_experiment
+    from .experiments import check_experiment_dir, load_experiment, report, run_experiment
 
     exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
+    check_experiment_dir(exp)
     counts = {"failed": 0}
     if args.action == "run":
         counts = run_experiment(exp, jobs=args.jobs)
@@ -118,19 +119,30 @@ def _figure(args) -> int:
     return 0
 
 
+#: what a stopped command leaves, said after "qimera: stopped by SIGTERM; "
+_AFTER_STOP = {
+    "run": "rerun the same command to resume from the last epoch",
+    "check": "nothing was written",
+    "experiment": "finished cells are kept; rerun the same command to resume the stopped ones from their last epoch",
+    "figure": "the figures were not finished; run the command again",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import signal_of, stop_with_parent
+
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _on_signal)
     try:
+        stop_with_parent()  # an experiment's cell: stop (as on SIGTERM) when the runner dies
         return _main(args)
     except KeyboardInterrupt as exc:
-        name = str(exc.args[0]) if exc.args else ""
-        signum = getattr(signal, name, signal.SIGINT) if name.startswith("SIG") else signal.SIGINT
-        how = f"stopped by {name}" if name.startswith("SIG") else "interrupted"
-        print(f"qimera: {how}; rerun the same command to resume from the last epoch", file=sys.stderr)
-        return 128 + int(signum)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+        signum = signal_of(exc)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"qimera: {how}; {_AFTER_STOP[args.command]}", file=sys.stderr)
+        return 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     except MemoryError:
         print("qimera: error: out of memory while starting; free memory on this machine and rerun", file=sys.stderr)
         return 1

@@ -5,6 +5,12 @@ reported in the layout of the paper's tables. The file format is in experiments/
 :func:`run_experiment` runs the cells that are not finished (each one ``qimera run`` in its
 own process, ``jobs`` at a time); :func:`report` writes ``report.md``, ``report.csv`` and
 ``report.png`` from the cells' ``summary.json``.
+
+Stopping: each cell runs in its own process group. SIGTERM or Ctrl-C to the runner is
+passed on to the running cells (:func:`stop_cells`), which stop as ``qimera run`` does
+(the checkpoint of their last finished epoch stays, ``cell.json`` says "stopped"); no new
+cell starts, and the runner exits once they have. A rerun resumes them. A runner killed
+outright takes its cells with it (:func:`qimera.runtime.stop_with_parent`).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._files import atomic_write
-from .config import Config, ConfigError, load_config, parse_override, quoted, read_yaml_mapping, shorten
+from .config import Config, ConfigError, load_config, parse_override, probe_out_dir, quoted, read_yaml_mapping, shorten
+from .runtime import PARENT_PID_ENV, signal_of, stop_group
 from .trainer import HISTORY_NAME
 
 RUNS_DIR = Path("runs")
@@ -413,56 +422,162 @@ def cell_top1(cell: Cell) -> float | None:
     return float(top1) if isinstance(top1, (int, float)) and math.isfinite(top1) else None
 
 
-def run_cell(cell: Cell, *, threads: int | None = None, env: dict[str, str] | None = None) -> dict:
+#: seconds a cell that was passed a stop signal has to exit before it is killed
+STOP_GRACE_SECONDS = 20
+_cells_lock = threading.Lock()
+#: the cells' processes running now, in this process (any thread)
+_cells: set[subprocess.Popen] = set()
+#: the signal the running cells were passed (no new cell starts meanwhile), else empty
+_stopping: list[int] = []
+
+
+def _end(proc: subprocess.Popen, signum: int) -> None:
+    """Pass ``signum`` to the cell's process group and wait for it to exit (SIGKILL after
+    :data:`STOP_GRACE_SECONDS`)."""
+    stop_group(proc, ((signum, STOP_GRACE_SECONDS),))
+
+
+def stop_cells(signum: int = signal.SIGTERM) -> int:
+    """Pass ``signum`` to every cell running in this process (their ``qimera run`` stops
+    as on Ctrl-C or SIGTERM: the last finished epoch's checkpoint stays) and start no new
+    one until :func:`run_experiment` returns; returns how many were running. The cells'
+    own threads wait for them and record them as "stopped"."""
+    with _cells_lock:
+        if not _stopping:
+            _stopping.append(signum)
+        running = [p for p in _cells if p.poll() is None]
+    for proc in running:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+    return len(running)
+
+
+def _wait_cells(timeout: float) -> None:
+    """Wait for the cells :func:`stop_cells` stopped; SIGKILL what is left after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    with _cells_lock:
+        running = list(_cells)
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _end(proc, signal.SIGKILL)
+
+
+def run_cell(cell: Cell, *, threads: int | None = None, env: dict[str, str] | None = None) -> dict | None:
     """Run one cell as ``qimera run`` on its resolved config (``config.yaml`` in its
     directory) in a child process, which resumes from the cell's checkpoint if one is
     there; record and return the outcome (``cell.json``'s content). ``threads`` sets
     ``OMP_NUM_THREADS`` for the child unless the environment already does; ``env`` adds
-    variables for the child (e.g. ``QIMERA_EPOCH_HOOK``, :data:`qimera.api.EPOCH_HOOK_ENV`)."""
+    variables for the child (e.g. ``QIMERA_EPOCH_HOOK``, :data:`qimera.api.EPOCH_HOOK_ENV`).
+
+    The child runs in its own process group. When this call is interrupted (Ctrl-C, or
+    SIGTERM raised as KeyboardInterrupt in this thread) the signal is passed on to it, the
+    cell is recorded as "stopped" once it has exited, and the interruption goes on. Returns
+    None without starting anything while :func:`stop_cells` is stopping the cells."""
     cell.out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = cell.out_dir / CELL_CONFIG
     text = yaml.safe_dump(cell.cfg.model_dump(mode="json"), sort_keys=False)
     atomic_write(cfg_file, lambda h: h.write(text), "w")
-    env = {**os.environ, **(env or {})}
+    env = {**os.environ, **(env or {}), PARENT_PID_ENV: str(os.getpid())}
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    proc = subprocess.run([sys.executable, "-m", "qimera.cli", "run", str(cfg_file)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "qimera.cli", "run", str(cfg_file)]
+    with tempfile.TemporaryFile() as stderr:
+        with _cells_lock:
+            if _stopping:
+                return None
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    start_new_session=True)
+            _cells.add(proc)
+        interrupted: BaseException | None = None
+        try:
+            proc.wait()
+        except BaseException as exc:  # noqa: BLE001 - passed on to the cell, then raised again
+            interrupted = exc
+            _end(proc, signal_of(exc) if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+        finally:
+            with _cells_lock:
+                _cells.discard(proc)
+        stderr.seek(0)
+        lines = stderr.read().decode(errors="replace").strip().splitlines()
+    error = (lines or [""])[-1][:2000]
     if proc.returncode == 0 and (cell.out_dir / SUMMARY).is_file():
-        return record_cell(cell, "done", returncode=0)
-    error = (proc.stderr.strip().splitlines() or [""])[-1][:2000]
-    return record_cell(cell, "failed", returncode=proc.returncode, error=error)
+        record = record_cell(cell, "done", returncode=0)
+    elif interrupted is not None or _stopping:
+        record = record_cell(cell, "stopped", returncode=proc.returncode, error=error)
+    else:
+        record = record_cell(cell, "failed", returncode=proc.returncode, error=error)
+    if interrupted is not None:
+        raise interrupted
+    return record
 
 
-def _run_tracked(cell: Cell, progress: Progress, threads: int, log) -> bool:
+def _run_tracked(cell: Cell, progress: Progress, threads: int, log) -> bool | None:
     with progress.lock:
         progress.running += 1
         log(f"{progress.line()} {cell.id}: started")
-    record = run_cell(cell, threads=threads)
+    try:
+        record = run_cell(cell, threads=threads)
+    finally:
+        with progress.lock:
+            progress.running -= 1
+    if record is None:  # the experiment is being stopped: the cell did not start
+        return None
     ok = record["status"] == "done"
     with progress.lock:
-        progress.running -= 1
         if ok:
             progress.done += 1
             log(f"{progress.line()} {cell.id}: top-1 {cell_top1(cell)}")
+        elif record["status"] == "stopped":
+            log(f"{progress.line()} {cell.id}: stopped (exit {record['returncode']}); a rerun resumes it")
         else:
             progress.failed += 1
             log(f"{progress.line()} {cell.id}: FAILED (exit {record['returncode']}): {record['error']}")
     return ok
 
 
+def check_experiment_dir(exp: Experiment) -> None:
+    """Refuse an experiment whose directory (``runs/<name>``) cannot be created or written
+    (``runs`` a plain file, a read-only disk) with one line, before any cell runs;
+    leaves nothing behind."""
+    try:
+        probe_out_dir(exp.dir, "its runs directory")
+    except ConfigError as exc:
+        raise ExperimentError(f"{exp.path}: {exc}") from None
+
+
 def run_experiment(exp: Experiment, *, jobs: int = 1, log=None) -> dict[str, int]:
     """Run every cell that is not finished, ``jobs`` at a time; returns the counts
-    ``{"skipped", "done", "failed"}``. A failed cell does not stop the others."""
+    ``{"skipped", "done", "failed"}``. A failed cell does not stop the others. An
+    interruption of the calling thread (Ctrl-C, SIGTERM as KeyboardInterrupt) is passed
+    on to the running cells (:func:`stop_cells`); once they have exited it goes on."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    check_experiment_dir(exp)
     todo = [c for c in exp.cells if not is_done(c)]
     skipped = len(exp.cells) - len(todo)
     progress = Progress(total=len(exp.cells), done=skipped)
     log(f"experiment {exp.spec.name}: {len(exp.cells)} cells, {skipped} finished already, {len(todo)} to run, "
         f"{jobs} at a time")
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda c: _run_tracked(c, progress, threads, log), todo))
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        futures = [pool.submit(_run_tracked, c, progress, threads, log) for c in todo]
+        results = [f.result() for f in futures]
+    except BaseException as exc:
+        signum = signal_of(exc) if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        running = stop_cells(signum)
+        log(f"experiment {exp.spec.name}: stopping ({signal.Signals(signum).name}): passed on to {running} running "
+            "cell(s), starting no more; a rerun resumes them")
+        pool.shutdown(wait=False, cancel_futures=True)
+        _wait_cells(STOP_GRACE_SECONDS)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        with _cells_lock:
+            _stopping.clear()
     failed = results.count(False)
     return {"skipped": skipped, "done": len(results) - failed, "failed": failed}
 

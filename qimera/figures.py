@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -566,16 +567,28 @@ class RunFigures:
     cfg: object  # qimera.config.Config
     state: dict
     num_classes: int
+    #: the ``--config`` file the config came from (None: the checkpoint's own)
+    config_file: str | Path | None = None
 
     def load(self, device: torch.device):
         """The run's teacher (:func:`qimera.teachers.load_teacher`) and its generator with
-        the checkpoint's weights, both on ``device``."""
+        the checkpoint's weights, both on ``device``; a config whose generator does not fit
+        the checkpoint's is a :class:`FigureError`."""
         from .generators import build_generator
         from .teachers import load_teacher
+        from .trainer import checkpoint_file
 
         teacher = load_teacher(self.cfg.teacher)
         generator = build_generator(self.cfg, teacher)
-        generator.load_state_dict(self.state["generator"])
+        try:
+            generator.load_state_dict(self.state["generator"])
+        except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            what = (f"--config {str(self.config_file)!r}" if self.config_file is not None
+                    else f"the config in {str(checkpoint_file(self.run_dir))!r}")
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first if len(first) <= 160 else first[:159] + "…"
+            raise FigureError(f"{what} does not describe the run's generator ({first}); give the config the run "
+                              "was trained with") from None
         teacher.model.to(device)
         return teacher, generator.to(device)
 
@@ -624,8 +637,11 @@ def open_run(run_dir: str | Path, config: str | Path | None = None) -> RunFigure
         raise FigureError(f"{str(ckpt)!r} holds no config: pass the run's config with --config FILE")
     if cfg.method in CALIBRATION_METHODS or state["generator"] is None:
         raise FigureError(_no_generator(run_dir, cfg.method))
-    num_classes = int(state["generator"]["embedding.weight"].shape[0])
-    return RunFigures(run_dir, cfg, state, num_classes)
+    try:
+        num_classes = int(state["generator"]["embedding.weight"].shape[0])
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise FigureError(f"{str(ckpt)!r} is not a qimera checkpoint (its generator has no class embedding)") from None
+    return RunFigures(run_dir, cfg, state, num_classes, config)
 
 
 def _summary_method(run_dir: Path) -> str | None:
@@ -641,12 +657,37 @@ def _no_generator(run_dir: Path, method: str | None) -> str:
 
 
 def _out_dir(run: RunFigures, out: str | Path | None) -> Path:
+    """Where the figures go, checked (it can be created and written) but not created:
+    :func:`_writing` creates it when there is something to write."""
+    from .config import ConfigError, probe_out_dir
+
     path = Path(out) if out is not None else run.run_dir / "figures"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FigureError(f"--out {str(path)!r}: cannot create it ({exc.strerror})") from None
+        probe_out_dir(path, "--out")
+    except ConfigError as exc:
+        raise FigureError(str(exc)) from None
     return path
+
+
+@contextmanager
+def _writing(folder: Path, paths: Sequence[Path]):
+    """Create ``folder`` for the block's files ``paths`` (each written whole, or not at
+    all); when the block fails or is interrupted, the ones it added are removed again, and
+    the directories this made if they are then empty: no half set of figures is left."""
+    from .config import ConfigError, create_out_dir, remove_created_dirs
+
+    try:
+        created = create_out_dir(folder, "--out")
+    except ConfigError as exc:
+        raise FigureError(str(exc)) from None
+    new = [p for p in paths if not p.exists()]
+    try:
+        yield folder
+    except BaseException:
+        for p in new:
+            p.unlink(missing_ok=True)
+        remove_created_dirs(created)
+        raise
 
 
 def pca_figures(run_dir: str | Path, pairs: Sequence[tuple[int, int]] | None = None, *,
@@ -671,9 +712,10 @@ def pca_figures(run_dir: str | Path, pairs: Sequence[tuple[int, int]] | None = N
                      seed=run.cfg.train.seed if seed is None else seed, device=dev)
     names = class_labels(teacher.class_names, run.cfg.data.name, run.num_classes)
     paths = [folder / "pca_pairs.png", folder / "pca_all.png", folder / "pca_points.npz"]
-    save_pca_pairs(paths[0], pts, names)
-    save_pca_all(paths[1], pts, names)
-    pts.save(paths[2])
+    with _writing(folder, paths):
+        save_pca_pairs(paths[0], pts, names)
+        save_pca_all(paths[1], pts, names)
+        pts.save(paths[2])
     return paths
 
 
@@ -703,11 +745,12 @@ def sample_figures(run_dir: str | Path, classes: Sequence[int] | None = None, *,
     names = class_labels(teacher.class_names, run.cfg.data.name, run.num_classes)
     paths = [folder / "samples_grid.png", folder / "samples_rows.png", folder / "samples_boundary.png",
              folder / "samples.npz"]
-    save_sample_grid(paths[0], grid, full, names)
-    save_class_rows(paths[1], rows, chosen, names)
-    save_sample_grid(paths[2], boundary, chosen, names,
-                     title="boundary supporting samples of the chosen classes (K=2, λ=0.5)")
     arrays = {"grid": grid, "grid_classes": np.asarray(full), "rows": rows, "boundary": boundary,
               "classes": np.asarray(chosen)}
-    atomic_write(paths[3], lambda h: np.savez(h, **arrays), "wb")
+    with _writing(folder, paths):
+        save_sample_grid(paths[0], grid, full, names)
+        save_class_rows(paths[1], rows, chosen, names)
+        save_sample_grid(paths[2], boundary, chosen, names,
+                         title="boundary supporting samples of the chosen classes (K=2, λ=0.5)")
+        atomic_write(paths[3], lambda h: np.savez(h, **arrays), "wb")
     return paths

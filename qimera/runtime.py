@@ -14,6 +14,10 @@ it themselves. ``QIMERA_DEFAULT_MALLOC=1`` in the environment turns it off.
 
 :func:`machine_fault` turns an out-of-memory or a full-disk error into one line with a
 remedy, for the CLI and the pipeline stages.
+
+:func:`signal_of` names the signal a ``KeyboardInterrupt`` stands for,
+:func:`stop_with_parent` makes an experiment's cell stop when its runner dies, and
+:func:`stop_group` stops a child's whole process group, signal by signal.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import ctypes.util
 import errno
 import os
 import re
-from typing import Iterator
+import signal
+import subprocess
+import sys
+from typing import Iterator, Sequence
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -90,3 +97,59 @@ def _fault_of(exc: BaseException) -> str | None:
         return (f"cannot write{where}: {exc.strerror or exc}; free space (or fix the disk) and rerun the same "
                 "command: training resumes from the last checkpoint")
     return None
+
+
+def signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal a ``KeyboardInterrupt`` stands for: the CLI and the stages raise it for
+    SIGTERM and SIGHUP with the signal's name as its argument; Ctrl-C is SIGINT."""
+    name = str(exc.args[0]) if exc.args else ""
+    value = getattr(signal, name, None) if name.startswith("SIG") else None
+    return int(value) if isinstance(value, int) else int(signal.SIGINT)
+
+
+#: the pid of the process whose death must stop this one, set by
+#: :func:`qimera.experiments.run_cell` for the ``qimera run`` of a cell
+PARENT_PID_ENV = "QIMERA_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """When :data:`PARENT_PID_ENV` names this process's parent, ask the kernel to send this
+    process SIGTERM when the parent dies (Linux; elsewhere nothing happens). A cell whose
+    runner was killed outright (SIGKILL after a scheduler's grace period) then stops as on
+    SIGTERM, its last checkpoint kept, instead of running on as an orphan."""
+    spec = os.environ.pop(PARENT_PID_ENV, None)  # not for this process's own children
+    if not spec or not sys.platform.startswith("linux"):
+        return
+    try:
+        parent = int(spec)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (ValueError, OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_group(proc: subprocess.Popen, steps: Sequence[tuple[int, float]]) -> None:
+    """Stop the process group that ``proc`` leads (started with ``start_new_session``):
+    each ``(signal, seconds)`` of ``steps`` in turn, sent to the group while ``proc`` runs,
+    waiting up to ``seconds`` for it to exit; then SIGKILL to what is left of the group
+    (children the leader left behind), and wait for ``proc``."""
+    for signum, seconds in steps:
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

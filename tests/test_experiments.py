@@ -90,6 +90,58 @@ def test_killed_experiment_reruns_only_the_missing_cells(workdir):
     assert counts == {"skipped": finished, "done": 4 - finished, "failed": 0}
 
 
+def _cell_processes(marker: str) -> list[int]:
+    """The pids of the processes whose command line holds ``marker`` (a cell's config path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_stops_its_cells_and_a_rerun_resumes_them(workdir):
+    """Issue 21 item 8: SIGTERM to the parent alone (what a scheduler sends) reaches the
+    running cell, which checkpoints and stops; the runner exits 143 within seconds, the cell
+    is recorded as stopped, no process of it is left, and a rerun resumes it."""
+    base = yaml.safe_load((workdir / "base.yaml").read_text())
+    base["train"] = {**base["train"], "epochs": 3, "iters_per_epoch": 40, "lr_milestones": [2]}
+    (workdir / "long.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "stopped", "title": "stop", "seeds": [1],
+            "grids": [{"label": "d", "config": "long.yaml", "methods": ["qimera"], "bits": [4]}]}
+    path = workdir / "stopped.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cell = load_experiment(path).cells[0]
+    proc = subprocess.Popen([sys.executable, "-m", "qimera.cli", "experiment", "run", str(path)], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (cell.out_dir / "checkpoint.pt").exists():  # the first epoch is checkpointed
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)  # the runner only, not its group
+        start = time.monotonic()
+        err = proc.communicate(timeout=60)[1]
+        assert time.monotonic() - start < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "stopping (SIGTERM)" in err and "rerun the same command to resume" in err, err
+    record = json.loads((cell.out_dir / "cell.json").read_text())
+    assert record["status"] == "stopped", record
+    assert _cell_processes(str(cell.out_dir / "config.yaml")) == []
+    before = [json.loads(line) for line in (cell.out_dir / "history.jsonl").read_text().splitlines()]
+    assert 1 <= len(before) < 3
+    assert run_experiment(load_experiment(path), log=_quiet) == {"skipped": 0, "done": 1, "failed": 0}
+    after = [json.loads(line) for line in (cell.out_dir / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in after] == [1, 2, 3] and after[: len(before)] == before  # resumed, not redone
+
+
 def test_bad_experiment_files_fail_before_any_cell(workdir):
     cases = [
         ({"colour": "red"}, "colour"),

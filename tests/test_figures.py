@@ -188,3 +188,31 @@ def test_sample_counts_are_bounded_before_any_work(tmp_path):
         sample_figures(missing, per_class=MAX_PER_CLASS + 1)
     assert_one_line_error(finish(cli("pca", str(missing), "--samples", "100000")), "--samples 100000", "at most")
     assert not missing.exists()
+
+
+def test_a_mismatched_config_and_an_interrupted_figure_are_one_line_and_leave_nothing(trained, tiny_config, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Issue 21: ``--config`` that does not describe the run's generator is one line (not a
+    load_state_dict traceback); a figure interrupted mid-write leaves no part of its output
+    and does not speak of resuming."""
+    import yaml
+
+    import qimera.figures as figures
+    from qimera import cli as qcli
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(tiny_config, generator={**tiny_config["generator"], "dm_layers": 2})))
+    rc = qcli.main(["figure", "pca", trained, "--samples", "8", "--config", str(other), "--out", str(tmp_path / "x")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "does not describe the run's generator" in lines[0], lines
+    assert str(other) in lines[0] and not (tmp_path / "x").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "save_pca_all", interrupted)  # after pca_pairs.png is written
+    out = tmp_path / "deep" / "figs"
+    rc = qcli.main(["figure", "pca", trained, "--samples", "8", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "not finished" in err and "resume" not in err, err
+    assert not (tmp_path / "deep").exists()

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from qimera.runtime import stop_group
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -24,26 +26,7 @@ def free_port() -> int:
 
 def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGINT, then SIGTERM, then SIGKILL to the process group that ``proc`` leads."""
-    if proc.poll() is not None:
-        try:  # the leader is gone; children may be left in its group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group
-    except (ProcessLookupError, PermissionError):
-        pass
+    stop_group(proc, ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)))
 
 
 def tail(path: Path, n: int = 80) -> str:
