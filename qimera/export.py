@@ -342,7 +342,6 @@ def export_deployables(
     check_finite_parameters(student, "student")
     if int8:
         check_onnxruntime()  # before any file is written: the int8 form needs a recent onnxruntime
-    check_replaceable(out_dir)  # before any work: a directory of someone else's is refused, and kept
     with atomic_dir(out_dir) as out:
         state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
         atomic_write(out / STUDENT_FILE, lambda handle: torch.save(state, handle), "wb")

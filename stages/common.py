@@ -140,17 +140,25 @@ def repo_root(cwd: str | os.PathLike | None = None) -> Path:
 
 @contextmanager
 def all_or_nothing(*paths: str | os.PathLike):
-    """Remove ``paths`` (files or directories) when the block fails: a stage leaves all of
-    its outputs or none of them."""
+    """Remove the files ``paths`` when the block fails: a stage leaves all of its output
+    files or none of them. Directories are never removed here (a stage publishes a
+    directory with :func:`qimera._files.atomic_dir`, which leaves it as it was on failure)."""
     try:
         yield
     except BaseException:
         for p in map(Path, paths):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
+            if p.is_symlink() or not p.is_dir():
                 p.unlink(missing_ok=True)
         raise
+
+
+def require(path: str | os.PathLike, stage: str) -> Path:
+    """``path``, which the stage ``stage`` writes; a :class:`PipelineError` naming both
+    when it is not there."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; run the {stage} stage first (dvc repro {stage})")
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -381,7 +389,7 @@ def load_run_config():
     """The resolved config written by the ``resolve`` stage."""
     from qimera.config import Config
 
-    return Config.model_validate(read_yaml(RUN_CONFIG))
+    return Config.model_validate(read_yaml(require(RUN_CONFIG, "resolve")))
 
 
 def bits_tag(cfg) -> str:
@@ -411,6 +419,117 @@ def workspace_teacher_config(cfg):
     data = root_relative(cfg, repo_root()).model_dump(mode="json")
     data["teacher"] = workspace_teacher(read_json(TEACHER_RECORD)).model_dump(mode="json")
     return type(cfg).model_validate(data)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def library_hash() -> str:
+    """sha256 of the ``qimera`` package's source: a checkpoint made by other library code
+    is not resumed, evaluated or exported (DVC reruns train when the library changes)."""
+    import hashlib
+
+    import qimera
+
+    pkg = Path(qimera.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        digest.update(str(f.relative_to(pkg)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def teacher_sha256() -> str:
+    """The sha256 of the workspace teacher's weights (their content, not their path),
+    which must be the one ``teacher.json`` recorded when ``fetch_teacher`` wrote them."""
+    from qimera._files import sha256_file
+
+    record = read_json(require(TEACHER_RECORD, "fetch_teacher"))
+    actual = sha256_file(require(TEACHER_WEIGHTS, "fetch_teacher"))
+    if actual != record.get("sha256"):
+        raise PipelineError(f"{TEACHER_WEIGHTS} has sha256 {actual[:12]}…, {TEACHER_RECORD} records "
+                            f"{str(record.get('sha256'))[:12]}…: the weights were changed after fetch_teacher; "
+                            "rerun it (dvc repro --force fetch_teacher)")
+    return actual
+
+
+def training_inputs() -> dict[str, str]:
+    """What a checkpoint of the pipeline is made from beside its configuration (the
+    trainer's ``extra_fingerprint``): the library's source, the workspace teacher's and the
+    embedding table's sha256."""
+    from qimera._files import sha256_file
+
+    return {"library": library_hash(), "teacher_sha256": teacher_sha256(),
+            "embeddings_sha256": sha256_file(require(EMBEDDINGS, "init_embeddings"))}
+
+
+def checkpoint_fingerprint(cfg, teacher, inputs: dict[str, str]) -> str:
+    """The fingerprint a checkpoint of ``cfg`` (paths relative to the repository root made
+    absolute, :func:`root_relative`) trained from the loaded ``teacher`` (its content hash)
+    and ``inputs`` (:func:`training_inputs`) carries: the trainer's own
+    (:class:`qimera.trainer.Trainer`, which the train stage gives the same inputs), so that
+    train, evaluate and export judge a checkpoint alike."""
+    import hashlib
+    import json
+
+    from qimera.trainer import Trainer
+
+    parts = Trainer.fingerprint_parts(cfg, teacher, inputs)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _dotted(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(_dotted(value, f"{prefix}{key}."))
+    return out
+
+
+def _config_difference(trained: Any, wanted: dict) -> str:
+    """The first keys in which the checkpoint's config differs from the one asked for."""
+    from qimera.trainer import RESUME_MAY_CHANGE
+
+    a, b = _dotted(trained if isinstance(trained, dict) else {}), _dotted(wanted)
+    ignored = tuple(RESUME_MAY_CHANGE)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not any(k == i or k.startswith(i + ".") for i in ignored)]
+    if not keys:
+        return "the same configuration, so the teacher's weights, the embedding table or the library changed since"
+    shown = "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} in {RUN_CONFIG}" for k in keys[:3])
+    return shown + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def trained_checkpoint(cfg, teacher, root: Path) -> dict:
+    """The train stage's final checkpoint for the resolved config ``cfg``, checked before
+    anything uses it: there, readable as tensors only (``weights_only=True``), carrying the
+    fingerprint of ``cfg`` and of this workspace's teacher, embedding table and library
+    (:func:`checkpoint_fingerprint`), and finished (``train.epochs`` epochs; 0 for a
+    calibration-only method). Anything else is a :class:`PipelineError`."""
+    from qimera.baselines import CALIBRATION_METHODS
+    from qimera.trainer import CHECKPOINT_NAME, read_checkpoint
+
+    path = require(TRAIN_DIR / CHECKPOINT_NAME, "train")
+    rerun = "rerun train (dvc repro --force train)"
+    try:
+        state = read_checkpoint(TRAIN_DIR)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line, whatever torch says
+        raise PipelineError(f"{path} is not a readable qimera checkpoint ({type(exc).__name__}); {rerun}") from None
+    if not isinstance(state, dict) or not {"epoch", "student"} <= set(state):
+        raise PipelineError(f"{path} is not a qimera checkpoint (no epoch and student weights); {rerun}")
+    root_cfg = root_relative(cfg, root)
+    if state.get("fingerprint") != checkpoint_fingerprint(root_cfg, teacher, training_inputs()):
+        why = ("it carries no fingerprint" if state.get("fingerprint") is None
+               else _config_difference(state.get("config"), root_cfg.resolved()))
+        raise PipelineError(f"{path} was not trained from {RUN_CONFIG} with this workspace's teacher, embedding "
+                            f"table and library ({why}); {rerun}")
+    epochs = 0 if cfg.method in CALIBRATION_METHODS else cfg.train.epochs
+    if int(state["epoch"]) != epochs:
+        raise PipelineError(f"{path} holds epoch {int(state['epoch'])} of train.epochs={epochs}: training did not "
+                            "finish; rerun train to complete it (dvc repro train)")
+    return state
 
 
 # --------------------------------------------------------------------------- entry point

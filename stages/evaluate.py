@@ -33,6 +33,9 @@ from .common import (
 )
 from . import figures, tracking
 
+#: the figures this stage draws (dvc.yaml's plots), and nothing else of outputs/figures
+SAMPLES_PNG, PCA_PNG, CURVES_PNG = (FIGURES_DIR / name for name in ("samples.png", "pca.png", "curves.png"))
+
 
 def _clean(values):
     return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else round(v, 4) for v in values]
@@ -91,16 +94,16 @@ def _evaluate(run) -> None:
              "student_top1": student_res.top1, "student_top5": student_res.top5}
     if naive is not None:
         final.update(naive_top1=naive.top1, naive_top5=naive.top5)
-    with all_or_nothing(METRICS, FIGURES_DIR):
+    with all_or_nothing(METRICS, SAMPLES_PNG, PCA_PNG, CURVES_PNG):
         generator = _trained_generator(run)
         names = _class_names(run, record)
-        _draw_samples(FIGURES_DIR / "samples.png", run, generator, names)
-        _draw_pca(FIGURES_DIR / "pca.png", run, generator, names)
+        _draw_samples(SAMPLES_PNG, run, generator, names)
+        _draw_pca(PCA_PNG, run, generator, names)
         if state["history"]:
-            figures.save_curves(FIGURES_DIR / "curves.png", state["history"], record["top1"])
+            figures.save_curves(CURVES_PNG, state["history"], record["top1"])
         else:
-            figures.save_note(FIGURES_DIR / "curves.png", f"No training curves: {cfg.method} fine-tunes no "
-                                                           "weights (it only calibrates activation ranges).")
+            figures.save_note(CURVES_PNG, f"No training curves: {cfg.method} fine-tunes no "
+                                          "weights (it only calibrates activation ranges).")
         write_json(METRICS, metrics)
         tracking.log_metrics(client, run_id, final, step=int(state["epoch"]))
         client.log_artifact(run_id, str(METRICS), "evaluation")

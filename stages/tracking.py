@@ -580,25 +580,31 @@ def outage_message(exc: BaseException, stage: str) -> str | None:
 class TrainedRun:
     """What the stages after ``train`` start from: the resolved config, the workspace
     teacher (and evaluation data when asked), the final checkpoint and the open MLflow run.
-    Opening the store also marks KILLED the runs that dead processes left RUNNING
-    (:func:`reap_dead_runs`); the stage then takes the run with :func:`claim`."""
+    The checkpoint is checked first (:func:`stages.common.trained_checkpoint`: readable,
+    of this config, teacher, embedding table and library, finished), before the store is
+    touched or anything is written. Opening the store also marks KILLED the runs that dead
+    processes left RUNNING (:func:`reap_dead_runs`); the stage then takes the run with
+    :func:`claim`."""
 
     def __init__(self, *, with_data: bool):
         from qimera.api import prepare
-        from qimera.trainer import read_checkpoint
 
-        from .common import TRAIN_DIR, load_params, load_run_config, root_relative, workspace_teacher_config
+        from qimera.trainer import CHECKPOINT_NAME
+
+        from .common import (TRAIN_DIR, load_params, load_run_config, require, root_relative, trained_checkpoint,
+                             workspace_teacher_config)
 
         self.root = repo_root()
         self.params = load_params()
         self.cfg = load_run_config()
+        require(TRAIN_DIR / CHECKPOINT_NAME, "train")  # before the store or the teacher is touched
+        self.prep = prepare(workspace_teacher_config(self.cfg), with_data=with_data)
+        self.state = trained_checkpoint(self.cfg, self.prep.teacher, self.root)
         self.uri = tracking_uri(self.params, self.root)
         self.client = connect(self.uri)
         reap_dead_runs(self.client)
-        self.prep = prepare(workspace_teacher_config(self.cfg), with_data=with_data)
         #: the config with paths made relative to the repository root (for model building)
         self.root_cfg = root_relative(self.cfg, self.root)
-        self.state = read_checkpoint(TRAIN_DIR)
         self.run_id = current_run(self.client, self.uri, experiment_name(self.params, self.cfg), self.cfg,
                                   run_tags(self.cfg, self.prep.device))
 

@@ -51,6 +51,8 @@ from .common import (
     TRAIN_DIR,
     TRAIN_RECORD,
     PipelineError,
+    checkpoint_fingerprint,
+    library_hash,  # noqa: F401 - re-exported: stages.common owns it
     load_params,
     load_run_config,
     preset_file,
@@ -59,6 +61,7 @@ from .common import (
     root_relative,
     run_stage,
     torch_save,
+    training_inputs,
     workspace_teacher_config,
     write_json,
     write_text,
@@ -79,20 +82,6 @@ def history_csv(history: list[dict]) -> str:
             row.append(("%d" % value if key == "epoch" else "%.6g" % value) if ok else "")
         writer.writerow(row)
     return buf.getvalue()
-
-
-def library_hash() -> str:
-    """sha256 of the ``qimera`` package's source: a checkpoint made by other library code
-    is not resumed (DVC reruns train when the library changes; that must retrain)."""
-    import hashlib
-
-    import qimera
-
-    pkg = Path(qimera.__file__).parent
-    digest = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        digest.update(str(f.relative_to(pkg)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def epoch_hook():
@@ -127,16 +116,15 @@ def _prepare(cfg):
 def _trainer(cfg, prep, root):
     """The trainer, with what its checkpoint must have been trained from: the preset's
     config (whose teacher section is the fingerprint's), the workspace teacher's and the
-    embedding table's hashes, the library's source."""
+    embedding table's hashes, the library's source (:func:`stages.common.training_inputs`:
+    evaluate and export check the same fingerprint)."""
     import torch
 
-    from qimera._files import sha256_file
     from qimera.trainer import Trainer
 
     table = torch.load(EMBEDDINGS, map_location="cpu", weights_only=True)["embeddings"]
     return Trainer(root_relative(cfg, root), prep.teacher, prep.eval_data, initial_embeddings=table,
-                   extra_fingerprint={"library": library_hash(), "teacher_sha256": read_json(TEACHER_RECORD)["sha256"],
-                                      "embeddings_sha256": sha256_file(EMBEDDINGS)})
+                   extra_fingerprint=training_inputs())
 
 
 def _resume_or_start_over(trainer):
@@ -256,6 +244,7 @@ def _calibrate(client, uri: str, params: dict, cfg, prep, root) -> None:
     from qimera.baselines import calibrated_student
     from qimera.trainer import HISTORY_NAME, ResumeStatus, checkpoint_file
 
+    inputs = training_inputs()  # checked before anything is discarded or opened
     _discard_outputs()  # a calibration-only method never resumes
     status = ResumeStatus("none", f"{cfg.method} calibrates only: nothing to resume")
     run_id = _open_run(client, uri, params, cfg, prep, status, root)
@@ -265,8 +254,10 @@ def _calibrate(client, uri: str, params: dict, cfg, prep, root) -> None:
         prep.teacher.model.to(prep.device)
         calibrated = calibrated_student(root_relative(cfg, root), prep.teacher, prep.device)
         images = None if calibrated.images is None else calibrated.images[:KEPT_IMAGES].cpu()
+        root_cfg = root_relative(cfg, root)
         state = {"format": 1, "method": cfg.method, "epoch": 0, "student": calibrated.student.state_dict(),
-                 "generator": None, "history": [], "config": cfg.resolved(), "calibration_images": images}
+                 "generator": None, "history": [], "config": root_cfg.resolved(), "calibration_images": images,
+                 "fingerprint": checkpoint_fingerprint(root_cfg, prep.teacher, inputs)}
         torch_save(checkpoint_file(TRAIN_DIR), state)
         write_text(TRAIN_DIR / HISTORY_NAME, "")
         write_text(HISTORY_CSV, history_csv([]))
@@ -287,7 +278,6 @@ def _calibrate(client, uri: str, params: dict, cfg, prep, root) -> None:
 
 
 def main() -> None:
-    from qimera.baselines import CALIBRATION_METHODS
     from qimera.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -297,6 +287,15 @@ def main() -> None:
     tracking.reap_dead_runs(client)
     hook, restore = epoch_hook(), restore_hook()
     prep = _prepare(cfg)
+    from qimera._lock import hold_out_dir
+
+    with hold_out_dir(TRAIN_DIR):  # one writer: another train stage there is refused, naming it
+        _train(client, uri, params, cfg, prep, root, hook, restore)
+
+
+def _train(client, uri: str, params: dict, cfg, prep, root, hook, restore) -> None:
+    from qimera.baselines import CALIBRATION_METHODS
+
     if cfg.method in CALIBRATION_METHODS:
         _calibrate(client, uri, params, cfg, prep, root)
         return

@@ -315,36 +315,136 @@ def _kill_when(project: DvcProject, args: list[str], ready, timeout: float = 300
     return out
 
 
-def test_sigkill_during_export_leaves_nothing_half_done_and_the_rerun_registers_once(copy_of_built):
+def _champion(project: DvcProject, name: str):
+    """The version ``@champion`` resolves to: READY, with a complete model (MLmodel)."""
+    import os
+    import tempfile
+    from pathlib import Path
+    from unittest import mock
+
+    import mlflow.artifacts
+
+    from stages.export import CHAMPION
+
+    champ = project.client().get_model_version_by_alias(name, CHAMPION)
+    assert str(champ.status) == "READY" and champ.tags.get("top1")
+    # a models:/ URI is resolved through the registry named by the environment
+    uris = {"MLFLOW_TRACKING_URI": project.tracking_uri, "MLFLOW_REGISTRY_URI": project.tracking_uri}
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, uris):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{CHAMPION}", dst_path=tmp))
+        assert (local / "MLmodel").is_file() and (local / "extra_files" / "student.onnx").is_file()
+    return str(champ.version)
+
+
+def test_a_killed_export_keeps_the_champion_and_the_previous_export_and_the_rerun_registers_once(copy_of_built):
+    """Issue 21 item 2: a SIGKILL while the files are built, and another right after the new
+    version is registered, leave ``outputs/export`` as it was and ``@champion`` resolving to
+    a complete version; the rerun registers one version for the run, takes the alias and
+    retires the earlier ones last. An edited metrics.json is refused before anything is built."""
     project = copy_of_built
     client = project.client()
+    name = "qimera-demo-w4a4"
     run_id = project.read_json("metrics.json")["mlflow_run_id"]
     outputs = project.path / "outputs"
+    before = (outputs / "export" / "model.json").read_bytes()
+    champion = _champion(project, name)
+
+    # the top-1 in the tags and the card is the stage's own measurement
+    metrics = project.read_json("metrics.json")
+    edited = {**metrics, "student": {**metrics["student"], "top1": 99.99}}
+    (project.path / "metrics.json").write_text(json.dumps(edited))
+    res = project.dvc("repro", "--force", "--single-item", "export", timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if "not the evaluation of this checkpoint" in ln]
+    assert res.returncode != 0 and len(lines) == 1 and "Traceback" not in res.stdout, res.stdout[-4000:]
+    assert "99.9900%" in lines[0] and f"{metrics['student']['top1']:.4f}%" in lines[0]
+    assert (outputs / "export" / "model.json").read_bytes() == before
+    (project.path / "metrics.json").write_text(json.dumps(metrics))
 
     def building() -> bool:  # the export's temporary directory holds its first files
         return any(p.name.startswith(".export-") and any(p.iterdir()) for p in outputs.iterdir())
 
     _kill_when(project, ["repro", "--force", "--single-item", "export"], building)
-    assert not (outputs / "export").exists()  # published with one rename, or not at all
+    assert (outputs / "export" / "model.json").read_bytes() == before  # the previous export, untouched
     assert [p.name for p in outputs.iterdir() if p.name.startswith(".export-")]  # SIGKILL left its temp dir
+    assert _champion(project, name) == champion
+
+    versions = len(client.search_model_versions(f"name='{name}'"))
+    last = [0.0]
+
+    def registered() -> bool:  # "Created version": the new version is there, nothing else is done yet
+        if time.monotonic() - last[0] < 0.05:
+            return False
+        last[0] = time.monotonic()
+        return len(client.search_model_versions(f"name='{name}'")) > versions
+
+    _kill_when(project, ["repro", "--force", "--single-item", "export"], registered)
+    now = project.read_json("outputs/export/model.json")
+    assert (outputs / "export" / "model.json").read_bytes() == before or now["registered_version"] != champion
+    _champion(project, name)  # resolves, READY and complete, whichever version it is
 
     res = project.dvc("repro", "--force", "--single-item", "export", timeout=600)
     assert res.returncode == 0, res.stdout[-6000:]
-    assert "left by a killed export" in res.stdout
+    assert "left by a killed export" in res.stdout and "left by an earlier export of this run" in res.stdout
     assert not [p for p in outputs.iterdir() if p.name.startswith(".export-")]
     model = project.read_json("outputs/export/model.json")
-    versions = client.search_model_versions(f"name='qimera-demo-w4a4' and run_id='{run_id}'")
+    versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     assert [str(v.version) for v in versions] == [model["registered_version"]]  # one version for the run
-    assert all(v.tags.get("top1") and v.tags.get("bits") == "w4a4" for v in versions)
+    assert model["champion"] and _champion(project, name) == model["registered_version"]
+    assert all(v.tags.get("top1") == f"{metrics['student']['top1']:.4f}" and v.tags.get("bits") == "w4a4"
+               for v in versions)
     assert client.get_run(run_id).info.status == "FINISHED"
-
-    # an export rerun of the same MLflow run replaces its version instead of adding one
-    res = project.dvc("repro", "--force", "--single-item", "export", timeout=600)
-    assert res.returncode == 0 and "left by an earlier export of this run" in res.stdout, res.stdout[-4000:]
-    versions = client.search_model_versions(f"name='qimera-demo-w4a4' and run_id='{run_id}'")
-    assert len(versions) == 1 and all(v.tags.get("top1") for v in versions)
-    untagged = [v for v in client.search_model_versions("name='qimera-demo-w4a4'") if not v.tags.get("top1")]
+    untagged = [v for v in client.search_model_versions(f"name='{name}'") if not v.tags.get("top1")]
     assert untagged == []
+
+
+def test_evaluate_and_export_check_what_they_are_handed(copy_of_built):
+    """Issue 21 item 4: a checkpoint that does not match the resolved config (quant changed,
+    only resolve rerun), a teacher changed after fetch_teacher, a garbage checkpoint, a
+    missing checkpoint or metrics.json: each stage stops in one line before it touches the
+    MLflow run or writes anything."""
+    project = copy_of_built
+    client = project.client()
+    name = "qimera-demo-w4a4"
+    run_id = project.read_json("metrics.json")["mlflow_run_id"]
+    logged = client.get_run(run_id).data.metrics["student_top1"]
+    versions = len(client.search_model_versions("name LIKE 'qimera-demo-%'"))
+    export_before = (project.path / "outputs/export/model.json").read_bytes()
+
+    def stage(module: str, needle: str) -> None:
+        res = project.run(["python", "-m", f"stages.{module}"])
+        lines = [ln for ln in res.stdout.splitlines() if needle in ln]
+        assert res.returncode != 0 and len(lines) == 1 and "Traceback" not in res.stdout, res.stdout[-4000:]
+        assert "weights_only=False" not in res.stdout
+
+    project.set_params({"quant.w_bits": 2, "quant.a_bits": 8})
+    assert project.dvc("repro", "--single-item", "resolve").returncode == 0
+    for module in ("evaluate", "export"):
+        stage(module, "quant.w_bits: 4 in the checkpoint, 2 in outputs/config/run.yaml")
+    project.set_params({"quant.w_bits": 4, "quant.a_bits": 4})
+    assert project.dvc("repro", "--single-item", "resolve").returncode == 0
+
+    checkpoint = project.path / "outputs/train/checkpoint.pt"
+    saved = checkpoint.read_bytes()
+    checkpoint.write_bytes(b"\x80\x04garbage")
+    stage("export", "is not a readable qimera checkpoint")
+    checkpoint.unlink()
+    stage("evaluate", "run the train stage first")
+    checkpoint.write_bytes(saved)
+
+    teacher = next((project.path / "outputs/teacher").glob("*.pt"))
+    original = teacher.read_bytes()
+    teacher.write_bytes(original[:-8] + bytes(8))
+    stage("evaluate", "were changed after fetch_teacher")
+    teacher.write_bytes(original)
+
+    metrics = project.path / "metrics.json"
+    metrics.rename(project.path / "metrics.saved")
+    stage("export", "metrics.json: not found; run the evaluate stage first")
+    (project.path / "metrics.saved").rename(metrics)
+
+    assert client.get_run(run_id).data.metrics["student_top1"] == logged
+    assert len(client.search_model_versions("name LIKE 'qimera-demo-%'")) == versions
+    assert (project.path / "outputs/export/model.json").read_bytes() == export_before
 
 
 def test_a_diverging_run_stops_in_train_and_publishes_nothing(copy_of_built):

@@ -1,5 +1,7 @@
 """The export stage's registry rules on a real MLflow store (SQLite): version tags and the
-``champion`` alias, which moves only to a version whose top-1 beats the champion's."""
+``champion`` alias, which moves only to a version whose top-1 beats the champion's (or
+that supersedes a version of the same run), and the retiring of a run's earlier versions,
+which never touches the champion."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from stages.export import CHAMPION, promote_if_better  # noqa: E402
+from stages.export import CHAMPION, promote_if_better, retire_earlier  # noqa: E402
 
 
 @pytest.fixture
@@ -44,3 +46,26 @@ def test_champion_without_a_top1_tag_is_judged_by_its_run(client, tmp_path):
     client.set_registered_model_alias(name, CHAMPION, _version(client, name, None, run.info.run_id))
     assert promote_if_better(client, name, _version(client, name, 79.0), 79.0) == (False, "1")
     assert promote_if_better(client, name, _version(client, name, 80.5), 80.5) == (True, "3")
+
+
+def test_a_rerun_of_the_same_run_takes_the_alias_and_retires_its_earlier_versions_last(client, tmp_path):
+    name = "qimera-demo-w2a4"
+    client.create_registered_model(name)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    run, other = (client.create_run(exp).info.run_id for _ in range(2))
+    first = _version(client, name, 90.0, run)
+    assert promote_if_better(client, name, first, 90.0, run) == (True, first)
+    interrupted = _version(client, name, 90.0, run)  # an export of the same run killed before the alias moved
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first
+    again = _version(client, name, 90.0, run)
+    # the same run's numbers do not beat themselves, yet its newer version supersedes the champion
+    assert promote_if_better(client, name, again, 90.0, run) == (True, again)
+    assert sorted(retire_earlier(client, name, run, keep=again)) == sorted([first, interrupted])
+    left = client.search_model_versions(f"name='{name}'")
+    assert [str(v.version) for v in left] == [again]
+    # another run's version that does not beat it leaves the champion where it is, and its
+    # own retiring never deletes the champion
+    loser = _version(client, name, 89.0, other)
+    assert promote_if_better(client, name, loser, 89.0, other) == (False, again)
+    assert retire_earlier(client, name, run, keep=loser) == []
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == again
