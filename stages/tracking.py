@@ -561,8 +561,11 @@ def _server_failure(exc: BaseException, uri: str) -> BaseException | None:
 
 def outage_message(exc: BaseException, stage: str) -> str | None:
     """One line for the tracking server (the one :func:`connect` opened) that stopped
-    answering while ``stage`` ran, or None when ``exc`` is something else."""
+    answering while ``stage`` ran, or for the SQLite store that became unreadable
+    (:func:`_damaged_store`), or None when ``exc`` is something else."""
     uri = _connected_uri
+    if uri and uri.startswith("sqlite:"):
+        return _damaged_store(exc, uri, stage)
     if not uri or not uri.startswith(("http://", "https://")):
         return None
     failure = _server_failure(exc, uri)
@@ -575,6 +578,25 @@ def outage_message(exc: BaseException, stage: str) -> str | None:
     remedy = ("training resumes from the last checkpoint when you rerun once it is back" if stage == "train"
               else "rerun once it is back")
     return f"the MLflow tracking server {redact(uri)} stopped answering ({reason}); {remedy}"
+
+
+def _damaged_store(exc: BaseException, uri: str, stage: str) -> str | None:
+    """One line for the SQLite MLflow store ``uri`` that was overwritten or damaged while
+    ``stage`` ran (sqlite3's DatabaseError in ``exc``'s chain), or None."""
+    import sqlite3
+
+    from qimera.runtime import exception_chain
+
+    damage = ("not a database", "malformed", "no such table")  # not "database is locked": that passes
+    failure = next((c for c in exception_chain(exc) if isinstance(c, sqlite3.DatabaseError)
+                    and any(d in str(c) for d in damage)), None)
+    if failure is None:
+        return None
+    detail = (str(failure).strip().splitlines() or [""])[0][:120]
+    remedy = ("training resumes from the last checkpoint when you rerun" if stage == "train" else "then rerun")
+    return (f"the MLflow store {redact(uri)} became unreadable while the {stage} stage ran ({type(failure).__name__}: "
+            f"{detail}): it was overwritten or damaged; restore it from a copy, or set MLFLOW_TRACKING_URI to another "
+            f"store (a new one starts empty); {remedy}")
 
 
 class TrainedRun:

@@ -77,6 +77,25 @@ def store(tmp_path):
     return client, client.create_experiment("reliability")
 
 
+def test_a_sqlite_store_overwritten_while_a_stage_runs_is_one_line(store, tmp_path, capsys):
+    """Issue 21: the store's file replaced by garbage during train gave a 103-line traceback."""
+    client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    (tmp_path / "mlflow.db").write_bytes(b"garbage, not a database " * 100)
+
+    def train() -> None:
+        client.log_metric(run_id, "student_top1", 1.0)
+
+    with pytest.raises(SystemExit) as stop:
+        common.run_stage("train", train)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert stop.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "became unreadable while the train stage ran (DatabaseError: file is not a database)" in lines[0]
+    assert "training resumes from the last checkpoint" in lines[0]
+    assert tracking.outage_message(ValueError("no store in this"), "train") is None
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
