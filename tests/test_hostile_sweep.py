@@ -216,3 +216,179 @@ def test_redact_removes_every_credential(uri):
 def test_redact_text_removes_bare_parameters(text):
     from stages.common import redact_text
     assert "hunter2secret" not in redact_text(text)
+
+
+# ------------------------------------------------------ issue 21 items 1-4, 8, 9: more cases
+
+
+@pytest.fixture(scope="module")
+def calibrated_student():
+    import torch
+
+    from qimera.models.digits_cnn import DigitsCNN
+    from qimera.baselines import calibrate
+    from qimera.quant import QuantRecipe, quantize_model
+
+    torch.manual_seed(0)
+    student, _ = quantize_model(DigitsCNN(10).eval(), QuantRecipe(4, 4))
+    calibrate(student, [torch.randn(8, 1, 8, 8)])
+    return student
+
+
+def _foreign_dir(tmp_path):
+    dest = tmp_path / "thesis"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "thesis.txt").write_text("mine")
+    (dest / "sub" / "data.csv").write_text("1,2")
+    return dest
+
+
+def _a_file(tmp_path):
+    dest = tmp_path / "afile"
+    dest.write_text("mine")
+    return dest
+
+
+def _a_link(tmp_path):
+    target = _foreign_dir(tmp_path)
+    (tmp_path / "link").symlink_to(target)
+    return tmp_path / "link"
+
+
+def _the_cwd(tmp_path):
+    (tmp_path / "thesis.txt").write_text("mine")
+    return tmp_path
+
+
+def _a_parent_of_the_cwd(tmp_path):
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "thesis.txt").write_text("mine")
+    return tmp_path
+
+
+def _snapshot(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+                  for p in root.rglob("*"))
+
+
+DEST_CASES = [_foreign_dir, _a_file, _a_link, _the_cwd, _a_parent_of_the_cwd]
+
+
+@pytest.mark.parametrize("make", DEST_CASES, ids=[f.__name__.strip("_") for f in DEST_CASES])
+@pytest.mark.parametrize("writer", ["export_integer", "export_deployables"])
+def test_the_python_api_never_replaces_what_it_did_not_write(calibrated_student, tmp_path, monkeypatch, make, writer):
+    """Item 1: a foreign directory, a file, a link, the working directory or a folder that
+    holds it is refused in one line (OutputDirError) before any work, and kept as it was."""
+    from qimera import export
+    from qimera._files import OutputDirError
+
+    dest = make(tmp_path)
+    monkeypatch.chdir(tmp_path / "inner" if (tmp_path / "inner").is_dir() else tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(OutputDirError) as err:
+        if writer == "export_integer":
+            export.export_integer(calibrated_student, dest, arch="qimera.models.digits_cnn:DigitsCNN")
+        else:
+            export.export_deployables(calibrated_student, dest, [], arch="qimera.models.digits_cnn:DigitsCNN",
+                                      input_size=(1, 8, 8), int8=False)
+    assert "\n" not in str(err.value) and len(str(err.value)) <= MAX_LINE
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_out_dir_held_by_another_run_is_one_line_and_untouched(capsys, tiny_config, tmp_path):
+    """Item 3: the holder here is another thread of this process; another process is
+    tests/test_lock.py's case."""
+    import threading
+
+    from qimera._lock import hold_out_dir
+
+    out = tmp_path / "out"
+    tiny_config["train"]["out_dir"] = str(out)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with hold_out_dir(out):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        held.wait(30)
+        rc = cli.main(["run", str(_write(tmp_path, tiny_config))])
+        line = _one_line(capsys.readouterr().err)
+        assert rc == 2 and "in use by another run" in line and "another thread" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [".qimera.lock"]
+        assert cli.main(["check", str(_write(tmp_path, tiny_config))]) == 0  # check writes nothing: no lock
+    finally:
+        release.set()
+        thread.join()
+    assert not out.exists()
+
+
+def test_a_checkpoint_that_is_a_directory_is_refused_before_training(capsys, tiny_config, tmp_path):
+    """Item 9: it trained a full epoch, then failed with IsADirectoryError."""
+    out = tmp_path / "out"
+    (out / "checkpoint.pt").mkdir(parents=True)
+    tiny_config["train"]["out_dir"] = str(out)
+    rc = cli.main(["run", str(_write(tmp_path, tiny_config))])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "checkpoint.pt there is not a file (a directory)" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
+def _experiment(tmp_path, tiny_config, **spec):
+    base = dict(tiny_config, naive={"enabled": False})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "x", "seeds": [1],
+            "grids": [{"label": "d", "config": "base.yaml", "methods": ["qimera"], "bits": [4]}], **spec}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+EXPERIMENT_CASES = [
+    ({"seeds": list(range(1, 1002))}, "1000"),
+    ({"set": {"method": "gdfq"}}, "method"),
+    ({"set": {"train.seed": 7}}, "train.seed"),
+    ({"set": {"quant": {"w_bits": 2}}}, "quant.w_bits"),
+    ({"set": {"train.out_dir": "/tmp/elsewhere"}}, "train.out_dir"),
+    ({"grids": [{"label": "d", "config": "base.yaml", "methods": ["qimera"], "bits": [4],
+                 "axes": {"generator.p": [i / 200 for i in range(101)], "train.lr_student": [1e-4] * 100}}],
+      "seeds": list(range(1, 3))}, "at most 10000"),
+    ({"grids": [{"label": "d", "config": "base.yaml", "methods": ["qimera"], "bits": [4],
+                 "set": {"quant.a_bits": 2}}]}, "quant.a_bits"),
+]
+
+
+@pytest.mark.parametrize("spec,fragment", EXPERIMENT_CASES, ids=[str(i) for i in range(len(EXPERIMENT_CASES))])
+def test_bounds_and_keys_written_inside_experiment_files_are_one_line(capsys, tiny_config, tmp_path, monkeypatch,
+                                                                     spec, fragment):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["experiment", "run", str(_experiment(tmp_path, tiny_config, **spec))])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and fragment in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_experiment_whose_runs_folder_is_a_file_keeps_it(capsys, tiny_config, tmp_path, monkeypatch):
+    """Item 9: ``runs`` a plain file was a NotADirectoryError traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("mine")
+    rc = cli.main(["experiment", "run", str(_experiment(tmp_path, tiny_config))])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "runs" in line, line
+    assert (tmp_path / "runs").read_text() == "mine"
+
+
+def test_an_exclude_pattern_in_an_experiment_cell_fails_that_cell_in_one_line(capsys, tiny_config, tmp_path,
+                                                                              monkeypatch):
+    """Item 5 inside an experiment file: the cell's run refuses the pattern before training."""
+    monkeypatch.chdir(tmp_path)
+    spec = {"grids": [{"label": "d", "config": "base.yaml", "methods": ["qimera"], "bits": [4],
+                       "set": {"quant.exclude": ["no_such_layer*"]}}]}
+    rc = cli.main(["experiment", "run", str(_experiment(tmp_path, tiny_config, **spec))])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    failed = [line for line in err.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "no_such_layer*" in failed[0] and len(failed[0]) <= MAX_LINE, err
