@@ -22,8 +22,11 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(PY) -m stages.summary metrics.json
 
+# two workers, a test file each at a time (its module fixtures, a built DVC project or a
+# Prefect server, stay in one process): most tests wait on one-thread subprocesses or
+# servers, so the second core was idle; each worker's torch runs one thread (tests/conftest.py)
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random-weight teacher and a few-second run config."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,14 @@ import torch
 from qimera.models.digits_cnn import DigitsCNN
 from qimera.teachers import load_teacher
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: two workers on a 2-core machine) each worker's
+    torch, and the processes its tests start, run one thread: two workers at two threads
+    each would oversubscribe the cores."""
+    if hasattr(config, "workerinput"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -176,13 +176,16 @@ def test_dvc_push_and_pull_through_an_s3_remote(s3_run, s3_server, tmp_path):
 def test_missing_buckets_stop_the_stage_with_their_error(s3_run, tmp_path):
     shutil.copytree(s3_run.path, tmp_path / "p", symlinks=True)
     project = DvcProject(tmp_path / "p", dict(s3_run.env), s3_run.tracking_uri)
+    before = (project.path / "outputs/export/model.json").read_bytes()
 
     project.set_params({"export.s3_prefix": "s3://no-such-export-bucket/runs"})
     res = project.dvc("repro", timeout=600)
     assert res.returncode != 0
     assert "bucket 'no-such-export-bucket' does not exist" in res.stdout, res.stdout[-4000:]
     assert "Traceback" not in res.stdout
-    assert not (project.path / "outputs/export").exists()  # nothing half-written
+    # nothing half-written: the previous export stays as it was, no temporary directory is left
+    assert (project.path / "outputs/export/model.json").read_bytes() == before
+    assert not [p for p in (project.path / "outputs").iterdir() if p.name.startswith(".export-")]
 
     project.set_params({"export.s3_prefix": None, "teacher.weights": "s3://no-such-teacher-bucket/w.pt"})
     res = project.dvc("repro", "fetch_teacher", timeout=600)
