@@ -5,19 +5,22 @@
     model                                top-1   top-5
     teacher (full precision)             98.89  100.00
     naive 4w4a (noise calibration)       99.07  100.00
-    Qimera 4w4a (final epoch)            98.52  100.00
+    Qimera 4w4a (final epoch)            98.70  100.00
 
 followed, when the export stage has run, by where the deployable files are and how they
 scored (``outputs/export/verification.json``, ``model.json``), and, when the ``ladder``
 stage has run, by its bit-width table (``outputs/ladder.json``)::
 
     bit-width ladder (final-epoch top-1 %, mean ± std over seeds 1, 2, 3; experiments/demo-ladder.yaml, ...)
-    model                                 2w4a           2w2a
-    teacher (full precision)             98.89          98.89
-    naive (noise calibration)     67.04 ± 0.19   49.69 ± 5.85
-    ...
+    model                                 2w2a
+    teacher (full precision)             98.89
+    naive (noise calibration)     49.69 ± 5.85
+    GDFQ                          75.31 ± 2.85
+    Qimera                        85.19 ± 3.09
     paired difference, same seed (final-epoch top-1 points):
-      Qimera − GDFQ at 2w4a: +1.11 +3.70 +4.26; mean +3.02 ± 1.68, ahead at 3/3
+      Qimera − GDFQ at 2w2a: +9.07 +9.81 +10.74; mean +9.88 ± 0.84, ahead at 3/3
+
+(a 2-core AMD EPYC, one thread per run; other CPUs give other numbers per seed).
 
 The method and bit widths come from ``outputs/config/run.yaml`` when it is there.
 """

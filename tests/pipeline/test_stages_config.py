@@ -514,8 +514,8 @@ def test_ladder_params_are_checked_in_one_line(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)
     assert ladder_params({}) == DEFAULTS
-    assert len(load_ladder({}).cells) == 18  # the shipped ladder: 3 methods x 2 bit widths x 3 seeds
-    assert len(load_ladder({"ladder": {"seeds": 1}}).cells) == 6
+    assert len(load_ladder({}).cells) == 9  # the shipped ladder: 3 methods x 2w2a x 3 seeds
+    assert len(load_ladder({"ladder": {"seeds": 1}}).cells) == 3
     assert load_ladder({"ladder": {"experiment": None}}) is None
     for section, message in [("x", "ladder='x': must be a mapping"), ({"job": 2}, "ladder.job: unknown key"),
                              ({"jobs": 0}, "ladder.jobs=0"), ({"jobs": True}, "ladder.jobs=True"),
