@@ -314,7 +314,7 @@ class Trainer:
         #: what a resumed checkpoint must have been trained from, part by part (a mismatch
         #: names the parts that differ), and their one hash
         self._fingerprint_parts = self.fingerprint_parts(cfg, teacher, extra_fingerprint)
-        self._fingerprint = hashlib.sha256(json.dumps(self._fingerprint_parts, sort_keys=True).encode()).hexdigest()
+        self._fingerprint = self.fingerprint_of(self._fingerprint_parts)
         #: the evaluated epochs' :data:`EVAL_SET_KEYS` (None without evaluation data)
         self._eval_set = self._make_eval_set()
         #: the line :meth:`maybe_resume` printed when the evaluation set changed since the
@@ -329,6 +329,11 @@ class Trainer:
         not their path) and ``extra`` (e.g. the pipeline's embedding table and library)."""
         return {"config": cfg.fingerprint(ignore=RESUME_MAY_CHANGE), TEACHER_PART: teacher.content_sha256(),
                 **{str(k): str(v) for k, v in (extra or {}).items()}}
+
+    @staticmethod
+    def fingerprint_of(parts: Mapping[str, str]) -> str:
+        """The one hash a checkpoint carries of its :meth:`fingerprint_parts`."""
+        return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
 
     def _mismatch(self, state: dict) -> str:
         """What the checkpoint ``state`` was trained from that this run is not."""

@@ -468,13 +468,9 @@ def checkpoint_fingerprint(cfg, teacher, inputs: dict[str, str]) -> str:
     and ``inputs`` (:func:`training_inputs`) carries: the trainer's own
     (:class:`qimera.trainer.Trainer`, which the train stage gives the same inputs), so that
     train, evaluate and export judge a checkpoint alike."""
-    import hashlib
-    import json
-
     from qimera.trainer import Trainer
 
-    parts = Trainer.fingerprint_parts(cfg, teacher, inputs)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return Trainer.fingerprint_of(Trainer.fingerprint_parts(cfg, teacher, inputs))
 
 
 def _dotted(d: Any, prefix: str = "") -> dict[str, Any]:
