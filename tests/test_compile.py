@@ -54,7 +54,8 @@ def _same_state(a: Trainer, b: Trainer, atol: float, names=("student", "generato
             assert torch.allclose(sa[key].float(), sb[key].float(), atol=atol, rtol=1e-5), f"{name}.{key}"
 
 
-def _steps_match(eager: Trainer, compiled: Trainer, atol: float, grad_rtol: float = 1e-4) -> None:
+def _steps_match(eager: Trainer, compiled: Trainer, atol: float, grad_rtol: float = 1e-4,
+                 loss_rtol: float = 1e-5) -> None:
     """Each step from the same state (the eager trainer's, copied over): the same losses,
     the same generator gradients and student parameters, within float tolerance.
 
@@ -69,7 +70,7 @@ def _steps_match(eager: Trainer, compiled: Trainer, atol: float, grad_rtol: floa
         got = compiled.train_step(calibrate=calibrate, train_student=train_student)
         assert want.keys() == got.keys()
         for key in want:
-            assert torch.allclose(want[key], got[key], rtol=1e-5, atol=atol), (key, want[key], got[key])
+            assert torch.allclose(want[key], got[key], rtol=loss_rtol, atol=atol), (key, want[key], got[key])
         for (name, pa), pb in zip(eager.generator.named_parameters(), compiled.generator.parameters()):
             if pa.grad is not None:
                 diff = torch.linalg.vector_norm(pa.grad - pb.grad)
@@ -151,6 +152,9 @@ def test_inductor_compiled_step_gives_the_eager_step(tiny_config, tmp_path):
     """The real backend: generated C++ kernels on CPU, the same numbers within float
     tolerance. Its kernels sum in another order, and the BNS loss's batch variances
     amplify that in the generator's gradients: measured up to 1.1e-3 relative (dm.0.weight)
-    while the losses agree to 1e-7."""
+    while the losses agree to 1e-7 on an AVX512 CPU. On an AVX2-only AMD EPYC (narrower
+    vectors, another summation order) the student's loss differed by 4e-5 relative (2.3220
+    against 2.3219): a 4-bit activation whose input sits on a rounding boundary moves one
+    level. Losses are compared to 1e-4 relative here."""
     eager, compiled = _pair(tiny_config, tmp_path, **{"generator.p": 1.0})  # one kind of batch: fewer compiles
-    _steps_match(eager, compiled, atol=1e-5, grad_rtol=5e-3)
+    _steps_match(eager, compiled, atol=1e-5, grad_rtol=5e-3, loss_rtol=1e-4)
