@@ -22,7 +22,8 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Registry", "TEACHER_SOURCES", "DATA_LOADERS", "import_callable", "section_config"]
+__all__ = ["Registry", "TEACHER_SOURCES", "DATA_LOADERS", "GENERATOR_TERMS", "STUDENT_TERMS", "IMAGE_FILTERS",
+           "AVERAGING", "import_callable", "section_config"]
 
 Loader = Callable[[Any], Any]
 M = TypeVar("M")
@@ -162,6 +163,30 @@ DATA_LOADERS = Registry("data.name", "dataset", {
     "imagenet": "qimera.data:_load_imagenet",
     "npz": "qimera.data:_load_npz",
     "digits": "qimera.data:_load_digits",
+})
+
+#: the method parts of the ``parts`` config section (:mod:`qimera.parts`): generator-loss
+#: terms ``term(GeneratorBatch, Config) -> scalar``, student-loss terms
+#: ``term(StudentBatch, Config) -> scalar``, image filters ``factory(Config, input_size) ->
+#: (images -> images) | None`` and averaging rules ``factory(Config) -> (student ->
+#: AveragingRule) | None``
+GENERATOR_TERMS = Registry("parts.generator_loss", "generator-loss term", {
+    "ce": "qimera.parts:generator_ce",
+    "bns": "qimera.parts:generator_bns",
+})
+STUDENT_TERMS = Registry("parts.student_loss", "student-loss term", {
+    "kd": "qimera.parts:student_kd",
+    "ce": "qimera.parts:student_ce",
+    "ce_easy": "qimera.parts:student_ce_easy",
+})
+IMAGE_FILTERS = Registry("parts.image_filter", "image filter", {
+    "none": "qimera.parts:no_filter",
+    "lowpass": "qimera.parts:lowpass_filter",
+})
+AVERAGING = Registry("parts.averaging", "averaging rule", {
+    "none": "qimera.parts:no_averaging",
+    "ema": "qimera.parts:ema_rule",
+    "swa": "qimera.parts:swa_rule",
 })
 
 _wrappers: dict[tuple[type, str], type] = {}

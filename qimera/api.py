@@ -194,7 +194,7 @@ def _run(prep: Prepared, callbacks: tuple[EpochCallback, ...], initial_embedding
         trainer = Trainer(cfg, prep.teacher, prep.eval_data, callbacks=callbacks,
                           initial_embeddings=initial_embeddings)
         result = trainer.fit()
-        student, generator, history = trainer.student, trainer.generator, result.history
+        student, generator, history = trainer.deployed_student(), trainer.generator, result.history
         iterations = cfg.train.epochs * cfg.train.iters_per_epoch
         student_res = trainer.final_eval  # already measured at the end of the last epoch
     elif cfg.method == "naive":  # its student is the baseline measured above (the same call and seed)

@@ -324,6 +324,76 @@ class TrainConfig(_Section):
         return self
 
 
+class PartsConfig(_Section):
+    """The method's parts beside its generator (:mod:`qimera.parts`), by name from their
+    registries. The defaults are the paper's GDFQ and Qimera; the additions of later work
+    (SynQ's hard-sample rule and low-pass filter, weight averaging of the student) are off."""
+
+    #: the generator's loss, a sum of terms in this order (``bns`` weighted by train.bns_weight)
+    generator_loss: list[str] = Field(default_factory=lambda: ["ce", "bns"], min_length=1)
+    #: the student's loss: ``kd`` and ``ce`` (the paper), or ``ce_easy`` for SynQ's rule
+    student_loss: list[str] = Field(default_factory=lambda: ["kd", "ce"], min_length=1)
+    #: ``none`` or ``lowpass`` (SynQ's Gaussian low-pass filter of what the student sees)
+    image_filter: str = "none"
+    #: ``none``, ``ema`` or ``swa``: the student that is evaluated and exported
+    averaging: str = "none"
+    #: ``ce_easy``: a sample is easy when the teacher's difficulty is below this (SynQ: 0.5)
+    easy_tau: float = Field(default=0.5, gt=0.0, le=1.0)
+    #: ``lowpass``: the cutoff D0 in frequency steps; null: SynQ's 80 at 224 pixels, scaled
+    #: to the teacher's input side
+    lowpass_d0: Optional[float] = Field(default=None, gt=0.0)
+    #: ``ema``: the decay per student step
+    ema_decay: float = Field(default=0.99, gt=0.0, lt=1.0)
+    #: ``swa``: the 1-based epoch from which the steps are averaged; null: the epoch after
+    #: the last train.lr_milestones step (or the first trained epoch without one)
+    swa_start_epoch: Optional[int] = Field(default=None, ge=1)
+
+    @field_validator("generator_loss", "student_loss")
+    @classmethod
+    def _terms(cls, v: list[str], info) -> list[str]:
+        from . import _registry
+
+        registry = _registry.GENERATOR_TERMS if info.field_name == "generator_loss" else _registry.STUDENT_TERMS
+        for name in v:
+            registry.check(name)
+        repeated = sorted({n for n in v if v.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once: each term is added once")
+        if {"ce", "ce_easy"} <= set(v):
+            raise ValueError("ce and ce_easy are two forms of the label's cross-entropy: list one of them")
+        return v
+
+    @field_validator("image_filter")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        from ._registry import IMAGE_FILTERS
+
+        return IMAGE_FILTERS.check(v)
+
+    @field_validator("averaging")
+    @classmethod
+    def _averaging(cls, v: str) -> str:
+        from ._registry import AVERAGING
+
+        return AVERAGING.check(v)
+
+    @model_validator(mode="after")
+    def _options_in_use(self):
+        """An option of a part that is not chosen would change nothing: refused."""
+        for key, (choice, needs) in PARTS_OPTIONS.items():
+            chosen = getattr(self, choice)
+            if getattr(self, key) != PartsConfig.model_fields[key].default and needs not in (
+                    chosen if isinstance(chosen, list) else [chosen]):
+                raise ValueError(f"parts.{key}={quoted(getattr(self, key))} is read only with {needs!r} in "
+                                 f"parts.{choice} (now {quoted(chosen)}): add it there, or remove parts.{key}")
+        return self
+
+
+#: each option of the ``parts`` section: the key that chooses its part, and that part
+PARTS_OPTIONS = {"easy_tau": ("student_loss", "ce_easy"), "lowpass_d0": ("image_filter", "lowpass"),
+                 "ema_decay": ("averaging", "ema"), "swa_start_epoch": ("averaging", "swa")}
+
+
 class NaiveConfig(_Section):
     """The naive baseline: activation ranges calibrated on Gaussian noise."""
 
@@ -348,8 +418,20 @@ class Config(_Section):
     quant: QuantConfig
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    parts: PartsConfig = Field(default_factory=PartsConfig)
     naive: NaiveConfig = Field(default_factory=NaiveConfig)
     zeroq: ZeroQConfig = Field(default_factory=ZeroQConfig)
+
+    @model_validator(mode="after")
+    def _swa_start(self):
+        start = self.parts.swa_start_epoch
+        if self.parts.averaging == "swa" and start is not None and not (
+                self.train.warmup_epochs < start <= self.train.epochs):
+            raise ValueError(
+                f"parts.swa_start_epoch={start}: SWA averages trained epochs, {self.train.warmup_epochs + 1} to "
+                f"{self.train.epochs} here (after train.warmup_epochs={self.train.warmup_epochs}, up to "
+                f"train.epochs={self.train.epochs}); or null for the epoch after the last lr step")
+        return self
 
     def effective_generator(self) -> GeneratorConfig:
         """The generator the method really uses: GDFQ fixes p=0, no DM and the
@@ -380,6 +462,9 @@ class Config(_Section):
             sec, _, key = dotted.partition(".")
             if key in d.get(sec, {}) and d[sec][key] == before:
                 d[sec].pop(key)
+        for sec in FINGERPRINT_NEW_SECTIONS:
+            if d.get(sec) == {}:
+                d.pop(sec)
         for dotted in ignore:
             sec, _, key = dotted.partition(".")
             if key:
@@ -394,7 +479,12 @@ class Config(_Section):
 #: that a configuration that does not set them keeps its fingerprint (its checkpoint still
 #: resumes and its finished experiment cells are not run again)
 FINGERPRINT_WHEN_SET = {"teacher.eval_resize": None, "teacher.eval_interpolation": None, "train.compile": "none",
-                        "generator.cbn_mix": "sum", "generator.input_embedding": "on"}
+                        "generator.cbn_mix": "sum", "generator.input_embedding": "on",
+                        **{f"parts.{k}": f.default_factory() if f.default_factory else f.default
+                           for k, f in PartsConfig.model_fields.items()}}
+#: sections added after fingerprints were first recorded: left out of the fingerprint
+#: while all their keys have the values of :data:`FINGERPRINT_WHEN_SET`
+FINGERPRINT_NEW_SECTIONS = ("parts",)
 
 
 def _format_errors(err: ValidationError, data: dict) -> str:

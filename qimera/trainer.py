@@ -9,6 +9,11 @@ Per iteration, in this order:
    (SGD) once the warm-up epochs are over. During warm-up the student only runs
    forward while its activation ranges calibrate (and not at all afterwards).
 
+Those are the paper's parts; the ``parts`` config section composes others
+(:mod:`qimera.parts`): other loss terms, a filter of the images the student sees (the
+teacher's target is then recomputed on them) and an average of the student's weights,
+updated after every student step, which is then the student evaluated and exported.
+
 A checkpoint (student, generator, optimisers, schedulers, RNG states, activation
 ranges, history) is written atomically at the end of every epoch; constructing a
 :class:`Trainer` on an ``out_dir`` that holds one resumes exactly where it stopped.
@@ -38,7 +43,8 @@ from .config import Config, check_out_files
 from .data import EvalData
 from .evaluate import evaluate, first_non_finite
 from .generators import ClassMix, build_generator, sample_plain, sample_superposed
-from .losses import BNStatsHook, kd_loss, soft_cross_entropy
+from .losses import BNStatsHook
+from .parts import GeneratorBatch, StudentBatch, compose
 from .quant import build_student, set_calibrating
 from .teachers import LoadedTeacher
 
@@ -276,6 +282,10 @@ class Trainer:
                 self.generator.embedding.weight.copy_(initial_embeddings)
         self.generator = self.generator.to(self.device).set_memory_format(mf)
         self.bn_hook = BNStatsHook(self.teacher)
+        #: the method's parts (loss terms, image filter, averaging rule: qimera.parts)
+        self.parts = compose(cfg, tuple(teacher.input_size))
+        #: the average of the student's weights (None unless ``parts.averaging`` asks for one)
+        self.average = self.parts.averaging(self.student) if self.parts.averaging is not None else None
         #: ``train.compile`` resolved for this device (:func:`resolve_compile`)
         self.compile_mode = resolve_compile(self.tc.compile, self.device, tuple(teacher.input_size),
                                             self.tc.epochs * self.tc.iters_per_epoch)
@@ -407,6 +417,7 @@ class Trainer:
             "fingerprint": self._fingerprint,
             "fingerprint_parts": self._fingerprint_parts,
             "student": self.student.state_dict(),
+            **({"student_average": self.average.state_dict()} if self.average is not None else {}),
             "generator": self.generator.state_dict(),
             "opt_s": self.opt_s.state_dict(),
             "opt_g": self.opt_g.state_dict(),
@@ -424,6 +435,8 @@ class Trainer:
                 "use another out_dir, or train.resume=false to start over"
             )
         self.student.load_state_dict(state["student"])
+        if self.average is not None:
+            self.average.load_state_dict(state["student_average"])
         self.generator.load_state_dict(state["generator"])
         self.opt_s.load_state_dict(state["opt_s"])
         self.opt_g.load_state_dict(state["opt_g"])
@@ -504,7 +517,8 @@ class Trainer:
         """Generator, teacher and the generator's loss (CE + BNS) for one batch of class
         slots, noise and soft labels ``y``; the first part of :meth:`train_step`, compiled
         as one graph when ``train.compile`` is on (the BN-statistics hooks are traced with
-        it). Returns ``(loss_g, ce, bns, images, teacher logits)``."""
+        it). The loss is the sum of the ``parts.generator_loss`` terms (the paper's: CE +
+        bns_weight · BNS). Returns ``(loss_g, {term: value}, images, teacher logits)``."""
         mix = ClassMix(labels, lam)
         self.bn_hook.enabled = True
         with autocast_context(self.device, self.amp):
@@ -513,15 +527,29 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             t = self.teacher(x)
         self.bn_hook.enabled = False
-        ce = soft_cross_entropy(t, y)
-        bns = self.bn_hook.loss()
-        return ce + self.tc.bns_weight * bns, ce, bns, x, t
+        loss, terms = self.parts.generator_loss(GeneratorBatch(t, y, self.bn_hook.loss), self.cfg)
+        return loss, terms, x, t
 
     def _student_loss(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The student's loss (KD + CE) on generated images; the second part."""
+        """The student's loss on generated images, the sum of the ``parts.student_loss``
+        terms (the paper's: KD + CE); the second part."""
         with autocast_context(self.device, self.amp):
             a = self.student(x)
-        return kd_loss(a, t, self.tc.kd_temperature, self.tc.kd_reduction) + soft_cross_entropy(a, y)
+        return self.parts.student_loss(StudentBatch(a, t, y), self.cfg)[0]
+
+    def _student_view(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images the student learns from and the teacher's logits on them: the
+        generated ones, or with ``parts.image_filter`` the filtered ones and the teacher's
+        logits recomputed on those (the BN-statistics hooks stay off)."""
+        if self.parts.image_filter is None:
+            return x, t
+        with torch.no_grad():
+            xf = self.parts.image_filter(x)
+            if self.channels_last:
+                xf = xf.contiguous(memory_format=torch.channels_last)
+            with autocast_context(self.device, self.amp):
+                tf = self.teacher(xf)
+        return xf, tf
 
     def train_step(self, *, calibrate: bool, train_student: bool) -> dict[str, torch.Tensor]:
         """One iteration; returns detached loss tensors (no host sync).
@@ -535,22 +563,26 @@ class Trainer:
         mix = self.sample_mix()
         noise = self.generator.sample_noise(mix, generator=self.rng_dev)
         y = mix.soft_labels(self.num_classes)
-        loss_g, ce, bns, x, t = self._generator_step(mix.labels, mix.lam, noise, y)
+        loss_g, terms, x, t = self._generator_step(mix.labels, mix.lam, noise, y)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
 
-        out = {"loss_g": loss_g.detach(), "loss_g_ce": ce.detach(), "loss_g_bns": bns.detach()}
+        out = {"loss_g": loss_g.detach(), **{f"loss_g_{k}": v.detach() for k, v in terms.items()}}
         self._diagnose(t.detach(), y, superposed=mix.labels.shape[1] > 1)
+        if train_student or calibrate:
+            xs, ts = self._student_view(x.detach(), t.detach())
         if train_student:
-            loss_s = self._student_step(x.detach(), t.detach(), y)
+            loss_s = self._student_step(xs, ts, y)
             self.opt_s.zero_grad(set_to_none=True)
             loss_s.backward()
             self.opt_s.step()
+            if self.average is not None:
+                self.average.update(self.student, self.epoch)
             out["loss_s"] = loss_s.detach()
         elif calibrate:  # the first epochs: updates the ranges, trains nothing; eager
             with torch.no_grad():
-                out["loss_s"] = self._student_loss(x.detach(), t.detach(), y)
+                out["loss_s"] = self._student_loss(xs, ts, y)
         # the epoch keeps these for its deferred checks: copies, not CUDA-graph buffers
         return {k: v.clone() for k, v in out.items()} if graphs else out
 
@@ -653,12 +685,19 @@ class Trainer:
         record.update({"iters_per_second": n / seconds, "seconds": seconds,
                        "calibrating": calibrate, "student_trained": train_student})
         record.update(self._diagnostics())
+        if self.average is not None:
+            record["averaged_steps"] = self.average.count  # the student steps in the average
         if self.eval_data is not None and (self.epoch % self.tc.eval_every == 0 or self.epoch == self.tc.epochs):
             # never let test images move the activation ranges
             set_calibrating(self.student, False)
-            res = evaluate(self.student, self.eval_data.loader, device=self.device,
+            res = evaluate(self.deployed_student(), self.eval_data.loader, device=self.device,
                            num_classes=self.num_classes, channels_last=self.channels_last)
             record.update({"top1": res.top1, "top5": res.top5, **self._eval_set})
+            if self.average is not None and self.average.count:
+                # the trained student beside its average (which is the one evaluated above)
+                trained = evaluate(self.student, self.eval_data.loader, device=self.device,
+                                   num_classes=self.num_classes, channels_last=self.channels_last)
+                record["top1_trained"] = trained.top1
             if self.epoch == self.tc.epochs:
                 self.final_eval = res  # the whole result (per-class too) of the final student
         self.history.append(record)
@@ -699,6 +738,11 @@ class Trainer:
             found = first_non_finite(model.named_parameters())
             if found is not None:
                 raise self._diverged(f"the {name}'s parameter {found[0]} is not finite", None, keys)
+
+    def deployed_student(self) -> torch.nn.Module:
+        """The student this run evaluates and hands on for export: the trained one, or its
+        weight average once ``parts.averaging`` has averaged a step."""
+        return self.average.deployed(self.student) if self.average is not None else self.student
 
     def close(self) -> None:
         """Remove the BN-statistics hooks from the teacher."""

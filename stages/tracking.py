@@ -631,10 +631,12 @@ class TrainedRun:
                                   run_tags(self.cfg, self.prep.device))
 
     def student(self):
-        """The final epoch's fake-quantized student, ranges frozen, in eval mode (on CPU)."""
+        """The final epoch's fake-quantized student (its weight average when the run
+        averaged), ranges frozen, in eval mode (on CPU)."""
+        from qimera.parts import deployed_student_state
         from qimera.quant import build_student, set_calibrating
 
         student = build_student(self.root_cfg, self.prep.teacher).cpu()
-        student.load_state_dict(self.state["student"])
+        student.load_state_dict(deployed_student_state(self.state))
         set_calibrating(student, False)
         return student.eval()

@@ -217,7 +217,7 @@ def test_epoch_diagnostics_of_the_generated_samples(tiny_config, tiny_teacher):
 
     def spy(labels, lam, noise, y):
         out = step(labels, lam, noise, y)
-        seen.append((labels.shape[1] > 1, out[4].detach(), y))
+        seen.append((labels.shape[1] > 1, out[3].detach(), y))
         return out
 
     tr._generator_step = spy
