@@ -14,6 +14,11 @@ its first iterations took (compilation included) and, on a GPU, the peak memory.
     python benchmarks/train_step.py --amp none --compile none default   # eager vs compiled
     python benchmarks/train_step.py --device cuda --arch torchvision.models:resnet18 \
         --input-size 3 224 224 --num-classes 1000 --batch-size 64   # an ImageNet-sized step
+    python benchmarks/train_step.py --amp none --parts paper parts.averaging=ema \
+        parts.image_filter=lowpass "parts.student_loss=[kd, ce_easy]"   # the cost of each addition
+
+``--parts`` times each variant (``paper``: the default parts; else ``key=value`` overrides
+joined by ``;``) in the same process, in turn, each with every amp and compile mode.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 
 def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 32), num_classes: int = 10,
-          compile_mode: str = "none"):
+          compile_mode: str = "none", parts: str = "paper"):
     from qimera.config import load_config
     from qimera.teachers import load_teacher
     from qimera.trainer import Trainer
@@ -49,7 +54,7 @@ def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 
         "generator": {"p": 0.4, "k": 2, "dm_layers": 1, "variant": "cifar" if size[-1] <= 64 else "imagenet"},
         "train": {"batch_size": batch_size, "amp": amp, "device": device, "out_dir": tmp,
                   "progress": False, "warmup_epochs": 0, "compile": compile_mode},
-    })
+    }, [] if parts == "paper" else [item.strip() for item in parts.split(";")])
     teacher = load_teacher(cfg.teacher)
     return Trainer(cfg, teacher)
 
@@ -59,8 +64,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_mode(amp: str, compile_mode: str, args) -> dict:
-    tr = build(amp, args.batch_size, args.device, args.arch, args.input_size, args.num_classes, compile_mode)
+def time_mode(amp: str, compile_mode: str, args, parts: str = "paper") -> dict:
+    tr = build(amp, args.batch_size, args.device, args.arch, args.input_size, args.num_classes, compile_mode, parts)
     if tr.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tr.device)
     # calibrate the activation ranges once, as the first epochs do, then time the
@@ -92,6 +97,7 @@ def time_mode(amp: str, compile_mode: str, args) -> dict:
     peak = torch.cuda.max_memory_allocated(tr.device) / 2**30 if tr.device.type == "cuda" else None
     tr.close()
     return {
+        "parts": parts,
         "amp": amp,
         "compile": tr.compile_mode,
         "first_iters_s": round(first_s, 2),
@@ -112,6 +118,9 @@ def main() -> None:
     p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "default", "reduce-overhead"],
                    help="train.compile modes to time, each with every --amp mode")
+    p.add_argument("--parts", nargs="+", default=["paper"],
+                   help="method-part variants to time: 'paper', or overrides such as parts.averaging=ema "
+                        "(several joined by ';')")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -137,20 +146,27 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"batch {args.batch_size}, {args.arch}, input {tuple(args.input_size)}")
     results = []
-    for amp in args.amp:
-        for compile_mode in args.compile:
-            r = time_mode(amp, compile_mode, args)
-            results.append(r)
-            peak = f"  peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
-            print(f"amp={amp:5s} compile={compile_mode:15s} device={r['device']:5s} median {r['median_ms']:8.1f} "
-                  f"ms/iter (min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['iters']})  "
-                  f"{r['gflop_per_iter']:.1f} GFLOP/iter  {r['gflop_per_iter'] / r['median_ms'] * 1000:.0f} GFLOP/s  "
-                  f"first {2 * args.warmup} iters {r['first_iters_s']:.1f} s{peak}")
+    for parts in args.parts:
+        for amp in args.amp:
+            for compile_mode in args.compile:
+                r = time_mode(amp, compile_mode, args, parts)
+                results.append(r)
+                _print(r, amp, compile_mode, args)
     base = results[0]
     for r in results[1:]:
-        print(f"speed-up of amp={r['amp']} compile={r['compile']} over amp={base['amp']} compile={base['compile']}: "
-              f"{base['median_ms'] / r['median_ms']:.2f}x")
-    print(json.dumps({"batch_size": args.batch_size, "results": results}))
+        print(f"time of parts={r['parts']} amp={r['amp']} compile={r['compile']} against parts={base['parts']} "
+              f"amp={base['amp']} compile={base['compile']}: {r['median_ms'] / base['median_ms']:.2f}x "
+              f"(speed-up {base['median_ms'] / r['median_ms']:.2f}x)")
+    print(json.dumps({"batch_size": args.batch_size, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "results": results}))
+
+
+def _print(r: dict, amp: str, compile_mode: str, args) -> None:
+    peak = f"  peak {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else ""
+    print(f"parts={r['parts']}  amp={amp:5s} compile={compile_mode:15s} device={r['device']:5s} median {r['median_ms']:8.1f} "
+          f"ms/iter (min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['iters']})  "
+          f"{r['gflop_per_iter']:.1f} GFLOP/iter  {r['gflop_per_iter'] / r['median_ms'] * 1000:.0f} GFLOP/s  "
+          f"first {2 * args.warmup} iters {r['first_iters_s']:.1f} s{peak}")
 
 
 if __name__ == "__main__":

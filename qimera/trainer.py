@@ -64,6 +64,9 @@ TEACHER_PART = "teacher_weights"
 EpochCallback = Callable[[dict], None]
 #: the per-epoch diagnostics of the generated samples an epoch record carries (Trainer._diagnostics)
 EPOCH_DIAGNOSTICS = ("teacher_agree_plain", "teacher_agree_superposed", "teacher_max_prob", "label_max")
+#: what an epoch record adds when ``parts.averaging`` is on: the student steps in the average
+#: and the trained (not averaged) student's top-1 beside the average's ``top1``
+AVERAGING_KEYS = ("averaged_steps", "top1_trained")
 
 
 #: the losses of an iteration, what they are, and the settings that most likely make each
@@ -686,7 +689,7 @@ class Trainer:
                        "calibrating": calibrate, "student_trained": train_student})
         record.update(self._diagnostics())
         if self.average is not None:
-            record["averaged_steps"] = self.average.count  # the student steps in the average
+            record[AVERAGING_KEYS[0]] = self.average.count
         if self.eval_data is not None and (self.epoch % self.tc.eval_every == 0 or self.epoch == self.tc.epochs):
             # never let test images move the activation ranges
             set_calibrating(self.student, False)
@@ -697,7 +700,7 @@ class Trainer:
                 # the trained student beside its average (which is the one evaluated above)
                 trained = evaluate(self.student, self.eval_data.loader, device=self.device,
                                    num_classes=self.num_classes, channels_last=self.channels_last)
-                record["top1_trained"] = trained.top1
+                record[AVERAGING_KEYS[1]] = trained.top1
             if self.epoch == self.tc.epochs:
                 self.final_eval = res  # the whole result (per-class too) of the final student
         self.history.append(record)

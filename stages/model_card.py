@@ -135,7 +135,27 @@ def _how_it_was_made(config: dict) -> list[str]:
         f"4. {student} (ranges calibrated for {t['calibration_epochs']} epochs, then frozen), "
         f"was fine-tuned on generated images by distillation from the teacher "
         f"({t['epochs']} epochs × {t['iters_per_epoch']} iterations, batch {t['batch_size']}, seed {t['seed']}).",
+        *_additions(config.get("parts") or {}),
     ]
+
+
+def _additions(parts: dict) -> list[str]:
+    """The parts beyond the paper's method that the run used (``parts`` section), as a step."""
+    from qimera.config import FINGERPRINT_WHEN_SET
+
+    changed = {k: v for k, v in parts.items() if FINGERPRINT_WHEN_SET.get(f"parts.{k}") != v}
+    if not changed:
+        return []
+    said = []
+    if parts.get("averaging", "none") != "none":
+        said.append(f"the exported student is the **{parts['averaging'].upper()} weight average** of the trained "
+                    "one (its evaluated top-1 is the average's)")
+    if parts.get("image_filter", "none") != "none":
+        said.append(f"the student saw the generated images through the `{parts['image_filter']}` filter")
+    if "ce_easy" in parts.get("student_loss", []):
+        said.append("the label's cross-entropy applied to the samples the teacher finds easy only (SynQ)")
+    keys = ", ".join(f"`{k}: {v}`" for k, v in changed.items())
+    return [f"5. Beyond the paper: {'; '.join(said) or 'other method parts'} (parts {keys})."]
 
 
 def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, version: str | None,

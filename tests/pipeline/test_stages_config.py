@@ -462,6 +462,11 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "`pytorchcv`, name `resnet20_cifar10`" in card and "p = 0.4" in card and "K = 2" in card
     assert "```yaml\nmethod: qimera" in card
     assert "onnxruntime" not in card  # no verification given: no deployment section
+    assert "Beyond the paper" not in card  # no parts section: the paper's method
+    averaged = render_model_card(name="n", config={**config, "parts": {"averaging": "swa", "image_filter": "none"}},
+                                 teacher=teacher, metrics=metrics, version="3")
+    assert "5. Beyond the paper: the exported student is the **SWA weight average**" in averaged
+    assert "(parts `averaging: swa`)" in averaged
 
     teacher.update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     verification = {"samples": 10000, "student_top1": 91.26, "integer_top1": 91.26,
