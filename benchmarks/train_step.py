@@ -49,7 +49,7 @@ def build(amp: str, batch_size: int, device: str, arch: str, input_size=(3, 32, 
     size = list(input_size)
     cfg = load_config({
         "teacher": {"source": "checkpoint", "arch": arch, "weights": weights, "num_classes": num_classes,
-                    "input_size": size},
+                    "input_size": size, **({} if size[0] == 3 else {"mean": [0.5] * size[0], "std": [0.25] * size[0]})},
         "quant": {"w_bits": 4, "a_bits": 4},
         "generator": {"p": 0.4, "k": 2, "dm_layers": 1, "variant": "cifar" if size[-1] <= 64 else "imagenet"},
         "train": {"batch_size": batch_size, "amp": amp, "device": device, "out_dir": tmp,
