@@ -214,6 +214,9 @@ class QuantConfig(_Section):
     first_last_8bit: bool = False
     exclude: list[str] = Field(default_factory=list)
     ema_momentum: float = Field(default=0.9, gt=0.0, lt=1.0)
+    #: evaluate the student as its int8 ONNX form computes (QuantRecipe.integer_exact):
+    #: the top-1 a run reports is then the deployed file's; the paper's recipe is false
+    integer_exact: bool = False
 
     # w_bits/a_bits have no default: a run must say which bit width it wants.
 
@@ -224,7 +227,8 @@ class QuantConfig(_Section):
 
         return QuantRecipe(w_bits=self.w_bits, a_bits=self.a_bits,
                            first_last_bits=8 if self.first_last_8bit else None,
-                           exclude=tuple(self.exclude), act_momentum=self.ema_momentum)
+                           exclude=tuple(self.exclude), act_momentum=self.ema_momentum,
+                           integer_exact=self.integer_exact)
 
 
 class GeneratorConfig(_Section):
@@ -480,6 +484,7 @@ class Config(_Section):
 #: resumes and its finished experiment cells are not run again)
 FINGERPRINT_WHEN_SET = {"teacher.eval_resize": None, "teacher.eval_interpolation": None, "train.compile": "none",
                         "generator.cbn_mix": "sum", "generator.input_embedding": "on",
+                        "quant.integer_exact": False,
                         **{f"parts.{k}": f.default_factory() if f.default_factory else f.default
                            for k, f in PartsConfig.model_fields.items()}}
 #: sections added after fingerprints were first recorded: left out of the fingerprint

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["EvalResult", "NonFiniteError", "check_finite_parameters", "evaluate", "first_non_finite"]
+from .export.onnx_int8 import int8_model, is_integer_exact
+
+__all__ = ["EvalResult", "NonFiniteError", "check_finite_parameters", "evaluate", "evaluated_form",
+           "first_non_finite"]
 
 
 class NonFiniteError(ValueError):
@@ -68,6 +71,18 @@ def _logits_of(output: object) -> torch.Tensor:
 
 
 @torch.no_grad()
+def evaluated_form(model: nn.Module) -> nn.Module:
+    """``model`` as it is evaluated. A student whose recipe is integer-exact
+    (``QuantRecipe.integer_exact``, ``quant.integer_exact``) is evaluated as its int8 ONNX
+    form computes: :func:`qimera.export.onnx_int8.int8_model`, built from its weights,
+    ranges and BatchNorm statistics as they are now, on the model's device. Any other
+    model is returned as it is."""
+    if not is_integer_exact(model):
+        return model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return int8_model(model)[0].to(device)
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -76,11 +91,14 @@ def evaluate(
     num_classes: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    fake_quant: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on every ``(images, labels)`` batch of ``loader``.
 
     The model must already live on ``device``; batches are moved there. The model is put in
-    eval mode for the call and every submodule's training flag is restored afterwards.
+    eval mode for the call and every submodule's training flag is restored afterwards. An
+    integer-exact student is scored as its int8 form computes (:func:`evaluated_form`,
+    in float32 whatever ``autocast_dtype`` says: its integers must stay exact).
     Correct counts accumulate as tensors on ``device``, so the only host synchronisation is
     the final read-out.
 
@@ -94,6 +112,8 @@ def evaluate(
             dtype=autocast_dtype)`` (e.g. ``torch.bfloat16``).
         channels_last: send 4-D batches in ``torch.channels_last`` memory format (convert the
             model yourself with ``model.to(memory_format=torch.channels_last)``).
+        fake_quant: score an integer-exact student in the paper's fake-quant arithmetic
+            (its own forward) instead of as its int8 form computes.
 
     Raises:
         ValueError: the loader is empty, or a label lies outside ``[0, num_classes)``.
@@ -104,6 +124,9 @@ def evaluate(
         raise ValueError(f"evaluate: num_classes={num_classes!r} must be a positive integer")
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
+    scored = model if fake_quant else evaluated_form(model)
+    if scored is not model:
+        autocast_dtype = None
     amp = (
         torch.autocast(device_type=dev.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -118,7 +141,7 @@ def evaluate(
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(dev, non_blocking=True).long().view(-1)
             with amp:
-                logits = _logits_of(model(images))
+                logits = _logits_of(scored(images))
             if classes is None:
                 classes = int(num_classes) if num_classes is not None else int(logits.shape[1])
                 zeros = torch.zeros((), dtype=torch.int64, device=dev)

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._files import atomic_write
 from .config import Config, ConfigError, load_config, parse_override, probe_out_dir, quoted, read_yaml_mapping, shorten
 from .runtime import PARENT_PID_ENV, signal_of, stop_group
-from .trainer import HISTORY_NAME
+from .trainer import FAKE_QUANT_KEY, HISTORY_NAME
 
 RUNS_DIR = Path("runs")
 CELL_CONFIG = "config.yaml"
@@ -749,6 +749,18 @@ def report(exp: Experiment) -> dict[str, Path]:
         for (row, column), values in diagnostics.items():
             lines.append(f"| {row} | {column} | " + " | ".join(
                 f"{values[k]:.3f}" if k in values else "–" for k in names) + " |")
+    recipe_cost = _fake_quant_pairs(exp)
+    if recipe_cost:
+        lines += ["", "## The integer-exact recipe against the fake-quant arithmetic (same weights)", "",
+                  "For integer-exact students (`quant.integer_exact: true`), whose top-1 above is the deployed int8 "
+                  "file's: that top-1 − the top-1 of the same final weights in the paper's fake-quant arithmetic, "
+                  "per seed.", "", "| entry | fake-quant top-1 | difference per seed |", "|---|---|---|"]
+        for (row, column), diffs in recipe_cost.items():
+            fq = [f for _, f in diffs.values()]
+            spread = f" ± {statistics.stdev(fq):.2f}" if len(fq) > 1 else ""
+            per = [d for d, _ in diffs.values()]
+            lines.append(f"| {row} / {column} | {statistics.fmean(fq):.2f}{spread} | "
+                         + ", ".join(f"{d:+.2f}" for d in per) + f": {_mean_std(per)} |")
     if any(e.gaps for e in entries):
         lines += ["", "## Final epoch against best epoch (a note)", "",
                   "Final − best-epoch top-1, mean ± std over the seeds: how much a run loses between its best epoch "
@@ -784,6 +796,26 @@ def report(exp: Experiment) -> dict[str, Path]:
     if png is not None:
         paths["png"] = png
     return paths
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:+.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:+.2f}"
+
+
+def _fake_quant_pairs(exp: Experiment) -> dict[tuple[str, str], dict[int, tuple[float, float]]]:
+    """Per table entry and seed, ``(top1 − top1_fake_quant, top1_fake_quant)`` at the final
+    epoch, for the cells whose history has the fake-quant top-1 (integer-exact students)."""
+
+    out: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    for cell in exp.cells:
+        history = [r for r in cell_history(cell) if "top1" in r]
+        if cell_top1(cell) is None or not history or not isinstance(history[-1].get(FAKE_QUANT_KEY), (int, float)):
+            continue
+        last = history[-1]
+        out.setdefault((cell.row, cell.column), {})[cell.seed] = (last["top1"] - last[FAKE_QUANT_KEY],
+                                                                   last[FAKE_QUANT_KEY])
+    return out
 
 
 #: the per-epoch values :func:`report` summarises at the final epoch (where the cells' histories have them)

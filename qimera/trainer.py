@@ -42,6 +42,7 @@ from ._lock import hold_out_dir
 from .config import Config, check_out_files
 from .data import EvalData
 from .evaluate import evaluate, first_non_finite
+from .export.onnx_int8 import is_integer_exact
 from .generators import ClassMix, build_generator, sample_plain, sample_superposed
 from .losses import BNStatsHook
 from .parts import GeneratorBatch, StudentBatch, compose
@@ -67,6 +68,9 @@ EPOCH_DIAGNOSTICS = ("teacher_agree_plain", "teacher_agree_superposed", "teacher
 #: what an epoch record adds when ``parts.averaging`` is on: the student steps in the average
 #: and the trained (not averaged) student's top-1 beside the average's ``top1``
 AVERAGING_KEYS = ("averaged_steps", "top1_trained")
+#: an integer-exact student's epoch records hold, beside its ``top1`` (as its int8 form
+#: computes), the top-1 of the same weights in the paper's fake-quant arithmetic
+FAKE_QUANT_KEY = "top1_fake_quant"
 
 
 #: the losses of an iteration, what they are, and the settings that most likely make each
@@ -701,6 +705,11 @@ class Trainer:
                 trained = evaluate(self.student, self.eval_data.loader, device=self.device,
                                    num_classes=self.num_classes, channels_last=self.channels_last)
                 record[AVERAGING_KEYS[1]] = trained.top1
+            if is_integer_exact(self.student):
+                # the same weights in the paper's fake-quant arithmetic: what the recipe costs
+                record[FAKE_QUANT_KEY] = evaluate(self.deployed_student(), self.eval_data.loader, device=self.device,
+                                                  num_classes=self.num_classes, channels_last=self.channels_last,
+                                                  fake_quant=True).top1
             if self.epoch == self.tc.epochs:
                 self.final_eval = res  # the whole result (per-class too) of the final student
         self.history.append(record)

@@ -89,8 +89,8 @@ Outputs, relative to the project directory (the workspace, or the experiment's c
     (``{"experiment": null, "skipped": ...}`` when ``ladder.experiment`` is null).
 ``outputs/export/``
     ``student.pt`` (state dict of the fake-quantized student), ``config.yaml`` (resolved
-    config), ``integer/`` (:mod:`qimera.export`), ``student.onnx`` (Q/DQ ONNX,
-    :mod:`qimera.onnx_export`), ``verification.json`` (student, integer reload and
+    config), ``integer/`` (:mod:`qimera.export.integer`), ``student.onnx`` (Q/DQ ONNX,
+    :mod:`qimera.export.onnx_qdq`), ``verification.json`` (student, integer reload and
     onnxruntime on the evaluation set), ``MODEL_CARD.md`` and ``model.json`` (MLflow model
     URI, registered name and version, champion, S3 location). Uploaded to
     ``export.s3_prefix`` when set (:mod:`stages.s3`).

@@ -4,10 +4,10 @@ Writes ``outputs/export/``:
 
 * ``student.pt``: the fake-quantized student's state dict (weights, activation ranges).
   Rebuild it with ``qimera.quant.build_student(cfg, teacher)`` and ``load_state_dict``;
-* ``integer/``: the integer artifact (:mod:`qimera.export`: packed integer weights,
+* ``integer/``: the integer artifact (:mod:`qimera.export.integer`: packed integer weights,
   per-channel scale and zero point, activation ranges, ``quant_map.json``), reloaded with
   ``qimera.export.load_integer``;
-* ``student.onnx``: the Q/DQ ONNX model (:mod:`qimera.onnx_export`), input ``images``
+* ``student.onnx``: the Q/DQ ONNX model (:mod:`qimera.export.onnx_qdq`), input ``images``
   (normalised as ``teacher.json`` says), output ``logits``;
 * ``verification.json``: the student, the reloaded integer model and onnxruntime scored on
   the evaluation set in one pass (``export.verify_samples`` images, default all). The stage

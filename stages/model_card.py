@@ -58,7 +58,9 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
         int8_line = f"- no `student.int8.onnx`: the int8 form was made and measured but not shipped: {int8['rejected']}."
     elif int8:
         requantized, floats = len(int8.get("requantized", [])), len(int8.get("float_kernel_layers", []))
-        rest = (f"{requantized} convolution outputs requantized to 8 bits before their residual addition (an "
+        rest = (f"{requantized} residual branches requantized to 8 bits and {int8.get('integer_adds', 0)} additions "
+                "as QLinearAdd, exactly as the integer-exact student computes them" if int8.get("integer_exact") else
+                f"{requantized} convolution outputs requantized to 8 bits before their residual addition (an "
                 "approximation)" if requantized else
                 f"{floats} layers without a quantizer on both sides (residual branches, the first and last layers) "
                 "in exact float")
@@ -76,7 +78,9 @@ def _deployment(teacher: dict, v: dict) -> list[str]:
                f"onnxruntime {v['onnx_top1']:.2f}% (same prediction on "
                f"{100 * v['onnx_prediction_agreement']:.2f}% of the images)")
     if "onnx_int8_top1" in v:
-        checked += (f", int8 form {v['onnx_int8_top1']:.2f}% (same prediction on "
+        against = (f" as the integer-exact student, {v['student_integer_exact_top1']:.2f}%"
+                   if "student_integer_exact_top1" in v else "")
+        checked += (f", int8 form {v['onnx_int8_top1']:.2f}% (same prediction{against} on "
                     f"{100 * v['onnx_int8_prediction_agreement']:.2f}%)")
     return [
         "## Files and how to run them",
@@ -158,6 +162,17 @@ def _additions(parts: dict) -> list[str]:
     return [f"5. Beyond the paper: {'; '.join(said) or 'other method parts'} (parts {keys})."]
 
 
+def _recipe_line(quant: dict) -> str:
+    """Which quantization recipe the model used, and what its accuracy is the accuracy of."""
+    if quant.get("integer_exact"):
+        return ("Quantization recipe: **integer-exact** (`quant.integer_exact: true`). The accuracy below is that of "
+                "the arithmetic onnxruntime's integer kernels run (BatchNorm folded, int32 biases, the kernels' "
+                "rounding, residual branches requantized to 8 bits), so it is the accuracy of `student.int8.onnx`.")
+    return ("Quantization recipe: the paper's (fake-quantized, `quant.integer_exact: false`). The accuracy below is "
+            "that arithmetic's, which `student.onnx` reproduces; the int8 file's integer kernels round differently "
+            "(see its line under Files).")
+
+
 def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, version: str | None,
                       verification: dict | None = None) -> str:
     """Teacher and its source, bits, accuracies, resolved config, and how it was made;
@@ -174,6 +189,8 @@ def render_model_card(*, name: str, config: dict, teacher: dict, metrics: dict, 
         "",
         f"A {bits} fake-quantized copy of the teacher below, made by **{method}** without any "
         "training data (qimera, data-free quantization).",
+        "",
+        _recipe_line(q),
         "",
         "## Teacher",
         "",

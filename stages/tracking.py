@@ -47,13 +47,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-from qimera.trainer import AVERAGING_KEYS, EPOCH_DIAGNOSTICS
+from qimera.trainer import AVERAGING_KEYS, EPOCH_DIAGNOSTICS, FAKE_QUANT_KEY
 
 from .common import MLFLOW_RUN, PipelineError, bits_tag, read_json, redact, redact_text, repo_root, write_json
 
 #: per-epoch record keys logged as MLflow metrics (step = epoch)
 EPOCH_METRICS = ("loss_g", "loss_g_ce", "loss_g_bns", "loss_s", "top1", "top5", "iters_per_second",
-                 *EPOCH_DIAGNOSTICS, *AVERAGING_KEYS)
+                 *EPOCH_DIAGNOSTICS, *AVERAGING_KEYS, FAKE_QUANT_KEY)
 _SECRET = re.compile(r"(?i)(secret|passw|token|credential|api[_-]?key|access[_-]?key|auth)")
 _ACTIVE = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
 

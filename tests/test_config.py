@@ -101,6 +101,9 @@ def test_fingerprint_of_a_config_without_the_new_teacher_keys_is_unchanged():
     assert load_config({**base, "generator": {"cbn_mix": "sum", "input_embedding": "auto"}}).fingerprint() == before
     assert load_config({**base, "generator": {"input_embedding": "on"}}).fingerprint() == before
     assert load_config({**base, "generator": {"cbn_mix": "mean"}}).fingerprint() != before
+    # issue 23: the paper's recipe is the behaviour of before; the integer-exact one is another run
+    assert load_config({**base, "quant": {**base["quant"], "integer_exact": False}}).fingerprint() == before
+    assert load_config({**base, "quant": {**base["quant"], "integer_exact": True}}).fingerprint() != before
 
 
 def test_overrides_parse_yaml_values():

@@ -285,3 +285,23 @@ def test_a_resume_on_other_evaluation_data_is_recorded_in_the_history(tiny_confi
     err = capsys.readouterr().err
     assert "resuming with another evaluation set: epoch 1 was evaluated on 64 images" in err
     assert tr.eval_set_change and "on 7 images" in tr.eval_set_change
+
+
+def test_an_integer_exact_run_reports_the_int8_forms_top1_and_the_fake_quant_one_beside_it(tiny_config):
+    """quant.integer_exact: every evaluated epoch's top-1 is the integer-exact form's
+    (what the int8 file computes), with the same weights' fake-quant top-1 beside it; the
+    training itself is the paper's (same losses as the paper's recipe at the same seed)."""
+    import qimera
+    from qimera.evaluate import evaluate
+    from qimera.export.onnx_int8 import int8_model
+    from qimera.trainer import FAKE_QUANT_KEY
+
+    exact = qimera.run(tiny_config, ["quant.integer_exact=true", "naive.enabled=false"])
+    paper = qimera.run(tiny_config, ["naive.enabled=false", "train.out_dir=" + tiny_config["train"]["out_dir"] + "-p"])
+    last = exact.history[-1]
+    assert FAKE_QUANT_KEY in last and FAKE_QUANT_KEY not in paper.history[-1]
+    assert [r["loss_s"] for r in exact.history] == [r["loss_s"] for r in paper.history]
+    assert last[FAKE_QUANT_KEY] == pytest.approx(paper.history[-1]["top1"])
+    prep = qimera.prepare(tiny_config)
+    twin = evaluate(int8_model(exact.student_model)[0], prep.eval_data.loader, num_classes=10)
+    assert twin.top1 == pytest.approx(last["top1"]) and exact.summary()["student_top1"] == round(last["top1"], 4)

@@ -241,6 +241,10 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, *, trace: bool = True)
                 "places shares one quantizer",
                 stacklevel=2,
             )
+    if gm is None and recipe.integer_exact:
+        raise ValueError(f"quant.integer_exact=true: torch.fx cannot trace {type(model).__name__}, and the "
+                         "integer-exact student is evaluated through its traced graph; use the paper's recipe "
+                         "(quant.integer_exact=false) for this model")
     order = _weight_modules_in_call_order(src, gm)
     check_exclude(order, recipe.exclude)
     root: nn.Module = gm if gm is not None else src

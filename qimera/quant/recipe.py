@@ -40,6 +40,14 @@ class QuantRecipe:
     ``act_momentum``: EMA momentum of the activation ranges. ``activations``: names of
     registered activation sites (:func:`qimera.quant.register_activation_site`) after
     which a quantizer is inserted.
+
+    ``integer_exact``: the student is evaluated as its int8 ONNX form computes
+    (:func:`qimera.export.onnx_int8.int8_model`, whose kernels :mod:`qimera.quant.kernels`
+    spells out): BatchNorm folded into the convolutions, biases on the int32 accumulator
+    grid, each convolution's output rounded by the integer kernel's multiplier, the
+    residual branches requantized to 8 bits and the additions done as ``QLinearAdd``. It
+    trains fake-quantized like the paper's recipe (``False``); what changes is the
+    arithmetic of the top-1 it reports, which is then the deployed file's.
     """
 
     w_bits: int
@@ -48,6 +56,7 @@ class QuantRecipe:
     exclude: tuple[str, ...] = ()
     act_momentum: float = EMA_MOMENTUM
     activations: tuple[str, ...] = field(default=DEFAULT_ACTIVATIONS)
+    integer_exact: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("w_bits", self.w_bits)
@@ -58,6 +67,8 @@ class QuantRecipe:
         object.__setattr__(self, "activations", tuple(self.activations))
         if not (isinstance(self.act_momentum, (int, float)) and 0.0 < self.act_momentum < 1.0):
             raise ValueError(f"quant.ema_momentum={self.act_momentum!r}: must be a number in (0, 1)")
+        if not isinstance(self.integer_exact, bool):
+            raise ValueError(f"quant.integer_exact={self.integer_exact!r}: must be true or false")
         from .convert import ACTIVATION_SITES
 
         unknown = [a for a in self.activations if a not in ACTIVATION_SITES]
@@ -96,6 +107,16 @@ def attach_recipe(model: nn.Module, recipe: QuantRecipe) -> None:
         meta[RECIPE_ATTR] = recipe
     else:
         setattr(model, RECIPE_ATTR, recipe)
+
+
+def detach_recipe(model: nn.Module) -> None:
+    """Remove the recipe from a copy of a student that is no longer one (an export's
+    twin, whose layers are not fake-quantized any more)."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict):
+        meta.pop(RECIPE_ATTR, None)
+    if RECIPE_ATTR in vars(model):
+        delattr(model, RECIPE_ATTR)
 
 
 def recipe_of(model: nn.Module) -> QuantRecipe:

@@ -105,8 +105,7 @@ def test_teacher_comes_from_s3_verified(s3_run):
 
 
 def test_exports_are_uploaded_and_read_back(s3_run, s3_server, tmp_path, monkeypatch):
-    from qimera.export import load_integer
-    from qimera.onnx_export import OnnxRuntimeModel
+    from qimera.export import OnnxRuntimeModel, load_integer
     from stages import s3
 
     model = s3_run.read_json("outputs/export/model.json")

@@ -463,6 +463,10 @@ def test_model_card_names_teacher_bits_accuracies_and_config():
     assert "```yaml\nmethod: qimera" in card
     assert "onnxruntime" not in card  # no verification given: no deployment section
     assert "Beyond the paper" not in card  # no parts section: the paper's method
+    assert "Quantization recipe: the paper's (fake-quantized" in card
+    exact = render_model_card(name="n", config={**config, "quant": {**config["quant"], "integer_exact": True}},
+                              teacher=teacher, metrics=metrics, version="3")
+    assert "Quantization recipe: **integer-exact**" in exact and "the accuracy of `student.int8.onnx`" in exact
     averaged = render_model_card(name="n", config={**config, "parts": {"averaging": "swa", "image_filter": "none"}},
                                  teacher=teacher, metrics=metrics, version="3")
     assert "5. Beyond the paper: the exported student is the **SWA weight average**" in averaged

@@ -34,7 +34,11 @@ def test_config_section_becomes_the_recipe():
     recipe = cfg.quant.recipe()
     assert recipe == QuantRecipe(5, 4, first_last_bits=8, exclude=("fc",), act_momentum=0.8)
     assert load_config({"quant": {"w_bits": 4, "a_bits": 4}}).quant.recipe().first_last_bits is None
-    assert QuantRecipe.from_dict(recipe.to_dict()) == recipe
+    assert QuantRecipe.from_dict(recipe.to_dict()) == recipe and not recipe.integer_exact
+    exact = load_config({"quant": {"w_bits": 4, "a_bits": 4, "integer_exact": True}}).quant.recipe()
+    assert exact.integer_exact and QuantRecipe.from_dict(exact.to_dict()) == exact
+    old = {k: v for k, v in exact.to_dict().items() if k != "integer_exact"}  # written before the key existed
+    assert not QuantRecipe.from_dict(old).integer_exact
     with pytest.raises(ValueError, match="unknown key 'bits'"):
         QuantRecipe.from_dict({"bits": 4})
 
@@ -48,6 +52,23 @@ def test_recipe_checks_its_values():
         QuantRecipe(4, 4, activations=("relu", "gelu"))
     with pytest.raises(TypeError, match="QuantRecipe"):
         quantize_model(nn.Sequential(nn.Conv2d(1, 1, 1)), 4)
+    with pytest.raises(ValueError, match="quant.integer_exact=1: must be true or false"):
+        QuantRecipe(4, 4, integer_exact=1)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x) if float(x.sum()) > 0 else x  # data-dependent: torch.fx cannot trace it
+
+
+def test_integer_exact_needs_a_traced_student():
+    with pytest.warns(UserWarning, match="could not trace"):
+        with pytest.raises(ValueError, match="quant.integer_exact=true: torch.fx cannot trace _Untraceable"):
+            quantize_model(_Untraceable(), QuantRecipe(4, 4, integer_exact=True))
 
 
 def test_student_carries_its_recipe_through_copies():

@@ -1,4 +1,7 @@
-"""ONNX export of a fake-quantized student with QuantizeLinear/DequantizeLinear nodes.
+"""The Q/DQ reference form of the ONNX export, and what both ONNX forms share.
+
+The ONNX export of a fake-quantized student with QuantizeLinear/DequantizeLinear nodes
+(:func:`qimera.export.onnx.export_onnx`, ``form="qdq"``).
 
 The exported graph keeps the quantization explicit, the way ONNX runtimes and
 TensorRT-style toolchains expect it:
@@ -24,7 +27,9 @@ rounding (``x / (1/s)`` instead of ``x * s``), so onnxruntime, the twin and the 
 agree on nearly every prediction.
 
 Needs torch 2.6 or newer, ``onnx``, ``onnxscript`` (torch's exporter) and, to run the model, ``onnxruntime``:
-``pip install 'qimera[onnx]'``. Nothing here is imported by the rest of the library.
+``pip install 'qimera[onnx]'``. Nothing outside :mod:`qimera.export` in the library imports
+it. The int8 form (:mod:`qimera.export.onnx_int8`) builds on the same custom ops, layer
+modules, :class:`OnnxReport` and proto helpers.
 """
 
 from __future__ import annotations
@@ -32,19 +37,21 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._files import atomic_write
-from .export import ExportError, _float_twin, exportable_parts, integer_weight
-from .quant import QuantConv2d, set_module
-from .quant.functional import affine_params, qrange
+from .._files import atomic_write
+from ..quant import QuantConv2d, set_module
+from ..quant.recipe import detach_recipe
+from ..quant.functional import affine_params, qrange
+from .integer import ExportError, exportable_parts, float_twin, integer_weight
 
-__all__ = ["OnnxReport", "OnnxRuntimeModel", "qdq_model", "export_onnx", "load_onnx_session", "measure_latency",
-           "optimized_node_counts", "verify_exports", "export_float_onnx", "FORMS", "LATENCY_BATCHES"]
+__all__ = ["OnnxReport", "qdq_model", "activation_twin", "convert_activations", "QDQConv2d", "QDQLinear",
+           "QDQActivation", "QDQRequant", "FloatFakeQuant", "strip_debug_info", "DEFAULT_OPSET", "INPUT_NAME",
+           "OUTPUT_NAME"]
 
 DEFAULT_OPSET = 20
 INPUT_NAME = "images"
@@ -72,7 +79,7 @@ def _(x, scale, zero_point, qlo, qhi):
 def _requantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """ONNX QuantizeLinear to the 8-bit type of ``zero_point`` (round half to even,
     saturate) then DequantizeLinear: the requantization the int8 form puts after a
-    convolution whose output no activation quantizer takes directly (:mod:`qimera.onnx_int8`)."""
+    convolution whose output no activation quantizer takes directly (:mod:`qimera.export.onnx_int8`)."""
     zp = zero_point.float()
     lo, hi = (0.0, 255.0) if zero_point.dtype == torch.uint8 else (-128.0, 127.0)
     q = torch.clamp(torch.round(x.float() / scale) + zp, lo, hi)
@@ -224,7 +231,7 @@ class OnnxReport:
     float_activations: list[str] = field(default_factory=list)
     opset: int = DEFAULT_OPSET
     node_counts: dict[str, int] = field(default_factory=dict)
-    #: "qdq" (the exact reference form) or "int8" (the deployable form, :mod:`qimera.onnx_int8`)
+    #: "qdq" (the exact reference form) or "int8" (the deployable form, :mod:`qimera.export.onnx_int8`)
     form: str = "qdq"
     #: int8 form: BatchNorm layers folded into the preceding convolution's scale and bias
     folded_batchnorms: int = 0
@@ -235,6 +242,10 @@ class OnnxReport:
     #: int8 form: layers that run in float (no quantizer on both sides to fuse with), on a
     #: weight onnxruntime computes once from the stored integers
     float_kernel_layers: list[str] = field(default_factory=list)
+    #: int8 form: the student's recipe is integer-exact, and so is this form (QuantRecipe.integer_exact)
+    integer_exact: bool = False
+    #: int8 form, integer-exact: additions run as QLinearAdd
+    integer_adds: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,10 +255,11 @@ class OnnxReport:
 def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
     """An eval-mode CPU copy of ``student`` whose quantizers compute ONNX's Q/DQ formulas.
 
-    The copy is what :func:`export_onnx` traces; it runs in PyTorch too, which is how the
+    The copy is what :func:`qimera.export.onnx.export_onnx` traces; it runs in PyTorch too, which is how the
     tests check the ONNX semantics against the fake-quant student.
     """
     model = copy.deepcopy(student).cpu().float().eval()
+    detach_recipe(model)  # a twin, not a student
     layers, sites = exportable_parts(model)
     report = OnnxReport()
     for name, mod in layers.items():
@@ -256,7 +268,7 @@ def qdq_model(student: nn.Module) -> tuple[nn.Module, OnnxReport]:
         q, s, z = integer_weight(mod.weight, bits)
         form = _integer_form(q, z.reshape(-1), qmin)
         if form is None:
-            new = _float_twin(mod, (q + z) / s)
+            new = float_twin(mod, (q + z) / s)
             report.float_weights.append(name)
         else:
             ints, zp, _ = form
@@ -302,92 +314,19 @@ def convert_activations(model: nn.Module, sites: dict, report: OnnxReport) -> No
         set_module(model, name, new)
 
 
-# --------------------------------------------------------------------------- export
+# --------------------------------------------------------------------------- the ONNX proto
 
 
-#: the two forms :func:`export_onnx` writes
-FORMS = ("qdq", "int8")
-
-
-def export_onnx(
-    student: nn.Module,
-    path: str | os.PathLike,
-    *,
-    input_size: Sequence[int],
-    opset: int | None = None,
-    metadata: dict[str, Any] | None = None,
-    form: str = "qdq",
-    pack_int4: bool | None = None,
-    requantize: bool = False,
-) -> OnnxReport:
-    """Write ``student`` (frozen, fake-quantized) as an ONNX model at ``path``.
-
-    ``form="qdq"`` (default opset :data:`DEFAULT_OPSET`) is the exact reference form
-    described above. ``form="int8"`` (default opset
-    :data:`qimera.onnx_int8.INT8_DEFAULT_OPSET`) is the deployable form of
-    :mod:`qimera.onnx_int8`: BatchNorm folded, int8 weights with one zero point, so that
-    onnxruntime runs each convolution between two quantizers as ``QLinearConv``;
-    ``pack_int4`` stores weights of at most 4 bits as packed ONNX ``int4`` (None: where
-    the opset allows it, 21 or newer); ``requantize`` adds the approximate 8-bit
-    requantization of residual branches (faster, not exact).
-
-    The graph has one input ``images`` (float32, ``(batch, *input_size)``, normalised as
-    the teacher expects; the batch dimension is dynamic) and one output ``logits``.
-    ``metadata`` entries are stored as the model's ``metadata_props``. ``opset`` 18 to 23
-    (torch's exporter writes nothing older). The file appears complete or not at all.
-    """
-    if form not in FORMS:
-        raise ExportError(f"ONNX export: form={form!r}; allowed {', '.join(FORMS)}")
-    if form == "int8":
-        from .onnx_int8 import INT8_DEFAULT_OPSET, check_int4_opset
-
-        opset = INT8_DEFAULT_OPSET if opset is None else opset
-    opset = DEFAULT_OPSET if opset is None else opset
-    if not 18 <= int(opset) <= 23:
-        raise ExportError(f"ONNX export: opset={opset!r}; allowed 18 to 23")
-    if form == "int8":
-        pack_int4 = check_int4_opset(int(opset), pack_int4)
-    elif pack_int4 or requantize:
-        raise ExportError("ONNX export: pack_int4 and requantize apply to form='int8' only (the qdq form is the "
-                          "exact reference, with uint8 weights)")
-    try:
-        import onnx  # noqa: F401 - checked here, before any work, for the error message
-    except ImportError as exc:
-        raise ExportError("ONNX export needs onnx and onnxscript: pip install 'qimera[onnx]'") from exc
-    if form == "int8":
-        from .onnx_int8 import int8_model
-
-        model, report = int8_model(student, requantize=requantize)
-    else:
-        model, report = qdq_model(student)
-    report.opset = int(opset)
-    proto = _exported_proto(model, input_size, int(opset))
-    if form == "int8":
-        from .onnx_int8 import finish_proto
-
-        finish_proto(proto, report, pack_int4)
-    report.node_counts = _write_proto(proto, path, metadata)
-    return report
-
-
-def export_float_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequence[int],
-                      opset: int = DEFAULT_OPSET) -> dict[str, int]:
-    """Write a float model (the teacher) as plain ONNX, with the same input, output and
-    dynamic batch as the student's exports: the baseline the deployment figures compare
-    against. Returns the node counts."""
-    model = copy.deepcopy(model).cpu().float().eval()
-    return _write_proto(_exported_proto(model, input_size, int(opset)), path, None)
-
-
-def _exported_proto(model: nn.Module, input_size: Sequence[int], opset: int):
-    """``model`` through torch's ONNX exporter (the qimera custom ops translated), one input
-    ``images`` with a dynamic batch and one output ``logits``."""
+def _exported_proto(model: nn.Module, input_size: Sequence[int], opset: int, translations: dict | None = None):
+    """``model`` through torch's ONNX exporter (the qimera custom ops translated, with the
+    ``translations`` of other forms' ops), one input ``images`` with a dynamic batch and
+    one output ``logits``."""
     example = torch.zeros((2, *[int(d) for d in input_size]))
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
         model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False,
-        custom_translation_table=_translation_table(), verbose=False,
+        custom_translation_table={**_translation_table(), **(translations or {})}, verbose=False,
     )
     return program.model_proto
 
@@ -396,11 +335,15 @@ def strip_debug_info(proto) -> None:
     """Drop what torch's exporter records for debugging and no runtime reads: each node's
     stack trace, FX node and name scopes (``metadata_props``, ``doc_string``) and the
     intermediate shapes (``value_info``, which onnxruntime infers again). It is about
-    half of a small model's file."""
+    half of a small model's file. Also the graph's ``pkg.torch.export.*`` entries (the
+    exported program's signature and shape ranges, as text: 20 kB of a ResNet-20's file)."""
     for node in proto.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
     del proto.graph.value_info[:]
+    keep = [p for p in proto.graph.metadata_props if not p.key.startswith("pkg.torch.export.")]
+    del proto.graph.metadata_props[:]
+    proto.graph.metadata_props.extend(keep)
 
 
 def _write_proto(proto, path: str | os.PathLike, metadata: dict[str, Any] | None) -> dict[str, int]:
@@ -423,143 +366,3 @@ def _op_counts(proto) -> dict[str, int]:
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-# --------------------------------------------------------------------------- running it
-
-
-def load_onnx_session(path: str | os.PathLike, *, threads: int | None = None, optimized_path: str | None = None):
-    """An onnxruntime CPU session for an exported model (no custom op needed), with every
-    graph optimisation on; ``optimized_path`` is where onnxruntime writes the graph it runs."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ExportError("running the ONNX model needs onnxruntime: pip install 'qimera[onnx]'") from exc
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: not the optimiser's notes on unused initializers
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-#: the batch sizes :func:`measure_latency` is reported at by the export and benchmarks/deploy.py
-LATENCY_BATCHES = (1, 64)
-
-
-def measure_latency(path: str | os.PathLike, input_size: Sequence[int], *, batch: int, runs: int = 30,
-                    warmup: int = 5, threads: int | None = None) -> float:
-    """Median wall time in milliseconds of one onnxruntime call on a ``(batch,
-    *input_size)`` float input, over ``runs`` calls after ``warmup`` (all optimisations
-    on, CPU, ``threads`` intra-op threads or onnxruntime's default)."""
-    import time
-
-    import numpy as np
-
-    if runs < 1:
-        raise ExportError(f"measure_latency: runs={runs!r}; need at least 1")
-    session = load_onnx_session(path, threads=threads)
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
-        (int(batch), *[int(d) for d in input_size])).astype(np.float32)}
-    for _ in range(max(0, warmup)):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
-
-
-def optimized_node_counts(path: str | os.PathLike, *, threads: int | None = None) -> dict[str, int]:
-    """The operator types (and how many of each) in the graph onnxruntime actually runs:
-    the model as its optimiser leaves it (``SessionOptions.optimized_model_filepath``)."""
-    import tempfile
-
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="qimera-ort-") as tmp:
-        out = os.path.join(tmp, "optimized.onnx")
-        load_onnx_session(path, threads=threads, optimized_path=out)
-        return _op_counts(onnx.load(out))
-
-
-class OnnxRuntimeModel(nn.Module):
-    """An onnxruntime session behind the ``nn.Module`` call interface, so that
-    :func:`qimera.evaluate.evaluate` scores it like any PyTorch classifier (CPU tensors)."""
-
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
-        super().__init__()
-        self.session = load_onnx_session(path, threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: images.detach().cpu().float().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
-
-
-@torch.no_grad()
-def verify_exports(
-    student: nn.Module,
-    loader,
-    *,
-    integer_dir: str | os.PathLike | None = None,
-    onnx_path: str | os.PathLike | None = None,
-    onnx_models: Mapping[str, str | os.PathLike] | None = None,
-    max_samples: int | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Run the fake-quant student, the reloaded integer export and the ONNX models (the
-    Q/DQ form ``onnx_path``, reported as ``onnx``, and any others in ``onnx_models``,
-    reported under their key, e.g. ``{"onnx_int8": path}``) under onnxruntime over
-    ``loader`` (the first ``max_samples`` images, or all) in one pass.
-
-    Returns top-1 of each (``student_top1``, ``integer_top1``, ``onnx_top1``,
-    ``<key>_top1``), and for each export its max |Δ logits| against the student and its
-    prediction agreement (the fraction of images where it predicts the student's class).
-    """
-    from .export import load_integer
-
-    models: dict[str, nn.Module] = {}
-    if integer_dir is not None:
-        models["integer"] = load_integer(integer_dir)
-    if onnx_path is not None:
-        models["onnx"] = OnnxRuntimeModel(onnx_path, threads=threads)
-    for key, path in (onnx_models or {}).items():
-        models[key] = OnnxRuntimeModel(path, threads=threads)
-    student = student.eval()
-    correct = {"student": 0, **{k: 0 for k in models}}
-    delta = {k: 0.0 for k in models}
-    agree = {k: 0 for k in models}
-    seen = 0
-    for images, labels in loader:
-        if max_samples is not None:
-            if seen >= max_samples:
-                break
-            images, labels = images[: max_samples - seen], labels[: max_samples - seen]
-        images = images.cpu().float()
-        labels = labels.cpu().long().view(-1)
-        ref = student(images).float()
-        if not bool(torch.isfinite(ref).all()):
-            raise ExportError("verify_exports: the student's logits are NaN or infinite (a diverged student?); "
-                              "nothing to verify against")
-        pred = ref.argmax(1)
-        correct["student"] += int((pred == labels).sum())
-        for key, model in models.items():
-            out = model(images).float()
-            # NaN-safe: a non-finite export output counts as an infinite difference
-            gap = float((out - ref).abs().max()) if bool(torch.isfinite(out).all()) else float("inf")
-            delta[key] = max(delta[key], gap)
-            agree[key] += int((out.argmax(1) == pred).sum())
-            correct[key] += int((out.argmax(1) == labels).sum())
-        seen += len(labels)
-    if seen == 0:
-        raise ExportError("verify_exports: the loader yielded no samples")
-    result: dict[str, Any] = {"samples": seen, "student_top1": 100.0 * correct["student"] / seen}
-    for key in models:
-        result[f"{key}_top1"] = 100.0 * correct[key] / seen
-        result[f"{key}_max_abs_logit_delta"] = delta[key]
-        result[f"{key}_prediction_agreement"] = agree[key] / seen
-    return result

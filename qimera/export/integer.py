@@ -22,13 +22,7 @@ An export directory holds two files:
 activation quantizers (``torch.fx`` finds the same sites in the same order), loads the
 float tensors, and replaces each weight-quantized layer by a plain float layer holding the
 dequantized weight ``(q + z) / s``: exactly the weight the fake-quant student computes at
-every forward, so the logits agree to float rounding.
-
-:func:`export_deployables` is the whole export of a trained student in one call: its state
-dict, the integer artifact, the Q/DQ ONNX model (:mod:`qimera.onnx_export`) and
-``verification.json`` (all three scored on evaluation data in one pass), failing when an
-export does not reproduce the student within :data:`INTEGER_MAX_DELTA` and
-:data:`ONNX_MAX_TOP1_GAP`.
+every forward, so the logits agree to float rounding (within :data:`INTEGER_MAX_DELTA`).
 """
 
 from __future__ import annotations
@@ -36,33 +30,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ._files import atomic_dir, atomic_write, check_replaceable
-from .quant import (ActQuantizer, QuantRecipe, quantize_model, recipe_of, set_calibrating, set_module,
-                    weight_quant_types)
-from .quant.functional import affine_params, per_channel_minmax, qrange
+from .._files import atomic_dir, check_replaceable
+from ..quant import (ActQuantizer, QuantRecipe, quantize_model, recipe_of, set_calibrating, set_module,
+                     weight_quant_types)
+from ..quant.functional import affine_params, per_channel_minmax, qrange
 
 #: 2: the recipe under "recipe" (1 had its bit options at the top level; still read)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TENSORS_FILE = "student.safetensors"
 MAP_FILE = "quant_map.json"
-#: the files :func:`export_deployables` writes into its directory
-STUDENT_FILE = "student.pt"
-INTEGER_DIR = "integer"
-ONNX_FILE = "student.onnx"
-#: the deployable ONNX form (integer kernels in onnxruntime, :mod:`qimera.onnx_int8`)
-ONNX_INT8_FILE = "student.int8.onnx"
-VERIFICATION_FILE = "verification.json"
 #: the reloaded integer model's logits may differ from the student's by float rounding only
 INTEGER_MAX_DELTA = 1e-5
-#: onnxruntime's top-1 may differ from the student's by at most this many points
-#: (ONNX rounds x / scale where the student rounds x * s; see qimera.onnx_export)
-ONNX_MAX_TOP1_GAP = 0.1
 
 
 class ExportError(ValueError):
@@ -186,7 +170,7 @@ def export_integer(
 
 
 def _build_arch(arch: str, kwargs: dict) -> nn.Module:
-    from ._registry import import_callable
+    from .._registry import import_callable
 
     return import_callable(arch, "quant map arch", ExportError)(**kwargs)
 
@@ -204,7 +188,9 @@ def _dequantized_weight(tensors: dict[str, torch.Tensor], name: str, info: dict)
     return ((q.reshape(info["shape"]) + z) / s).contiguous()
 
 
-def _float_twin(mod: nn.Module, weight: torch.Tensor) -> nn.Module:
+def float_twin(mod: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A plain ``nn.Conv2d``/``nn.Linear`` with the shape and bias of the quantized layer
+    ``mod`` and the (frozen) float ``weight``."""
     if isinstance(mod, nn.Conv2d):
         new = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                         mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
@@ -255,124 +241,7 @@ def load_integer(path: str | os.PathLike) -> nn.Module:
         site.steps.fill_(float("inf"))  # 1 - m**inf = 1: no bias correction left
     set_calibrating(student, False)
     for name, mod in layers.items():
-        set_module(student, name, _float_twin(mod, _dequantized_weight(tensors, name, qmap["layers"][name])))
+        set_module(student, name, float_twin(mod, _dequantized_weight(tensors, name, qmap["layers"][name])))
     for p in student.parameters():
         p.requires_grad_(False)
     return student.eval()
-
-
-# --------------------------------------------------------------------------- the whole export
-
-
-def check_verification(v: dict) -> None:
-    """Raise :class:`ExportError` when an exported model does not reproduce the student
-    within :data:`INTEGER_MAX_DELTA` (logits) and :data:`ONNX_MAX_TOP1_GAP` (top-1)."""
-    # written as "not (x <= bound)" so that NaN fails too
-    if "integer_max_abs_logit_delta" in v and not v["integer_max_abs_logit_delta"] <= INTEGER_MAX_DELTA:
-        raise ExportError(
-            f"export: the reloaded integer model's logits differ from the student's by "
-            f"{v['integer_max_abs_logit_delta']:.3g} (> {INTEGER_MAX_DELTA}); see outputs of qimera.export")
-    if "onnx_top1" in v:
-        gap = abs(v["onnx_top1"] - v["student_top1"])
-        if not gap <= ONNX_MAX_TOP1_GAP:
-            raise ExportError(
-                f"export: onnxruntime top-1 {v['onnx_top1']:.2f}% differs from the student's "
-                f"{v['student_top1']:.2f}% by {gap:.2f} points (> {ONNX_MAX_TOP1_GAP})")
-
-
-def int8_rejection(v: dict) -> str | None:
-    """Why the int8 form of verification ``v`` is not shipped (its top-1 differs from the
-    student's by more than :data:`ONNX_MAX_TOP1_GAP`, or is NaN), or None when it passes
-    or was not made."""
-    if "onnx_int8_top1" not in v:
-        return None
-    gap = abs(v["onnx_int8_top1"] - v["student_top1"])
-    if gap <= ONNX_MAX_TOP1_GAP:
-        return None
-    return (f"its top-1 {v['onnx_int8_top1']:.2f}% differs from the student's {v['student_top1']:.2f}% by "
-            f"{gap:.2f} points (> {ONNX_MAX_TOP1_GAP}; same prediction on "
-            f"{100 * v['onnx_int8_prediction_agreement']:.2f}% of the images): its integer kernels round each bias "
-            "to the int32 accumulator grid, and a sensitive 4-bit network amplifies the one-level flips that causes "
-            "(qimera.onnx_int8)")
-
-
-def export_deployables(
-    student: nn.Module,
-    out_dir: str | os.PathLike,
-    loader,
-    *,
-    arch: str,
-    arch_kwargs: dict[str, Any] | None = None,
-    input_size: Sequence[int],
-    opset: int | None = None,
-    metadata: dict[str, Any] | None = None,
-    verify_samples: int | None = None,
-    latency_runs: int = 0,
-    reference: nn.Module | None = None,
-    int8: bool = True,
-) -> dict[str, Any]:
-    """Export a trained student into ``out_dir`` and verify the exports.
-
-    Writes :data:`STUDENT_FILE` (the fake-quant state dict), :data:`INTEGER_DIR`
-    (:func:`export_integer`), :data:`ONNX_FILE` (the Q/DQ reference form,
-    :func:`qimera.onnx_export.export_onnx` at ``opset``), :data:`ONNX_INT8_FILE` (the
-    deployable int8 form at ``opset`` or 21, whichever is newer, so that its weights are
-    packed int4; skipped, with the reason under ``"onnx_int8"``, when ``int8`` is false or
-    for a student torch.fx could not trace) and :data:`VERIFICATION_FILE`: the student, the reloaded integer
-    model and both ONNX forms under onnxruntime scored on ``loader`` (its first
-    ``verify_samples`` images, or all) in one pass. An int8 form whose top-1 misses the
-    student's by more than :data:`ONNX_MAX_TOP1_GAP` is removed again, with the reason
-    under ``"onnx_int8"."rejected"`` (:func:`int8_rejection`): measured, not shipped. With ``latency_runs`` > 0 it also
-    holds each form's file size, the operators onnxruntime's optimised graph runs and its
-    median latency at :data:`qimera.onnx_export.LATENCY_BATCHES` (``reference``, the
-    float teacher, is timed too, as plain ONNX in a temporary file), under
-    ``"deployment"``, with the machine they were measured on. Returns that verification
-    after :func:`check_verification` passed. Needs the ``onnx`` extra.
-
-    ``out_dir`` appears complete or not at all (:func:`qimera._files.atomic_dir`): it may
-    be absent, empty or an earlier export of qimera's; anything else is refused before the
-    work starts, and left as it is.
-    """
-    import torch.fx as fx
-
-    from .evaluate import check_finite_parameters
-    from .onnx_export import DEFAULT_OPSET, export_onnx, verify_exports
-    from .onnx_int8 import INT8_DEFAULT_OPSET, check_onnxruntime
-
-    check_finite_parameters(student, "student")
-    if int8:
-        check_onnxruntime()  # before any file is written: the int8 form needs a recent onnxruntime
-    with atomic_dir(out_dir) as out:
-        state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-        atomic_write(out / STUDENT_FILE, lambda handle: torch.save(state, handle), "wb")
-        export_integer(student, out / INTEGER_DIR, arch=arch, arch_kwargs=arch_kwargs)
-        opset = DEFAULT_OPSET if opset is None else int(opset)
-        report = export_onnx(student, out / ONNX_FILE, input_size=input_size, opset=opset, metadata=metadata)
-        int8_report: dict[str, Any]
-        if not int8:
-            int8_report = {"skipped": "switched off (export.int8_form: false)"}
-        elif isinstance(student, fx.GraphModule):
-            int8_report = export_onnx(student, out / ONNX_INT8_FILE, input_size=input_size, form="int8",
-                                      opset=max(opset, INT8_DEFAULT_OPSET), metadata=metadata).to_dict()
-        else:
-            int8_report = {"skipped": "the student is not a torch.fx graph (its teacher could not be traced), "
-                                      "which the int8 form's rewrite needs"}
-        verification = verify_exports(student, loader, integer_dir=out / INTEGER_DIR, onnx_path=out / ONNX_FILE,
-                                      onnx_models={} if "skipped" in int8_report else {"onnx_int8": out / ONNX_INT8_FILE},
-                                      max_samples=verify_samples)
-        verification["onnx"] = report.to_dict()
-        verification["onnx_int8"] = int8_report
-        if latency_runs > 0:
-            from .onnx_deploy import deployment_figures
-
-            forms = {"qdq": out / ONNX_FILE}
-            if "skipped" not in int8_report:
-                forms["int8"] = out / ONNX_INT8_FILE
-            verification["deployment"] = deployment_figures(forms, input_size, runs=latency_runs, reference=reference)
-        check_verification(verification)
-        rejected = int8_rejection(verification)
-        if rejected:  # measured and reported, not shipped
-            verification["onnx_int8"]["rejected"] = rejected
-            (out / ONNX_INT8_FILE).unlink()
-        atomic_write(out / VERIFICATION_FILE, lambda handle: handle.write(json.dumps(verification, indent=2) + "\n"), "w")
-    return verification

@@ -10,14 +10,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from qimera.export import ExportError  # noqa: E402
-from qimera.onnx_export import (OnnxRuntimeModel, export_onnx, optimized_node_counts,  # noqa: E402
-                                verify_exports)
-from qimera.onnx_int8 import (check_int4_opset, check_onnxruntime, fold_batchnorm, int8_model,  # noqa: E402
-                              weight_limit, widen_grid)
+from qimera.export import (ExportError, OnnxRuntimeModel, check_int4_opset, check_onnxruntime,  # noqa: E402
+                           export_onnx, int8_model, optimized_node_counts, verify_exports)
+from qimera.export.onnx_int8 import fold_batchnorm, weight_limit, widen_grid  # noqa: E402
 
 from qtest_paths import needs_shared  # noqa: E402
-from test_onnx_export import _digits_student  # noqa: E402
+from test_onnx_qdq import _digits_student  # noqa: E402
 
 
 def _bn(channels: int, gamma: torch.Tensor) -> nn.BatchNorm2d:
@@ -134,7 +132,7 @@ def test_shared_resnet20_int8_form(tmp_path):
     the residual branch is exact float; with ``requantize`` every block is integer. The
     agreement with a naive (chaotic, noise-calibrated) 4-bit student is measured, not
     perfect: the int32 bias grid moves outputs near rounding ties by one level, and the
-    4-bit network amplifies that (see qimera.onnx_int8)."""
+    4-bit network amplifies that (see qimera.export.onnx_int8)."""
     import qimera
     from qimera.baselines import naive_student
 
@@ -166,6 +164,78 @@ def test_shared_resnet20_int8_form(tmp_path):
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.99 and (out - ref).abs().median() < 1e-5
 
 
+@needs_shared
+def test_shared_resnet20_integer_exact_form_computes_onnxruntimes_integers(tmp_path):
+    """An integer-exact student (quant.integer_exact): every block convolution is a
+    QLinearConv and every addition a QLinearAdd, and the PyTorch twin, which is how the
+    student is evaluated, computes the same uint8 activations as onnxruntime's fused graph,
+    layer by layer; only the float first convolution and classifier may differ, by float
+    rounding."""
+    import onnx
+
+    import qimera
+    from qimera.baselines import naive_student
+    from qimera.evaluate import evaluate
+    from qimera.export.onnx_int8 import Int8Add, Int8Conv2d
+    from qimera.export.onnx_qdq import QDQActivation
+
+    from qtest_paths import shared_r20_config
+
+    cfg = shared_r20_config(tmp_path / "run")
+    cfg["data"].update(limit=500, batch_size=250)
+    cfg["quant"]["integer_exact"] = True
+    prep = qimera.prepare(cfg)
+    student = naive_student(prep.cfg, prep.teacher)
+    path = tmp_path / "exact.onnx"
+    report = export_onnx(student, path, input_size=(3, 32, 32), form="int8")
+    assert report.integer_exact and report.integer_adds == 9 and len(report.requantized) == 9
+    assert report.folded_batchnorms == 19 and report.float_kernel_layers == ["conv1", "linear"]
+    ops = optimized_node_counts(path)
+    assert ops.get("QLinearConv") == 18 and ops.get("QLinearAdd") == 9 and ops.get("Conv") == 1
+    # the uint8 tensor after every Clip of the fused graph against the twin's integers
+    twin, _ = int8_model(student)
+    proto = onnx.load(str(path))
+    clips = [n.output[0] for n in proto.graph.node if n.op_type == "Clip"]
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(c, onnx.TensorProto.UINT8, None) for c in clips)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    order = [str(n.target) for n in twin.graph.nodes if n.op == "call_module"]
+    clipped = [m for m in (twin.get_submodule(t) for t in order)
+               if isinstance(m, (QDQActivation, Int8Add)) or (isinstance(m, Int8Conv2d) and m.clip)]
+    assert len(clipped) == len(clips) == 19
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, out))) for m in clipped]
+    x, _ = next(iter(prep.eval_data.loader))
+    outputs = session.run(None, {"images": x.numpy()})[1:]
+    with torch.no_grad():
+        twin(x)
+    for h in hooks:
+        h.remove()
+    for (mod, out), theirs in zip(seen, outputs):
+        scale = mod.scale if isinstance(mod, QDQActivation) else (mod.c_scale if isinstance(mod, Int8Add) else mod.y_scale)
+        assert (torch.round(out / scale).numpy() == theirs).all()
+    v = verify_exports(student, prep.eval_data.loader, onnx_models={"onnx_int8": path})
+    assert v["onnx_int8_prediction_agreement"] >= 0.998
+    assert abs(v["onnx_int8_top1"] - v["student_integer_exact_top1"]) <= 0.2
+    # the student is evaluated as that form; fake_quant=True scores the paper's arithmetic
+    assert evaluate(student, prep.eval_data.loader).top1 == pytest.approx(v["student_integer_exact_top1"])
+    assert evaluate(student, prep.eval_data.loader, fake_quant=True).top1 == pytest.approx(v["student_top1"])
+    with pytest.raises(ExportError, match="requantize=True applies to the paper's recipe"):
+        export_onnx(student, tmp_path / "x.onnx", input_size=(3, 32, 32), form="int8", requantize=True)
+
+
+def test_integer_exact_digits_student_ships_an_int8_form_that_predicts_like_it(tmp_path):
+    from qimera.export import export_deployables
+
+    student, data = _digits_student(4, 4, integer_exact=True)
+    v = export_deployables(student, tmp_path / "out", data.loader, arch="qimera.models.digits_cnn:DigitsCNN",
+                           input_size=(1, 8, 8))
+    assert v["onnx_int8"]["integer_exact"] and "rejected" not in v["onnx_int8"]
+    assert v["onnx_int8_prediction_agreement"] == 1.0 and v["onnx_int8_top1"] == v["student_integer_exact_top1"]
+    # the integer export and the Q/DQ form still reproduce the fake-quant arithmetic
+    assert v["integer_max_abs_logit_delta"] <= 1e-5 and abs(v["onnx_top1"] - v["student_top1"]) <= 0.1
+    assert (tmp_path / "out" / "integer" / "quant_map.json").read_text().count('"integer_exact": true') == 1
+
+
 def test_deployables_hold_the_int8_form_and_its_figures(tmp_path):
     from qimera.export import ONNX_INT8_FILE, check_verification, export_deployables, int8_rejection
 
@@ -186,7 +256,7 @@ def test_deployables_hold_the_int8_form_and_its_figures(tmp_path):
     assert reason.startswith("its top-1 61.00% differs from the student's 60.00% by 1.00 points (> 0.1; same")
     assert int8_rejection({"student_top1": 60.0, "onnx_int8_top1": 60.05}) is None
     # ...but one that misses is measured, reported and removed (the student's top-1 moved by hand)
-    import qimera.export as export_module
+    import qimera.export.bundle as export_module  # where export_deployables looks it up
 
     real = export_module.int8_rejection
     try:

@@ -1,6 +1,6 @@
 """The deployable ONNX form of a fake-quantized student: integer kernels in onnxruntime.
 
-The reference form of :mod:`qimera.onnx_export` (QCDQ) keeps every convolution in float:
+The reference form of :mod:`qimera.export.onnx_qdq` (QCDQ) keeps every convolution in float:
 its weights are dequantized, its BatchNorm stays a separate node, and onnxruntime has
 nothing to fuse, so the quantized model runs slower than the float one. This form is the
 same network, rewritten so that onnxruntime's QDQ fusion turns every convolution between
@@ -60,6 +60,8 @@ BatchNorm and its downstream quantizer.
 from __future__ import annotations
 
 import copy
+import math
+import operator
 from collections import deque
 from typing import Any
 
@@ -68,9 +70,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .export import ExportError, _float_twin, exportable_parts, integer_weight
-from .onnx_export import OnnxReport, QDQConv2d, QDQLinear, QDQRequant, convert_activations
-from .quant import ActQuantizer, QuantConv2d, set_module
+from ..quant import ActQuantizer, QuantConv2d, recipe_of, set_module
+from ..quant.recipe import detach_recipe
+from ..quant.kernels import accumulator_bias, qlinear_add, qlinear_conv, requant_multiplier
+from .integer import ExportError, exportable_parts, float_twin, integer_weight
+from .onnx_qdq import OnnxReport, QDQActivation, QDQConv2d, QDQLinear, QDQRequant, activation_twin, convert_activations
 
 __all__ = ["INT8_DEFAULT_OPSET", "INT4_MIN_OPSET", "fold_batchnorm", "int8_model",
            "finish_proto", "pack_int4_weights", "float_at_load", "compact_names", "widen_grid", "WEIGHT_LIMIT", "check_int4_opset", "check_onnxruntime", "INTEGER_OPS"]
@@ -304,7 +308,7 @@ def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, m
         report.folded_batchnorms += 1
     if float(ints.abs().max()) > 127:  # an 8-bit weight's q + z needs 9 bits
         weight = ints * step.reshape((-1,) + (1,) * (ints.dim() - 1))
-        new = _float_twin(mod, weight)
+        new = float_twin(mod, weight)
         if bias is not None:  # (a folded BatchNorm always leaves one)
             new.bias = nn.Parameter(bias.clone(), requires_grad=False)
         report.float_weights.append(name)
@@ -330,20 +334,360 @@ def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, m
     return window
 
 
+# --------------------------------------------------------------------------- the integer-exact form
+#
+# A student whose recipe says ``integer_exact`` is rewritten into modules whose PyTorch
+# forward runs onnxruntime's integer kernels (qimera.quant.kernels) and whose ONNX
+# translation is the Q/DQ pattern onnxruntime fuses into exactly those kernels:
+#
+# * a convolution between two quantizers (its BatchNorm folded, its ReLU and output
+#   quantizer absorbed): Int8Conv2d, exported as DQ(w) / DQ(int32 bias) -> Conv ->
+#   QuantizeLinear -> Clip -> DequantizeLinear, run as QLinearConv;
+# * a convolution whose output reaches the next quantizer through an addition (the
+#   residual branch): Int8Conv2d requantized to uint8 with a step of the next quantizer's
+#   step / 2**k, so that QLinearAdd's scale ratio is a power of two (exact in float32);
+# * the addition, its ReLU and the quantizer after it: Int8Add, run as QLinearAdd. An
+#   operand that reaches it through operations that keep the integer grid (slicing, zero
+#   padding, max pooling: the option-A shortcut) gets a QuantizeLinear/DequantizeLinear
+#   pair of its own grid in the ONNX graph, so that onnxruntime fuses the addition too.
+
+
+@torch.library.custom_op("qimera::int8_conv", mutates_args=())
+def _int8_conv(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+               w_zero: torch.Tensor, bias: torch.Tensor, bias_scale: torch.Tensor, y_scale: torch.Tensor,
+               y_zero: torch.Tensor, y_min: torch.Tensor, y_max: torch.Tensor, stride: list[int],
+               padding: list[int], dilation: list[int], groups: int, clip: bool) -> torch.Tensor:
+    """``QLinearConv`` (then ``Clip`` to ``[y_min, y_max]`` when ``clip``) on the dequantized
+    input ``x``, returned dequantized: :func:`qimera.quant.kernels.qlinear_conv`."""
+    x_int = torch.round(x.float() / x_scale)
+    multiplier = requant_multiplier(x_scale, w_scale, y_scale)
+    y = qlinear_conv(x_int, weight.float(), bias, multiplier, int(y_zero), stride=stride, padding=padding,
+                     dilation=dilation, groups=groups)
+    if clip:
+        y = torch.clamp(y, float(y_min), float(y_max))
+    return (y - y_zero.float()) * y_scale
+
+
+@_int8_conv.register_fake
+def _(x, x_scale, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max, stride, padding,
+      dilation, groups, clip):
+    return F.conv2d(x, weight.float(), None, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("qimera::int8_add", mutates_args=())
+def _int8_add(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              b_zero: torch.Tensor, c_scale: torch.Tensor, c_zero: torch.Tensor, c_min: torch.Tensor,
+              c_max: torch.Tensor, requant_a: bool, requant_b: bool) -> torch.Tensor:
+    """``QLinearAdd`` of the dequantized ``a`` and ``b`` (then ``Clip`` to ``[c_min,
+    c_max]``), returned dequantized: :func:`qimera.quant.kernels.qlinear_add`."""
+    a_int = torch.round(a.float() / a_scale) + a_zero.float()
+    b_int = torch.round(b.float() / b_scale) + b_zero.float()
+    c = qlinear_add(a_int, a_scale, int(a_zero), b_int, b_scale, int(b_zero), c_scale, int(c_zero))
+    c = torch.clamp(c, float(c_min), float(c_max))
+    return (c - c_zero.float()) * c_scale
+
+
+@_int8_add.register_fake
+def _(a, a_scale, a_zero, b, b_scale, b_zero, c_scale, c_zero, c_min, c_max, requant_a, requant_b):
+    return torch.empty_like(a)
+
+
+def translation_table() -> dict:
+    """The ONNX translations of the integer-exact form's custom ops (for torch's exporter)."""
+    try:
+        from onnxscript import opset21 as op
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ExportError("ONNX export needs onnx and onnxscript: pip install 'qimera[onnx]'") from exc
+
+    def int8_conv(x, x_scale, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max, stride,
+                  padding, dilation, groups, clip):
+        w = op.DequantizeLinear(weight, w_scale, w_zero, axis=0)
+        b = op.DequantizeLinear(bias, bias_scale, axis=0)
+        y = op.Conv(x, w, b, strides=stride, pads=list(padding) * 2, dilations=dilation, group=groups)
+        q = op.QuantizeLinear(y, y_scale, y_zero)
+        if clip:
+            q = op.Clip(q, y_min, y_max)
+        return op.DequantizeLinear(q, y_scale, y_zero)
+
+    def int8_add(a, a_scale, a_zero, b, b_scale, b_zero, c_scale, c_zero, c_min, c_max, requant_a, requant_b):
+        if requant_a:
+            a = op.DequantizeLinear(op.QuantizeLinear(a, a_scale, a_zero), a_scale, a_zero)
+        if requant_b:
+            b = op.DequantizeLinear(op.QuantizeLinear(b, b_scale, b_zero), b_scale, b_zero)
+        q = op.Clip(op.QuantizeLinear(op.Add(a, b), c_scale, c_zero), c_min, c_max)
+        return op.DequantizeLinear(q, c_scale, c_zero)
+
+    return {torch.ops.qimera.int8_conv.default: int8_conv, torch.ops.qimera.int8_add.default: int8_add}
+
+
+def _u8(value: int) -> torch.Tensor:
+    return torch.tensor(int(value), dtype=torch.uint8)
+
+
+class Int8Conv2d(nn.Module):
+    """A convolution as onnxruntime's ``QLinearConv`` computes it: int8 weights (zero point
+    0), an int32 bias on the accumulator grid, the output rounded by the kernel's
+    multiplier onto the grid ``(scale, zero_point)`` and clipped to ``[0, qmax]``."""
+
+    def __init__(self, conv: nn.Conv2d, ints: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
+                 x_scale: torch.Tensor, y_scale: torch.Tensor, y_zero: int, y_max: int):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ExportError(f"int8 form: conv padding={conv.padding!r}, padding_mode={conv.padding_mode!r} "
+                              "is not supported (numeric padding with zeros only)")
+        self.register_buffer("x_scale", x_scale.reshape(()).float().clone())
+        self.register_buffer("qweight", ints.to(torch.int8).contiguous())
+        self.register_buffer("scale", w_scale.reshape(-1).float().contiguous())
+        self.register_buffer("zero_point", torch.zeros(ints.shape[0], dtype=torch.int8))
+        self.register_buffer("qbias", accumulator_bias(bias, self.x_scale, self.scale))
+        self.register_buffer("bias_scale", (self.x_scale * self.scale).contiguous())
+        self.register_buffer("y_scale", y_scale.reshape(()).float().clone())
+        self.register_buffer("y_zero", _u8(y_zero))
+        self.register_buffer("y_min", _u8(0))
+        self.register_buffer("y_max", _u8(y_max))
+        self.clip = int(y_max) < 255
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), int(conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qimera.int8_conv(x, self.x_scale, self.qweight, self.scale, self.zero_point, self.qbias,
+                                          self.bias_scale, self.y_scale, self.y_zero, self.y_min, self.y_max,
+                                          self.stride, self.padding, self.dilation, self.groups, self.clip)
+
+
+class Int8Add(nn.Module):
+    """An addition, its ReLU and the quantizer after it, as onnxruntime's ``QLinearAdd``
+    computes them; ``requant_a``/``requant_b``: that operand gets a Q/DQ pair of its grid
+    in the ONNX graph (it reaches the addition through ops that keep its grid)."""
+
+    def __init__(self, a: tuple[torch.Tensor, int], b: tuple[torch.Tensor, int], c: tuple[torch.Tensor, int],
+                 c_max: int, requant_a: bool, requant_b: bool):
+        super().__init__()
+        for name, (scale, zero) in (("a", a), ("b", b), ("c", c)):
+            self.register_buffer(f"{name}_scale", scale.reshape(()).float().clone())
+            self.register_buffer(f"{name}_zero", _u8(zero))
+        self.register_buffer("c_min", _u8(0))
+        self.register_buffer("c_max", _u8(c_max))
+        self.requant_a, self.requant_b = bool(requant_a), bool(requant_b)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qimera.int8_add(a, self.a_scale, self.a_zero, b, self.b_scale, self.b_zero, self.c_scale,
+                                         self.c_zero, self.c_min, self.c_max, self.requant_a, self.requant_b)
+
+
+_ADDS = (operator.add, torch.add)
+#: operations whose output lies on their input's integer grid (a shortcut's slicing and
+#: zero padding, max pooling)
+_GRID_KEEPING = {operator.getitem, F.pad, F.max_pool2d, torch.max_pool2d}
+
+
+def _site_grid(site: ActQuantizer) -> tuple[torch.Tensor, int, int] | None:
+    """``(scale, zero point, top integer)`` of a frozen quantizer as the ONNX graph holds
+    it, or None when its integers are not uint8 with zero point 0 (a range that does not
+    start at 0: not a ReLU's output)."""
+    twin = activation_twin(site)
+    if not isinstance(twin, QDQActivation) or twin.zero_point.dtype != torch.uint8 or int(twin.zero_point) != 0:
+        return None
+    return twin.scale, 0, int(twin.qhi)
+
+
+def _pow2_step(window: tuple[float, float], out_scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The uint8 grid of a residual branch: step ``out_scale / 2**k`` with the largest
+    ``k`` whose 256 levels still cover ``[-L, R]``, and the zero point that puts ``-L``
+    on it."""
+    left, right = window
+    k = math.floor(math.log2(255.0 * float(out_scale) / (left + right)))
+    step = out_scale.float() * (2.0 ** -k)
+    return step, min(255, max(0, round(left / float(step))))
+
+
+def _input_limit(top: int) -> int:
+    """:func:`weight_limit` for an input whose integers reach ``top``."""
+    return min(WEIGHT_LIMIT, _PAIR_SUM_LIMIT // (2 * max(1, int(top))))
+
+
+#: a node's output lies on the uint8 grid ``(scale, zero point, top integer)``
+Grid = tuple[torch.Tensor, int, int]
+
+
+class _ExactRewrite:
+    """The integer-exact rewrite of one traced student (see the comment above), node by
+    node in graph order, so that an operand is rewritten before its users."""
+
+    def __init__(self, gm: fx.GraphModule, report: OnnxReport):
+        self.gm, self.report = gm, report
+        self.modules = dict(gm.named_modules())
+        self.grid: dict[fx.Node, Grid] = {}
+
+    def _alive(self) -> set[fx.Node]:
+        return set(self.gm.graph.nodes)
+
+    def _site(self, node: fx.Node) -> ActQuantizer | None:
+        return self.modules[str(node.target)] if _is_site(node, self.modules) else None
+
+    def _out_site(self, node: fx.Node) -> fx.Node | None:
+        """The quantizer node that takes ``node``'s output alone (through a ReLU), or None."""
+        if not _feeds_quantizer(node, self.modules):
+            return None
+        user = _sole_user(node)
+        return _sole_user(user) if _is_relu(user, self.modules) else user
+
+    def _absorb(self, node: fx.Node, new: fx.Node) -> None:
+        """Route the users of the quantizer after ``node`` (through its ReLU) to ``new``,
+        and drop the ReLU and the quantizer."""
+        site = self._out_site(node)
+        relu = _sole_user(node)
+        site.replace_all_uses_with(new)
+        self.gm.graph.erase_node(site)
+        if relu is not site:
+            self.gm.graph.erase_node(relu)
+
+    def node_grid(self, node: object) -> Grid | None:
+        if not isinstance(node, fx.Node):
+            return None
+        if node in self.grid:
+            return self.grid[node]
+        site = self._site(node)
+        return _site_grid(site) if site is not None else None
+
+    def operand(self, node: object) -> tuple[Grid, bool] | None:
+        """The grid of ``node``'s output and whether it is reached through operations that
+        keep the grid (slicing, zero padding, max pooling), or None."""
+        hops = 0
+        while isinstance(node, fx.Node) and hops <= 4:
+            grid = self.node_grid(node)
+            if grid is not None:
+                return grid, hops > 0
+            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            keeps = isinstance(module, (nn.MaxPool2d, nn.Identity)) or (
+                node.op == "call_function" and node.target in _GRID_KEEPING)
+            if node.op == "call_function" and node.target is F.pad:
+                value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+                keeps = value in (None, 0, 0.0)
+            if not keeps or not node.args:
+                return None
+            node, hops = node.args[0], hops + 1
+        return None
+
+    def conv(self, node: fx.Node, mod: QuantConv2d) -> bool:
+        """Rewrite one quantized convolution into :class:`Int8Conv2d`; False (the graph
+        untouched) where the exact form cannot hold it: its input is not on a ReLU
+        quantizer's grid (the first convolution), its weights need more than int8, or no
+        quantizer takes its output (directly, or through an addition)."""
+        found = self.operand(node.args[0]) if node.args else None
+        if found is None or found[0][1] != 0:
+            return False
+        (x_scale, _, x_top), _ = found
+        q, s, z = integer_weight(mod.weight, mod.w_bits)
+        ints, step = q + z, (1.0 / s).reshape(-1)
+        if float(ints.abs().max()) > 127:
+            return False
+        bn = _sole_batchnorm(node, self.modules)
+        tail = bn if bn is not None else node
+        out_site = self._out_site(tail)
+        if out_site is not None:
+            out = _site_grid(self._site(out_site))
+            if out is None:
+                return False
+            y_scale, y_zero, y_max = out
+        else:
+            add = _sole_user(tail)
+            if add is None or add.op != "call_function" or add.target not in _ADDS or self._out_site(add) is None:
+                return False
+            out = _site_grid(self._site(self._out_site(add)))
+            if out is None:
+                return False
+            right = out[2] * float(out[0])
+            other = next((a for a in add.args if a is not tail), None)
+            found_other = self.operand(other)
+            left = found_other[0][2] * float(found_other[0][0]) if found_other is not None else right
+            (y_scale, y_zero), y_max = _pow2_step((left, right), out[0]), 255
+        bias = mod.bias.detach().float() if mod.bias is not None else torch.zeros(ints.shape[0])
+        if bn is not None:
+            ints, step, bias = fold_batchnorm(ints, step, bias, self.modules[str(bn.target)])
+            bn.replace_all_uses_with(node)
+            self.gm.graph.erase_node(bn)
+            self.report.folded_batchnorms += 1
+        ints, step = widen_grid(ints, step, _input_limit(x_top))
+        new = Int8Conv2d(mod, ints, step, bias, x_scale, y_scale, y_zero, y_max)
+        set_module(self.gm, str(node.target), new)
+        self.modules[str(node.target)] = new
+        if out_site is not None:
+            self._absorb(node, node)
+        else:
+            self.report.requantized.append(str(node.target))
+        self.grid[node] = (new.y_scale, y_zero, y_max)
+        self.report.qdq_weights += 1
+        return True
+
+    def add(self, node: fx.Node) -> bool:
+        """Rewrite an addition followed (through a ReLU) by a quantizer into :class:`Int8Add`."""
+        if not (node.op == "call_function" and node.target in _ADDS and len(node.args) == 2 and not node.kwargs):
+            return False
+        out_site = self._out_site(node)
+        operands = [self.operand(a) for a in node.args]
+        out = _site_grid(self._site(out_site)) if out_site is not None else None
+        if out is None or any(o is None for o in operands):
+            return False
+        (ga, ra), (gb, rb) = operands
+        name = f"{node.name}_int8"
+        module = Int8Add(ga[:2], gb[:2], out[:2], out[2], ra, rb)
+        self.gm.add_submodule(name, module)
+        self.modules[name] = module
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, tuple(node.args))
+        self._absorb(node, new)
+        self.gm.graph.erase_node(node)
+        self.grid[new] = (module.c_scale, out[1], out[2])
+        self.report.integer_adds += 1
+        return True
+
+    def run(self, layers: dict[str, nn.Module]) -> list[fx.Node]:
+        """Rewrite every convolution and addition that the exact form holds; returns the
+        weight-layer nodes left to the float path."""
+        rest = []
+        for node in list(self.gm.graph.nodes):
+            if node.op == "output" or node not in self._alive():
+                continue
+            name = str(node.target)
+            if node.op == "call_module" and name in layers:
+                if not (isinstance(layers[name], QuantConv2d) and self.conv(node, layers[name])):
+                    rest.append(node)
+            elif node.op == "call_function":
+                self.add(node)
+        return rest
+
+
 @torch.no_grad()
 def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Module, OnnxReport]:
     """An eval-mode CPU copy of ``student`` rewritten into the int8 form (module
     docstring; ``requantize``: the 8-bit requantization of residual branches), with the
-    custom ops of :mod:`qimera.onnx_export`, so that it runs in PyTorch and exports to
-    ONNX; and what the rewrite did."""
+    custom ops of :mod:`qimera.export.onnx_qdq`, so that it runs in PyTorch and exports to
+    ONNX; and what the rewrite did.
+
+    A student whose recipe is integer-exact (``QuantRecipe.integer_exact``) gets the
+    integer-exact form instead (the comment above :class:`Int8Conv2d`): its PyTorch
+    forward computes the integers onnxruntime's kernels compute, and it is how such a
+    student is evaluated (:func:`qimera.evaluate.evaluated_form`). Its residual branches
+    are requantized by construction, so ``requantize`` does not apply to it."""
     if not isinstance(student, fx.GraphModule):
         raise ExportError("int8 ONNX form: the student must be a torch.fx-traced model (quantize_model traces "
                           f"every traceable teacher); {type(student).__name__} is not")
+    exact = is_integer_exact(student)
+    if exact and requantize:
+        raise ExportError("int8 ONNX form: requantize=True applies to the paper's recipe; an integer-exact "
+                          "student's form requantizes its residual branches itself")
     gm = copy.deepcopy(student).cpu().float().eval()
+    detach_recipe(gm)  # a twin, not a student: evaluate() scores it as it is
     layers, sites = exportable_parts(gm)
-    report = OnnxReport(form="int8")
-    modules = dict(gm.named_modules())
-    weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in layers]
+    report = OnnxReport(form="int8", integer_exact=exact)
+    if exact:
+        rewrite = _ExactRewrite(gm, report)
+        weight_nodes = rewrite.run(layers)
+        modules = rewrite.modules
+    else:
+        modules = dict(gm.named_modules())
+        weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in layers]
     needs_requant: list[tuple[fx.Node, tuple[float, float]]] = []
     for node in weight_nodes:
         name = str(node.target)
@@ -359,13 +703,22 @@ def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Modu
             rq = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(rq, delete_user_cb=lambda user: user is not rq)
         report.requantized.append(str(node.target))
-    convert_activations(gm, sites, report)
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    convert_activations(gm, {n: site for n, site in sites.items() if n in called}, report)
     gm.graph.lint()
     gm.recompile()
-    gm.delete_all_unused_submodules()  # the folded BatchNorms
+    gm.delete_all_unused_submodules()  # the folded BatchNorms, the absorbed quantizers
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm.eval(), report
+
+
+def is_integer_exact(model: nn.Module) -> bool:
+    """Whether ``model`` is a student whose recipe is integer-exact."""
+    try:
+        return recipe_of(model).integer_exact
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- passes over the ONNX graph

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .onnx_export import LATENCY_BATCHES, export_float_onnx, measure_latency, optimized_node_counts
+from .onnx import LATENCY_BATCHES, export_float_onnx, measure_latency, optimized_node_counts
 from .onnx_int8 import INTEGER_OPS
 
 __all__ = ["machine_description", "deployment_figures", "form_figures"]

@@ -11,20 +11,21 @@ import qimera  # noqa: E402
 from qimera.baselines import calibrate, naive_student  # noqa: E402
 from qimera.data import load_eval_data  # noqa: E402
 from qimera.evaluate import evaluate  # noqa: E402
-from qimera.export import ExportError, export_integer, load_integer  # noqa: E402
+from qimera.export import (ExportError, OnnxRuntimeModel, export_integer, export_onnx, load_integer,  # noqa: E402
+                           qdq_model)
+from qimera.export.onnx_qdq import _integer_form  # noqa: E402
 from qimera.models.digits_cnn import DigitsCNN  # noqa: E402
-from qimera.onnx_export import OnnxRuntimeModel, _integer_form, export_onnx, qdq_model  # noqa: E402
 from qimera.quant import QuantRecipe, quantize_model  # noqa: E402
 
 from qtest_paths import R20_ARCH, needs_shared, shared_r20_config  # noqa: E402
 
 
-def _digits_student(w_bits, a_bits, seed=0):
+def _digits_student(w_bits, a_bits, seed=0, integer_exact=False):
     torch.manual_seed(seed)
     model = DigitsCNN(10).eval()
     data = load_eval_data("digits", batch_size=540)
     x, _ = next(iter(data.loader))
-    student, _ = quantize_model(model, QuantRecipe(w_bits, a_bits))
+    student, _ = quantize_model(model, QuantRecipe(w_bits, a_bits, integer_exact=integer_exact))
     calibrate(student, [x[:256]])
     return student, data
 
