@@ -238,6 +238,27 @@ def test_report_gives_paired_differences_per_seed_and_the_final_against_best_gap
     assert entry["seeds"] == "1 2 3" and float(entry["mean_final_minus_best"]) == -2.5
 
 
+def test_report_sets_an_integer_exact_students_top1_beside_its_fake_quant_one(workdir):
+    """Issue 23: cells whose histories carry top1_fake_quant (integer-exact students) get
+    the int8 file's top-1 − the fake-quant top-1 of the same weights, per seed."""
+    spec = {"name": "exact", "seeds": [1, 2],
+            "grids": [{"label": "d", "config": "base.yaml", "methods": ["qimera"], "bits": [4],
+                       "row": "{bits}", "column": "{method}"}]}
+    path = workdir / "exact.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    exp = load_experiment(path)
+    for cell, (exact, fake) in zip(exp.cells, [(90.0, 90.5), (91.0, 90.75)]):
+        _fake_finished(cell, exact, [exact - 1.0, exact])
+        lines = (cell.out_dir / "history.jsonl").read_text().splitlines()
+        last = {**json.loads(lines[-1]), "top1_fake_quant": fake}
+        (cell.out_dir / "history.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(last)]) + "\n")
+    md = report(exp)["md"].read_text()
+    assert "## The integer-exact recipe against the fake-quant arithmetic (same weights)" in md
+    assert "| 4w4a / qimera | 90.62 ± 0.18 | -0.50, +0.25: -0.12 ± 0.53 |" in md
+    plain = load_experiment(_experiment(workdir, "plain"))
+    assert "integer-exact" not in report(plain)["md"].read_text()
+
+
 def test_compare_names_must_be_two_columns_or_two_rows(workdir):
     for compare, needle in (([["qimera", "gdfq"]], "name two columns"), ([["p=0.25", "p=0.25"]], "two different"),
                             ([["p=0.25"]], "two different")):

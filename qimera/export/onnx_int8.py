@@ -353,12 +353,15 @@ def _weight_twin(name: str, mod: nn.Module, node: fx.Node, gm: fx.GraphModule, m
 
 
 @torch.library.custom_op("qimera::int8_conv", mutates_args=())
-def _int8_conv(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-               w_zero: torch.Tensor, bias: torch.Tensor, bias_scale: torch.Tensor, y_scale: torch.Tensor,
-               y_zero: torch.Tensor, y_min: torch.Tensor, y_max: torch.Tensor, stride: list[int],
-               padding: list[int], dilation: list[int], groups: int, clip: bool) -> torch.Tensor:
+def _int8_conv(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, weight: torch.Tensor,
+               w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor, bias_scale: torch.Tensor,
+               y_scale: torch.Tensor, y_zero: torch.Tensor, y_min: torch.Tensor, y_max: torch.Tensor,
+               stride: list[int], padding: list[int], dilation: list[int], groups: int, clip: bool,
+               requant_x: bool) -> torch.Tensor:
     """``QLinearConv`` (then ``Clip`` to ``[y_min, y_max]`` when ``clip``) on the dequantized
-    input ``x``, returned dequantized: :func:`qimera.quant.kernels.qlinear_conv`."""
+    input ``x``, returned dequantized: :func:`qimera.quant.kernels.qlinear_conv`.
+    ``requant_x``: the input reaches the convolution through grid-keeping operations (max
+    pooling), so the ONNX graph quantizes it again, to the same integers."""
     x_int = torch.round(x.float() / x_scale)
     multiplier = requant_multiplier(x_scale, w_scale, y_scale)
     y = qlinear_conv(x_int, weight.float(), bias, multiplier, int(y_zero), stride=stride, padding=padding,
@@ -369,8 +372,8 @@ def _int8_conv(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_s
 
 
 @_int8_conv.register_fake
-def _(x, x_scale, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max, stride, padding,
-      dilation, groups, clip):
+def _(x, x_scale, x_zero, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max, stride,
+      padding, dilation, groups, clip, requant_x):
     return F.conv2d(x, weight.float(), None, stride, padding, dilation, groups)
 
 
@@ -399,8 +402,10 @@ def translation_table() -> dict:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ExportError("ONNX export needs onnx and onnxscript: pip install 'qimera[onnx]'") from exc
 
-    def int8_conv(x, x_scale, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max, stride,
-                  padding, dilation, groups, clip):
+    def int8_conv(x, x_scale, x_zero, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max,
+                  stride, padding, dilation, groups, clip, requant_x):
+        if requant_x:
+            x = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zero), x_scale, x_zero)
         w = op.DequantizeLinear(weight, w_scale, w_zero, axis=0)
         b = op.DequantizeLinear(bias, bias_scale, axis=0)
         y = op.Conv(x, w, b, strides=stride, pads=list(padding) * 2, dilations=dilation, group=groups)
@@ -430,12 +435,13 @@ class Int8Conv2d(nn.Module):
     multiplier onto the grid ``(scale, zero_point)`` and clipped to ``[0, qmax]``."""
 
     def __init__(self, conv: nn.Conv2d, ints: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
-                 x_scale: torch.Tensor, y_scale: torch.Tensor, y_zero: int, y_max: int):
+                 x_scale: torch.Tensor, y_scale: torch.Tensor, y_zero: int, y_max: int, requant_x: bool = False):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ExportError(f"int8 form: conv padding={conv.padding!r}, padding_mode={conv.padding_mode!r} "
                               "is not supported (numeric padding with zeros only)")
         self.register_buffer("x_scale", x_scale.reshape(()).float().clone())
+        self.register_buffer("x_zero", _u8(0))
         self.register_buffer("qweight", ints.to(torch.int8).contiguous())
         self.register_buffer("scale", w_scale.reshape(-1).float().contiguous())
         self.register_buffer("zero_point", torch.zeros(ints.shape[0], dtype=torch.int8))
@@ -445,14 +451,15 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("y_zero", _u8(y_zero))
         self.register_buffer("y_min", _u8(0))
         self.register_buffer("y_max", _u8(y_max))
-        self.clip = int(y_max) < 255
+        self.clip, self.requant_x = int(y_max) < 255, bool(requant_x)
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), int(conv.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.qimera.int8_conv(x, self.x_scale, self.qweight, self.scale, self.zero_point, self.qbias,
-                                          self.bias_scale, self.y_scale, self.y_zero, self.y_min, self.y_max,
-                                          self.stride, self.padding, self.dilation, self.groups, self.clip)
+        return torch.ops.qimera.int8_conv(x, self.x_scale, self.x_zero, self.qweight, self.scale, self.zero_point,
+                                          self.qbias, self.bias_scale, self.y_scale, self.y_zero, self.y_min,
+                                          self.y_max, self.stride, self.padding, self.dilation, self.groups,
+                                          self.clip, self.requant_x)
 
 
 class Int8Add(nn.Module):
@@ -566,7 +573,7 @@ class _ExactRewrite:
                 keeps = value in (None, 0, 0.0)
             if not keeps or not node.args:
                 return None
-            node, hops = node.args[0], hops + 1
+            node, hops = node.args[0], hops + (not isinstance(module, nn.Identity))
         return None
 
     def conv(self, node: fx.Node, mod: QuantConv2d) -> bool:
@@ -577,7 +584,7 @@ class _ExactRewrite:
         found = self.operand(node.args[0]) if node.args else None
         if found is None or found[0][1] != 0:
             return False
-        (x_scale, _, x_top), _ = found
+        (x_scale, _, x_top), requant_x = found
         q, s, z = integer_weight(mod.weight, mod.w_bits)
         ints, step = q + z, (1.0 / s).reshape(-1)
         if float(ints.abs().max()) > 127:
@@ -609,7 +616,7 @@ class _ExactRewrite:
             self.gm.graph.erase_node(bn)
             self.report.folded_batchnorms += 1
         ints, step = widen_grid(ints, step, _input_limit(x_top))
-        new = Int8Conv2d(mod, ints, step, bias, x_scale, y_scale, y_zero, y_max)
+        new = Int8Conv2d(mod, ints, step, bias, x_scale, y_scale, y_zero, y_max, requant_x)
         set_module(self.gm, str(node.target), new)
         self.modules[str(node.target)] = new
         if out_site is not None:
