@@ -167,6 +167,7 @@ def _log_exports(export_dir: Path, run_id: str, verification: dict, s3_uri: str 
                 mlflow.log_artifact(str(export_dir / f), "export")
         mlflow.log_artifacts(str(export_dir / INTEGER_DIR), f"export/{INTEGER_DIR}")
         mlflow.log_metrics({k: verification[k] for k in ("onnx_top1", "onnx_int8_top1", "onnx_int8_prediction_agreement",
+                                                          "student_integer_exact_top1",
                                                           "integer_max_abs_logit_delta") if k in verification})
         for form, figures in verification.get("deployment", {}).get("forms", {}).items():
             mlflow.log_metrics({f"deploy_{form}_{key}": value for key, value in _deploy_metrics(figures).items()})
@@ -334,8 +335,10 @@ def main() -> None:
     if "rejected" in int8:
         print(f"export: WARNING: student.int8.onnx not shipped: {int8['rejected']}")
     elif "onnx_int8_top1" in verification:
-        print(f"export: int8 form top-1 {verification['onnx_int8_top1']:.2f}%, same prediction on "
-              f"{100 * verification['onnx_int8_prediction_agreement']:.2f}%")
+        exact = "student_integer_exact_top1" in verification
+        print(f"export: int8 form top-1 {verification['onnx_int8_top1']:.2f}%, same prediction"
+              + (f" as the integer-exact student ({verification['student_integer_exact_top1']:.2f}%)" if exact else "")
+              + f" on {100 * verification['onnx_int8_prediction_agreement']:.2f}%")
     print(f"export: MLflow model {name} version {version}"
           + (f", now {CHAMPION}" if moved else f"; {CHAMPION} stays version {champion} (top-1 not better)"))
 
