@@ -103,19 +103,16 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qimera-deploy-") as tmp:
         student, prep, label = student_and_data(args, tmp)
         size = prep.teacher.input_size
+        # the same weights under both recipes (a trained run's student has one of them)
         recipe = recipe_of(student)
-        exact = copy.deepcopy(student)
+        exact, student = copy.deepcopy(student), copy.deepcopy(student)
         attach_recipe(exact, dataclasses.replace(recipe, integer_exact=True))
-        if recipe.integer_exact:  # a trained integer-exact student: its int8 form is the exact one
-            names = ("qdq", "int8_exact")
-        else:
-            names = ("qdq", "int8", "int8_requant", "int8_exact")
-        paths = {name: Path(tmp) / f"{name}.onnx" for name in names}
+        attach_recipe(student, dataclasses.replace(recipe, integer_exact=False))
+        paths = {name: Path(tmp) / f"{name}.onnx" for name in ("qdq", "int8", "int8_requant", "int8_exact")}
         export_onnx(student, paths["qdq"], input_size=size)
-        reports = {"int8_exact": export_onnx(exact, paths["int8_exact"], input_size=size, form="int8")}
-        if "int8" in paths:
-            reports["int8"] = export_onnx(student, paths["int8"], input_size=size, form="int8")
-            export_onnx(student, paths["int8_requant"], input_size=size, form="int8", requantize=True)
+        reports = {"int8_exact": export_onnx(exact, paths["int8_exact"], input_size=size, form="int8"),
+                   "int8": export_onnx(student, paths["int8"], input_size=size, form="int8")}
+        export_onnx(student, paths["int8_requant"], input_size=size, form="int8", requantize=True)
         figures = deployment_figures(paths, size, runs=args.runs, reference=prep.teacher.model,
                                      threads=args.threads, batches=batches)
         accuracy = top1 = agree = None

@@ -185,7 +185,8 @@ def test_cli_reports_bad_experiments_in_one_line(workdir):
 
 
 @pytest.mark.parametrize("name", ["demo-grid", "demo-ladder", "demo-ladder-budget", "demo-ablation", "demo-superposition",
-                                  "demo-additions", "shared-additions", "shared-budget", "shared-evidence", "shared-explore", "main", "table6", "table7",
+                                  "demo-additions", "shared-additions", "shared-budget", "shared-evidence", "shared-explore",
+                                  "shared-integer-exact", "main", "table6", "table7",
                                   "table8", "table9", "table10", "shared-dm"])
 def test_shipped_experiments_validate(name, monkeypatch):
     path = REPO / "experiments" / f"{name}.yaml"
