@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from ..quant import ActQuantizer, QuantConv2d, recipe_of, set_module
 from ..quant.recipe import detach_recipe
-from ..quant.kernels import accumulator_bias, qlinear_add, qlinear_conv, requant_multiplier
+from ..quant.kernels import accumulator_bias, fits_float32, qlinear_add, qlinear_conv, requant_multiplier
 from .integer import ExportError, exportable_parts, float_twin, integer_weight
 from .onnx_qdq import OnnxReport, QDQActivation, QDQConv2d, QDQLinear, QDQRequant, activation_twin, convert_activations
 
@@ -213,8 +213,7 @@ def weight_limit(input_bits: int | None) -> int:
     """How far :func:`widen_grid` may spread a layer's int8 weights: ±127, less where the
     input's ``2**b - 1`` times it, twice, would overflow an int16 pair sum (8-bit or
     unknown inputs: ±64)."""
-    top = 2 ** (input_bits if input_bits is not None else 8) - 1
-    return min(WEIGHT_LIMIT, _PAIR_SUM_LIMIT // (2 * top))
+    return _input_limit(2 ** (input_bits if input_bits is not None else 8) - 1)
 
 
 def _downstream_site(node: fx.Node, modules: dict[str, nn.Module], depth: int = 4) -> ActQuantizer | None:
@@ -357,15 +356,16 @@ def _int8_conv(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, wei
                w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor, bias_scale: torch.Tensor,
                y_scale: torch.Tensor, y_zero: torch.Tensor, y_min: torch.Tensor, y_max: torch.Tensor,
                stride: list[int], padding: list[int], dilation: list[int], groups: int, clip: bool,
-               requant_x: bool) -> torch.Tensor:
+               requant_x: bool, wide: bool) -> torch.Tensor:
     """``QLinearConv`` (then ``Clip`` to ``[y_min, y_max]`` when ``clip``) on the dequantized
     input ``x``, returned dequantized: :func:`qimera.quant.kernels.qlinear_conv`.
     ``requant_x``: the input reaches the convolution through grid-keeping operations (max
-    pooling), so the ONNX graph quantizes it again, to the same integers."""
+    pooling), so the ONNX graph quantizes it again, to the same integers. ``wide``: the
+    partial sums may exceed float32's exact integers (:func:`qimera.quant.kernels.fits_float32`)."""
     x_int = torch.round(x.float() / x_scale)
     multiplier = requant_multiplier(x_scale, w_scale, y_scale)
     y = qlinear_conv(x_int, weight.float(), bias, multiplier, int(y_zero), stride=stride, padding=padding,
-                     dilation=dilation, groups=groups)
+                     dilation=dilation, groups=groups, wide=wide)
     if clip:
         y = torch.clamp(y, float(y_min), float(y_max))
     return (y - y_zero.float()) * y_scale
@@ -373,7 +373,7 @@ def _int8_conv(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, wei
 
 @_int8_conv.register_fake
 def _(x, x_scale, x_zero, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max, stride,
-      padding, dilation, groups, clip, requant_x):
+      padding, dilation, groups, clip, requant_x, wide):
     return F.conv2d(x, weight.float(), None, stride, padding, dilation, groups)
 
 
@@ -403,7 +403,7 @@ def translation_table() -> dict:
         raise ExportError("ONNX export needs onnx and onnxscript: pip install 'qimera[onnx]'") from exc
 
     def int8_conv(x, x_scale, x_zero, weight, w_scale, w_zero, bias, bias_scale, y_scale, y_zero, y_min, y_max,
-                  stride, padding, dilation, groups, clip, requant_x):
+                  stride, padding, dilation, groups, clip, requant_x, wide):
         if requant_x:
             x = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zero), x_scale, x_zero)
         w = op.DequantizeLinear(weight, w_scale, w_zero, axis=0)
@@ -435,7 +435,8 @@ class Int8Conv2d(nn.Module):
     multiplier onto the grid ``(scale, zero_point)`` and clipped to ``[0, qmax]``."""
 
     def __init__(self, conv: nn.Conv2d, ints: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor,
-                 x_scale: torch.Tensor, y_scale: torch.Tensor, y_zero: int, y_max: int, requant_x: bool = False):
+                 x_scale: torch.Tensor, x_top: int, y_scale: torch.Tensor, y_zero: int, y_max: int,
+                 requant_x: bool = False):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ExportError(f"int8 form: conv padding={conv.padding!r}, padding_mode={conv.padding_mode!r} "
@@ -452,6 +453,8 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("y_min", _u8(0))
         self.register_buffer("y_max", _u8(y_max))
         self.clip, self.requant_x = int(y_max) < 255, bool(requant_x)
+        self.wide = not fits_float32(int(x_top), float(ints.abs().max()), ints[0].numel(),
+                                     float(self.qbias.abs().max().double()))
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), int(conv.groups)
 
@@ -459,7 +462,7 @@ class Int8Conv2d(nn.Module):
         return torch.ops.qimera.int8_conv(x, self.x_scale, self.x_zero, self.qweight, self.scale, self.zero_point,
                                           self.qbias, self.bias_scale, self.y_scale, self.y_zero, self.y_min,
                                           self.y_max, self.stride, self.padding, self.dilation, self.groups,
-                                          self.clip, self.requant_x)
+                                          self.clip, self.requant_x, self.wide)
 
 
 class Int8Add(nn.Module):
@@ -525,9 +528,11 @@ class _ExactRewrite:
         self.gm, self.report = gm, report
         self.modules = dict(gm.named_modules())
         self.grid: dict[fx.Node, Grid] = {}
+        self.erased: set[fx.Node] = set()
 
-    def _alive(self) -> set[fx.Node]:
-        return set(self.gm.graph.nodes)
+    def _erase(self, node: fx.Node) -> None:
+        self.gm.graph.erase_node(node)
+        self.erased.add(node)
 
     def _site(self, node: fx.Node) -> ActQuantizer | None:
         return self.modules[str(node.target)] if _is_site(node, self.modules) else None
@@ -545,9 +550,9 @@ class _ExactRewrite:
         site = self._out_site(node)
         relu = _sole_user(node)
         site.replace_all_uses_with(new)
-        self.gm.graph.erase_node(site)
+        self._erase(site)
         if relu is not site:
-            self.gm.graph.erase_node(relu)
+            self._erase(relu)
 
     def node_grid(self, node: object) -> Grid | None:
         if not isinstance(node, fx.Node):
@@ -593,15 +598,14 @@ class _ExactRewrite:
         tail = bn if bn is not None else node
         out_site = self._out_site(tail)
         if out_site is not None:
-            out = _site_grid(self._site(out_site))
+            out = self.node_grid(out_site)
             if out is None:
                 return False
             y_scale, y_zero, y_max = out
         else:
             add = _sole_user(tail)
-            if add is None or add.op != "call_function" or add.target not in _ADDS or self._out_site(add) is None:
-                return False
-            out = _site_grid(self._site(self._out_site(add)))
+            is_add = add is not None and add.op == "call_function" and add.target in _ADDS
+            out = self.node_grid(self._out_site(add)) if is_add else None
             if out is None:
                 return False
             right = out[2] * float(out[0])
@@ -613,10 +617,10 @@ class _ExactRewrite:
         if bn is not None:
             ints, step, bias = fold_batchnorm(ints, step, bias, self.modules[str(bn.target)])
             bn.replace_all_uses_with(node)
-            self.gm.graph.erase_node(bn)
+            self._erase(bn)
             self.report.folded_batchnorms += 1
         ints, step = widen_grid(ints, step, _input_limit(x_top))
-        new = Int8Conv2d(mod, ints, step, bias, x_scale, y_scale, y_zero, y_max, requant_x)
+        new = Int8Conv2d(mod, ints, step, bias, x_scale, x_top, y_scale, y_zero, y_max, requant_x)
         set_module(self.gm, str(node.target), new)
         self.modules[str(node.target)] = new
         if out_site is not None:
@@ -633,7 +637,7 @@ class _ExactRewrite:
             return False
         out_site = self._out_site(node)
         operands = [self.operand(a) for a in node.args]
-        out = _site_grid(self._site(out_site)) if out_site is not None else None
+        out = self.node_grid(out_site)
         if out is None or any(o is None for o in operands):
             return False
         (ga, ra), (gb, rb) = operands
@@ -644,7 +648,7 @@ class _ExactRewrite:
         with self.gm.graph.inserting_after(node):
             new = self.gm.graph.call_module(name, tuple(node.args))
         self._absorb(node, new)
-        self.gm.graph.erase_node(node)
+        self._erase(node)
         self.grid[new] = (module.c_scale, out[1], out[2])
         self.report.integer_adds += 1
         return True
@@ -654,7 +658,7 @@ class _ExactRewrite:
         weight-layer nodes left to the float path."""
         rest = []
         for node in list(self.gm.graph.nodes):
-            if node.op == "output" or node not in self._alive():
+            if node.op == "output" or node in self.erased:
                 continue
             name = str(node.target)
             if node.op == "call_module" and name in layers:

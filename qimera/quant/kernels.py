@@ -6,9 +6,9 @@ same integers. Each function names the operator it stands for; the tests run tha
 operator in onnxruntime on the same integers and compare bit for bit.
 
 Integers travel as float tensors holding whole numbers (PyTorch's convolutions take
-float): every value, product and partial sum here is an integer below ``2**24`` (the
-caller checks the convolution's bound with :func:`fits_float32`), so float32 holds them
-exactly and the order of the sums does not matter.
+float): every value, product and partial sum here is an integer, held exactly in float32
+while below ``2**24``; a convolution whose bound :func:`fits_float32` refuses runs in
+float64 (``wide=True``), so the order of the sums never matters.
 
 * ``QLinearConv`` (uint8 activations, int8 weights with zero point 0, int32 bias):
   the int32 accumulator ``acc = sum(x * w) + bias``, then ``y = saturate(round(float(acc)
@@ -32,10 +32,11 @@ FLOAT32_EXACT = 2**24
 UINT8 = (0, 255)
 
 
-def fits_float32(input_max: float, weight_max: float, fan_in: int) -> bool:
+def fits_float32(input_max: float, weight_max: float, fan_in: int, bias_max: float = 0.0) -> bool:
     """Whether every partial sum of a convolution of integers up to ``input_max`` with
-    integer weights up to ``weight_max`` over ``fan_in`` terms stays exact in float32."""
-    return input_max * weight_max * fan_in < FLOAT32_EXACT
+    integer weights up to ``weight_max`` over ``fan_in`` terms, plus a bias up to
+    ``bias_max``, stays exact in float32."""
+    return input_max * weight_max * fan_in + bias_max < FLOAT32_EXACT
 
 
 def requant_multiplier(x_scale: torch.Tensor, w_scale: torch.Tensor, y_scale: torch.Tensor) -> torch.Tensor:
@@ -63,14 +64,17 @@ def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: int | torc
 
 def qlinear_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.Tensor,
                  zero_point: int, *, stride=1, padding=0, dilation=1, groups: int = 1,
-                 qmin: int = UINT8[0], qmax: int = UINT8[1]) -> torch.Tensor:
+                 qmin: int = UINT8[0], qmax: int = UINT8[1], wide: bool = False) -> torch.Tensor:
     """``QLinearConv`` on integers: ``x`` (N, C, H, W) whole numbers with zero point 0 (a
     ReLU's output), ``w`` the int8 weights (zero point 0), ``bias`` int32 per output
     channel, ``multiplier`` per output channel (:func:`requant_multiplier`). Returns the
-    output integers ``clamp(round(float(acc) * multiplier) + zero_point, qmin, qmax)``."""
-    acc = F.conv2d(x.float(), w.float(), None, stride, padding, dilation, groups)
+    output integers ``clamp(round(float(acc) * multiplier) + zero_point, qmin, qmax)``.
+    ``wide``: accumulate in float64, for partial sums that float32 would not hold exactly."""
+    dtype = torch.float64 if wide else torch.float32
+    acc = F.conv2d(x.to(dtype), w.to(dtype), None, stride, padding, dilation, groups)
     if bias is not None:
-        acc = acc + bias.float().reshape(1, -1, 1, 1)
+        acc = acc + bias.to(dtype).reshape(1, -1, 1, 1)
+    acc = acc.float()  # the kernel's float(acc): exact for any int32 the requantization can use
     y = torch.round(acc * multiplier.float().reshape(1, -1, 1, 1)) + float(zero_point)
     return torch.clamp(y, qmin, qmax)
 

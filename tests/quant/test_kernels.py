@@ -39,6 +39,7 @@ def test_qlinear_conv_is_onnxruntimes(stride, zero_point, x_top):
     bias = accumulator_bias(torch.from_numpy(rng.normal(0, 1, 24).astype(np.float32)), torch.tensor(x_scale),
                             torch.from_numpy(w_scale))
     assert bias.dtype == torch.int32 and fits_float32(x_top, 60, 16 * 9)
+    assert not fits_float32(255, 64, 4608) and not fits_float32(15, 127, 576, bias_max=2.0**24)
     node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"],
                             pads=[1, 1, 1, 1], strides=[stride, stride])
     ref = _run(node, {"x": x}, {"xs": x_scale, "xz": np.uint8(0), "w": w, "ws": w_scale, "wz": np.zeros(24, np.int8),
@@ -86,3 +87,17 @@ def test_accumulator_bias_rounds_to_the_accumulator_grid():
     bias = torch.tensor([0.0, 1.0, -2.5, 1e12])
     q = accumulator_bias(bias, torch.tensor(0.5), torch.tensor([1.0, 0.25, 1.0, 1.0]))
     assert q.tolist() == [0, 8, -5, 2**31 - 1]  # 1 / (0.5 * 0.25) = 8; -2.5 / 0.5 = -5; saturated
+
+
+def test_wide_accumulation_keeps_partial_sums_that_float32_would_round():
+    # 8-bit inputs, int8 weights, a deep fan-in: sums beyond 2**24, where float32 rounds
+    x = torch.full((1, 512, 3, 3), 255.0)
+    w = torch.full((1, 512, 3, 3), 127.0)
+    w[0, 0, 0, 0] = 126.0  # the exact sum, 149,860,095, is odd: float32 cannot hold it
+    bias = torch.tensor([1], dtype=torch.int32)
+    one = torch.ones(1)
+    wide = qlinear_conv(x, w, bias, one, 0, qmax=2**31, wide=True)
+    exact = float(torch.tensor(255.0 * 127 * 512 * 9 - 255 + 1, dtype=torch.float64).float())
+    assert not fits_float32(255, 127, 512 * 9) and wide.item() == exact  # float(acc) as the kernel rounds it
+    narrow = qlinear_conv(x, w, bias, one, 0, qmax=2**31)
+    assert narrow.item() != exact  # the test can tell the two apart
