@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .export.onnx_int8 import int8_model, is_integer_exact
+from .export.onnx_int8 import int8_model
+from .quant.recipe import is_integer_exact
 
 __all__ = ["EvalResult", "NonFiniteError", "check_finite_parameters", "evaluate", "evaluated_form",
            "first_non_finite"]

@@ -42,11 +42,11 @@ from ._lock import hold_out_dir
 from .config import Config, check_out_files
 from .data import EvalData
 from .evaluate import evaluate, first_non_finite
-from .export.onnx_int8 import is_integer_exact
 from .generators import ClassMix, build_generator, sample_plain, sample_superposed
 from .losses import BNStatsHook
 from .parts import GeneratorBatch, StudentBatch, compose
 from .quant import build_student, set_calibrating
+from .quant.recipe import is_integer_exact
 from .teachers import LoadedTeacher
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -18,8 +18,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..quant.recipe import is_integer_exact
 from .integer import ExportError, load_integer
-from .onnx_int8 import INT8_DEFAULT_OPSET, check_int4_opset, finish_proto, int8_model, is_integer_exact, translation_table
+from .onnx_int8 import INT8_DEFAULT_OPSET, check_int4_opset, finish_proto, int8_model, translation_table
 from .onnx_qdq import DEFAULT_OPSET, OnnxReport, _exported_proto, _op_counts, _write_proto, qdq_model
 
 __all__ = ["OnnxRuntimeModel", "export_onnx", "load_onnx_session", "measure_latency", "optimized_node_counts",

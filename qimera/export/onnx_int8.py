@@ -70,8 +70,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import ActQuantizer, QuantConv2d, recipe_of, set_module
-from ..quant.recipe import detach_recipe
+from ..quant import ActQuantizer, QuantConv2d, set_module
+from ..quant.recipe import detach_recipe, is_integer_exact
 from ..quant.kernels import accumulator_bias, fits_float32, qlinear_add, qlinear_conv, requant_multiplier
 from .integer import ExportError, exportable_parts, float_twin, integer_weight
 from .onnx_qdq import OnnxReport, QDQActivation, QDQConv2d, QDQLinear, QDQRequant, activation_twin, convert_activations
@@ -722,14 +722,6 @@ def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Modu
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm.eval(), report
-
-
-def is_integer_exact(model: nn.Module) -> bool:
-    """Whether ``model`` is a student whose recipe is integer-exact."""
-    try:
-        return recipe_of(model).integer_exact
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------- passes over the ONNX graph

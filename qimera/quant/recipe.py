@@ -127,3 +127,11 @@ def recipe_of(model: nn.Module) -> QuantRecipe:
         raise ValueError(f"{type(model).__name__} carries no quantization recipe: build it with "
                          "qimera.quant.quantize_model(model, QuantRecipe(...))")
     return recipe
+
+
+def is_integer_exact(model: nn.Module) -> bool:
+    """Whether ``model`` is a student whose recipe is integer-exact (any other model: False)."""
+    try:
+        return recipe_of(model).integer_exact
+    except ValueError:
+        return False
