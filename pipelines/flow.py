@@ -5,8 +5,8 @@ caching, recording the experiment), the stages log to MLflow, and Prefect adds s
 retries for transient failures, one-at-a-time execution per worker, logs and a result:
 
     {"preset": "imagenet-resnet18", "w_bits": 4, "a_bits": 4, "overrides": {…},
-     "mlflow_run_id": "…", "metrics": {…metrics.json…},
-     "dvc_experiment": "…", "flow_run_id": "…"}
+     "mlflow_run_id": "…", "mlflow_url": "…/#/experiments/…/runs/…?workflowType=machine_learning",
+     "metrics": {…metrics.json…}, "dvc_experiment": "…", "flow_run_id": "…", "dvc_pushed": […]}
 
 Deployments (``demo``, ``cifar10``, ``cifar100``, ``imagenet``) are declared in the
 repository's ``prefect.yaml``; see ``pipelines/README.md`` for the commands.
@@ -180,6 +180,20 @@ def collect_results(project: Path) -> tuple[str | None, dict[str, Any]]:
     return run_id, metrics
 
 
+def mlflow_page(project: Path, run_id: str | None) -> str | None:
+    """The MLflow UI's page of the pipeline's run (its model-training view), from the record
+    ``train`` left in ``project``; a database store's page needs ``mlflow ui`` running."""
+    run_file = project / MLFLOW_RUN
+    if not run_id or not run_file.is_file():
+        return None
+    record = json.loads(run_file.read_text())
+    if record.get("run_id") != run_id or not record.get("experiment_id") or not record.get("tracking_uri"):
+        return None
+    from stages.tracking import run_url  # imports torch: only once the pipeline has run
+
+    return run_url(record["tracking_uri"], record["experiment_id"], run_id)
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table of top-1/top-5 for teacher, naive and student (metrics.json)."""
     rows = []
@@ -344,12 +358,15 @@ def qimera_flow(
         "dvc_experiment": out["dvc_experiment"],
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "dvc_pushed": pushed,
+        "mlflow_url": mlflow_page(project, out["mlflow_run_id"]),
     }
     create_markdown_artifact(
         key=re.sub(r"[^a-z0-9-]", "-", f"qimera-{resolved}-w{w_bits}a{a_bits}"),
         markdown=(
             f"### qimera {resolved} {w_bits}w{a_bits}a\n\n"
-            f"MLflow run: `{out['mlflow_run_id']}`  \nDVC experiment: `{out['dvc_experiment']}`\n\n"
+            f"MLflow run: `{out['mlflow_run_id']}`"
+            + (f" ([open in the MLflow UI]({result['mlflow_url']}))" if result["mlflow_url"] else "")
+            + f"  \nDVC experiment: `{out['dvc_experiment']}`\n\n"
             f"{metrics_table(out['metrics'])}\n"
         ),
         description="Accuracies from metrics.json and the MLflow run of this flow run",

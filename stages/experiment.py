@@ -38,6 +38,53 @@ PARENT_TAG = "qimera.experiment"
 CELL_TAG = tracking.CELL_TAG
 
 
+#: the metric every cell's run carries for the report's entries: the final epoch's top-1 (%)
+CELL_METRIC = "student_top1"
+
+
+def cell_params(cell) -> dict[str, str]:
+    """The short params that say which cell a child run is, besides the flattened config
+    (where ``method`` and the axis keys, such as ``generator.p``, are already): its bit
+    widths as the report writes them, its seed, and its grid's label."""
+    return {"method": cell.method, "bits": cell.bits, "seed": str(cell.seed), "grid": cell.grid}
+
+
+def view_columns(exp) -> list[str]:
+    """The params a view of the experiment's cells shows first: method, bits, the axes, seed."""
+    axes = dict.fromkeys(key for cell in exp.cells for key in cell.values)
+    return ["method", "bits", *axes, "seed"]
+
+
+def description(exp) -> str:
+    """The parent run's note: what the experiment compares, at which budget and seeds, and
+    where its report and its cells are."""
+    from qimera.experiments import FINAL_EPOCH_NOTE
+
+    def listed(values) -> str:
+        return ", ".join(dict.fromkeys(str(v) for v in values))
+
+    cells = exp.cells
+    axes: dict[str, list] = {}
+    for cell in cells:
+        for key, value in cell.values.items():
+            axes.setdefault(key, [])
+            if value not in axes[key]:
+                axes[key].append(value)
+    budgets = listed(f"{e} × {i} × {b}" for e, i, b in (c.budget for c in cells))
+    lines = [exp.spec.title or exp.spec.name, "",
+             f"Experiment file `{exp.path}`: {len(cells)} cells over the grids {listed(c.grid for c in cells)}; "
+             f"methods {listed(c.method for c in cells)} at {listed(c.bits for c in cells)}"
+             + "".join(f"; {key} in {listed(values)}" for key, values in axes.items())
+             + f"; seeds {listed(c.seed for c in cells)}; budget (epochs × iterations × batch) {budgets}."]
+    if exp.spec.compare:
+        lines.append("Paired comparisons, per seed: " + "; ".join(f"{t} − {b}" for t, b in exp.spec.compare) + ".")
+    lines.append(f"Each child run is one cell, named after it and with the params {', '.join(view_columns(exp))}; "
+                 f"`{CELL_METRIC}` is its final-epoch top-1 (%). The table of means ± std and the paired "
+                 "differences: artifacts `report/report.md` of this run.")
+    lines.append(FINAL_EPOCH_NOTE)
+    return "\n".join(lines)
+
+
 def _parent(client, exp_id: str, name: str, path: str, *, reuse: bool = True) -> str:
     if reuse:
         runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{name}' and tags.`qimera.role` = 'parent'",
@@ -73,13 +120,16 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
             run_id = client.create_run(exp_id, run_name=cell.id, tags=tags).info.run_id
             params = tracking.flatten(cell.cfg.resolved())
             params.update({f"axis.{k}": json.dumps(v) for k, v in cell.values.items()})
-            tracking.log_params(client, run_id, params)
+            tracking.log_params(client, run_id, {**cell_params(cell), **params})
             for record in cell_history(cell):
                 tracking.log_epoch(client, run_id, record)
-        else:
+        else:  # a pipeline run (a DVC cell): named and tagged as the cell it ran
             tracking.log_tags(client, run_id, tags)
+            tracking.log_params(client, run_id, cell_params(cell))
+            if client.get_run(run_id).info.run_name != cell.id:
+                client.update_run(run_id, name=cell.id)
         tracking.log_metrics(client, run_id, {k: summary.get(k) for k in (
-            "student_top1", "student_top5", "teacher_top1", "naive_top1", "seconds")})
+            CELL_METRIC, "student_top5", "teacher_top1", "naive_top1", "seconds")})
         client.set_terminated(run_id, "FINISHED")
         logged += 1
     return logged
@@ -93,7 +143,11 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     ``{"failed": n, "pending": n, ...}``. Then the report is written, every finished cell
     is logged as a child (:func:`log_cells`), the report is attached to the parent, and
     the parent is closed: FINISHED, FAILED when a cell failed, SCHEDULED while cells are
-    still pending. Returns ``{"counts", "paths", "parent", "logged", "uri"}``.
+    still pending. The parent's note says what the experiment compares
+    (:func:`description`), and a shared view of the experiment lists the parent's cells
+    with their top-1, method, bits, axis values and seed as the first columns. Returns
+    ``{"counts", "paths", "parent", "logged", "uri", "url", "parent_url"}``: ``url`` opens
+    that view, ``parent_url`` the parent run (its report).
 
     ``reuse_parent``: log under the experiment's existing parent run (a rerun of the same
     cells); False makes a new one (cells computed afresh, as the pipeline's ``ladder``
@@ -108,8 +162,10 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     parent = _parent(client, exp_id, exp.spec.name, experiment_file, reuse=reuse_parent)
     client.update_run(parent, status="RUNNING")
     try:
-        if tags:
-            tracking.log_tags(client, parent, tags)
+        tracking.log_tags(client, parent, {**(tags or {}), tracking.NOTE_TAG: description(exp)})
+        view = tracking.share_view(client, exp_id, f"cells-{parent}",
+                                   search=f"tags.`mlflow.parentRunId` = '{parent}'", metrics=[CELL_METRIC],
+                                   params=view_columns(exp))
         counts = run_cells(parent)
         paths = report(exp)
         logged = log_cells(client, exp, parent, exp_id)
@@ -124,7 +180,8 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
         client.update_run(parent, status="SCHEDULED")  # more cells will come: not finished yet
     else:
         client.set_terminated(parent, "FINISHED" if not counts["failed"] else "FAILED")
-    return {"counts": counts, "paths": paths, "parent": parent, "logged": logged, "uri": tracking.redact(uri)}
+    return {"counts": counts, "paths": paths, "parent": parent, "logged": logged, "uri": tracking.redact(uri),
+            "url": tracking.experiment_url(uri, exp_id, view), "parent_url": tracking.run_url(uri, exp_id, parent)}
 
 
 def _run_with_dvc(exp, args, parent: str) -> dict[str, int]:
@@ -170,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = out["counts"]
     print(out["paths"]["md"].read_text())
     print(f"experiment {exp.spec.name}: MLflow parent run {out['parent']} with {out['logged']} child runs at "
-          f"{out['uri']}", file=sys.stderr)
+          f"{out['uri']}; to compare the cells: {tracking.where_to_open(out['uri'], out['url'])}", file=sys.stderr)
     if counts["failed"]:
         print(f"experiment {exp.spec.name}: {counts['failed']} cell(s) failed; rerun to retry them", file=sys.stderr)
         sys.exit(1)

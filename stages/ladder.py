@@ -119,9 +119,11 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the cells' runs: one thread each, as `make demo` runs
     out = tracked(exp, str(exp.path), lambda parent: run_experiment(exp, jobs=jobs), reuse_parent=False,
                   tags={"qimera.stage": "ladder"})
-    metrics = {**ladder_metrics(exp), "failed": out["counts"]["failed"], "mlflow_parent_run": out["parent"]}
+    metrics = {**ladder_metrics(exp), "failed": out["counts"]["failed"], "mlflow_parent_run": out["parent"],
+               "mlflow_uri": out["uri"], "mlflow_url": out["url"]}
     write_json(LADDER_METRICS, metrics)
-    print(f"ladder: {exp.spec.name}, {len(exp.cells)} cells, {jobs} at a time; MLflow parent run {out['parent']}")
+    print(f"ladder: {exp.spec.name}, {len(exp.cells)} cells, {jobs} at a time; MLflow parent run {out['parent']}; "
+          f"the cells in the MLflow UI: {out['url']}")
     print(out["paths"]["md"].read_text())
     if out["counts"]["failed"]:
         raise SystemExit(f"ladder: {out['counts']['failed']} cell(s) failed (see {exp.dir}/<cell>/cell.json)")

@@ -20,7 +20,9 @@ stage has run, by its bit-width table (``outputs/ladder.json``)::
     paired difference, same seed (final-epoch top-1 points):
       Qimera − GDFQ at 2w2a: +9.07 +9.81 +10.74; mean +9.88 ± 0.84, ahead at 3/3
 
-(a 2-core AMD EPYC, one thread per run; other CPUs give other numbers per seed).
+(a 2-core AMD EPYC, one thread per run; other CPUs give other numbers per seed), and
+last by the two MLflow pages to open (:func:`mlflow_lines`): the pipeline's run and the
+ladder's cells, in the UI's model-training view.
 
 The method and bit widths come from ``outputs/config/run.yaml`` when it is there.
 """
@@ -30,7 +32,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import EXPORT_DIR, LADDER_METRICS, METHOD_NAMES, METRICS, MODEL_RECORD, RUN_CONFIG, read_json, read_yaml
+from .common import (EXPORT_DIR, LADDER_METRICS, METHOD_NAMES, METRICS, MLFLOW_RUN, MODEL_RECORD, RUN_CONFIG,
+                     read_json, read_yaml)
 
 #: the ladder's row names (its rows are methods)
 LADDER_NAMES = {**METHOD_NAMES, "naive": "naive (noise calibration)"}
@@ -55,14 +58,39 @@ def main(argv: list[str]) -> int:
     if path.is_file():
         metrics = read_json(path)
         method = read_yaml(RUN_CONFIG).get("method", "qimera") if RUN_CONFIG.is_file() else "qimera"
-        if metrics.get("mlflow_run_id"):
-            print(f"MLflow run {metrics['mlflow_run_id']}; `dvc exp show` and `mlflow ui` list it")
         print(table(metrics, method))
         print(exports_line())
     if ladder:
         print()
         print(ladder)
+    links = mlflow_lines(read_json(MLFLOW_RUN) if MLFLOW_RUN.is_file() else {},
+                         read_json(LADDER_METRICS) if LADDER_METRICS.is_file() else {})
+    if links:
+        print()
+        print(links)
     return 0
+
+
+def mlflow_lines(run: dict, ladder: dict) -> str:
+    """Where the MLflow UI shows the pipeline's run (``outputs/train/mlflow_run.json``) and
+    the ladder's cells (``outputs/ladder.json``): the command that serves a database store,
+    then the two pages, in the UI's model-training view."""
+    from . import tracking
+
+    pages = []
+    if run.get("run_id") and run.get("experiment_id") and run.get("tracking_uri"):
+        pages.append((run["tracking_uri"], "this run", tracking.run_url(run["tracking_uri"], run["experiment_id"],
+                                                                         run["run_id"])))
+    if ladder.get("mlflow_url") and ladder.get("mlflow_uri"):
+        pages.append((ladder["mlflow_uri"], "the ladder's cells", ladder["mlflow_url"]))
+    if not pages:
+        return ""
+    commands = list(dict.fromkeys(c for c in (tracking.ui_command(uri) for uri, _, _ in pages) if c))
+    head = f"MLflow: run `{'` and `'.join(commands)}`, then open" if commands else "MLflow: open"
+    width = max(len(label) for _, label, _ in pages) + 2
+    lines = [head, *(f"  {label + ':':<{width}}{url}" for _, label, url in pages),
+             "  (tick two or more runs and press Compare to see them side by side)"]
+    return "\n".join(lines)
 
 
 def ladder_table(ladder: dict) -> str:

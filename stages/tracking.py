@@ -172,6 +172,11 @@ def connect(uri: str):
     global _connected_uri
     from mlflow.tracking import MlflowClient
 
+    # MLflow draws a progress bar for every artifact download (the export stage verifies the
+    # registered model by downloading it): one line per stage is enough. Set it to true to
+    # see them again.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
     if uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
@@ -210,18 +215,20 @@ def connect(uri: str):
 
 
 def experiment_id(client, name: str, uri: str) -> str:
+    """The id of the experiment ``name`` (created, or restored when deleted), tagged as
+    model training (:func:`mark_training`)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
-    except Exception:  # noqa: BLE001 - created concurrently by a parallel queue worker
+    if exp is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except Exception:  # noqa: BLE001 - created concurrently by a parallel queue worker
+            if client.get_experiment_by_name(name) is None:
+                raise
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    elif exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    mark_training(client, exp)
+    return exp.experiment_id
 
 
 def experiment_name(params: dict, cfg) -> str:
@@ -243,6 +250,99 @@ def nesting_tags(params: dict) -> dict[str, str]:
     if section.get("cell"):
         tags[CELL_TAG] = str(section["cell"])
     return tags
+
+
+# --------------------------------------------------------------------------- the MLflow UI
+
+#: the query parameter that opens MLflow 3's model-training pages of an experiment (its runs,
+#: models and traces) rather than its GenAI overview. MLflow 3.17's UI chooses between the
+#: two from this parameter, then from the browser's last choice, and defaults to GenAI; it
+#: does not read the experiment's kind tag for that (checked in a browser:
+#: tests/pipeline/test_mlflow_ui.py), so every link this project prints carries it.
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+#: the experiment tag, and its value, that MLflow's UI itself writes when a user declares an
+#: experiment as model training; the UI's experiment-kind selector shows it. Set on every
+#: experiment this project creates, for the UIs that go by it; the links do not rely on it.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+#: where ``mlflow ui`` and ``mlflow server`` listen unless told otherwise
+DEFAULT_UI = "http://127.0.0.1:5000"
+#: prefix of the experiment tags that hold the UI's shared views (its *Share* button makes
+#: them; a link with ``viewStateShareKey=<key>`` opens one)
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+#: the note (description) of a run or an experiment, as the UI shows and edits it
+NOTE_TAG = "mlflow.note.content"
+
+
+def ui_base(uri: str) -> str:
+    """The address of the UI that shows the store ``uri``: the tracking server itself, or
+    for a database file the ``mlflow ui`` started on it (:func:`ui_command`)."""
+    if uri.startswith(("http://", "https://")):
+        return redact(uri).split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    return DEFAULT_UI
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a database store in the UI (None for a tracking server)."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def experiment_url(uri: str, experiment_id: str, view: str | None = None) -> str:
+    """The experiment's runs in the UI's model-training view; ``view``: a shared view's key
+    (:func:`share_view`)."""
+    url = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{UI_TRAINING_VIEW}"
+    return f"{url}&viewStateShareKey={urllib.parse.quote(view)}" if view else url
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """One run's page (its parameters, metrics, artifacts) in the model-training view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{UI_TRAINING_VIEW}"
+
+
+def where_to_open(uri: str, url: str) -> str:
+    """``open <url>``, after the command that serves the store when it is a file."""
+    command = ui_command(uri)
+    return f"`{command}`, then open {url}" if command else f"open {url}"
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"
+
+
+#: the runs table's column (and sort key) of the run name
+RUN_NAME_COLUMN = "tags.`mlflow.runName`"
+
+
+def share_view(client, experiment_id: str, key: str, *, search: str, params: Iterable[str] = (),
+               metrics: Iterable[str] = (), order_by: str = RUN_NAME_COLUMN, name_width: int = 280) -> str:
+    """Store a shared view of the experiment's runs table (an experiment tag, as the UI's
+    *Share* button writes one) and return its key for :func:`experiment_url`: the runs
+    that match ``search`` (an MLflow search filter), ordered by ``order_by``, with the
+    ``metrics`` and ``params`` as the first columns, the run names ``name_width`` pixels
+    wide (cell names are long). The UI does not share which parent
+    runs are expanded, so a view of an experiment's cells searches for its children, which
+    it then lists flat."""
+    state = {"searchFilter": search, "orderByKey": order_by, "orderByAsc": True, "startTime": "ALL",
+             "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+             "selectedColumns": [*(_column("metrics", m) for m in metrics), *(_column("params", p) for p in params)],
+             "columnWidths": {RUN_NAME_COLUMN: name_width}, "runsHiddenMode": "SHOW_ALL"}
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
+    return key
+
+
+def mark_training(client, experiment) -> None:
+    """Tag ``experiment`` (an MLflow Experiment) as model training, and give it a note, where
+    neither was set: a kind or a note the user chose stays."""
+    tags = experiment.tags or {}
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    if NOTE_TAG not in tags:
+        client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, (
+            "Runs of the qimera data-free quantization pipeline. A pipeline run (train, evaluate, export) has the "
+            "student's top-1 (student_top1) and its exports. An experiment file's execution is a parent run with the "
+            "report (report/report.md) and one child run per cell, named after the cell (grid, method, bits, axis "
+            "values, seed: digits-qimera-w2a2-seed1), with the params method, bits and seed."))
 
 
 # --------------------------------------------------------------------------- params and tags
@@ -328,7 +428,12 @@ def run_tags(cfg, device, extra: dict | None = None) -> dict[str, str]:
     return tags
 
 
-def run_name(cfg) -> str:
+def run_name(cfg, params: dict | None = None) -> str:
+    """The pipeline run's name: the experiment cell it runs (params ``mlflow.cell``, set for
+    a queued cell), else ``<preset>-w<bits>a<bits>`` and the DVC experiment's name."""
+    cell = ((params or {}).get("mlflow") or {}).get("cell")
+    if cell:
+        return str(cell)
     name = f"{cfg.preset}-{bits_tag(cfg)}"
     exp = os.environ.get("DVC_EXP_NAME")
     return f"{name}-{exp}" if exp else name

@@ -216,7 +216,7 @@ def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
                                                 **tracking.nesting_tags(params)})
     exp_name = tracking.experiment_name(params, cfg)
     run_id = tracking.open_run(client, uri, exp_name, cfg, resume=status.resumable, tags=tags,
-                               name=tracking.run_name(cfg))
+                               name=tracking.run_name(cfg, params))
     try:
         tracking.log_tags(client, run_id, tags)
         flat = tracking.flatten(cfg.resolved())
@@ -228,7 +228,10 @@ def _open_run(client, uri: str, params: dict, cfg, prep, status, root) -> str:
     except BaseException as exc:
         tracking.fail(client, run_id, exc)
         raise
-    print(f"train: MLflow run {run_id} in experiment {exp_name!r} at {tracking.redact(uri)}")
+    # a tracking server's page can be opened as it is (a database file's: stages.summary says how)
+    page = ("" if tracking.ui_command(uri)
+            else f" ({tracking.run_url(uri, client.get_run(run_id).info.experiment_id, run_id)})")
+    print(f"train: MLflow run {run_id} in experiment {exp_name!r} at {tracking.redact(uri)}{page}")
     return run_id
 
 

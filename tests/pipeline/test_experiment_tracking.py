@@ -3,6 +3,7 @@ the parent's artifacts, and a rerun that neither reruns cells nor duplicates chi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +44,13 @@ def test_parent_run_with_one_child_per_cell(tiny_config, tmp_path):
     parent = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(c.data.tags["qimera.column"] for c in children) == ["p=0.25", "p=0.75"]
-    import json
-
+    assert sorted(c.info.run_name for c in children) == ["digits-qimera-w4a4-p=0.25-seed1",
+                                                          "digits-qimera-w4a4-p=0.75-seed1"]
+    assert all(c.data.params["bits"] == "4w4a" and c.data.params["seed"] == "1" for c in children)
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert "2 cells" in note and "generator.p in 0.25, 0.75" in note
+    shared = client.get_experiment(exp.experiment_id).tags[f"mlflow.sharedViewState.cells-{parent}"]
+    assert parent in json.loads(shared)["searchFilter"]
     for child in children:
         summary = json.loads((tmp_path / "runs" / "tracked" / child.data.tags["qimera.cell"] / "summary.json").read_text())
         assert child.data.metrics["student_top1"] == pytest.approx(summary["student_top1"])

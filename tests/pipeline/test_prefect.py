@@ -123,6 +123,9 @@ def test_demo_deployment_runs_by_name(prefect_env, dvc_project, tmp_path):
         "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
     ours = [a for a in arts if a["key"] == "qimera-demo-w4a4"]
     assert len(ours) == 1 and result["mlflow_run_id"] in ours[0]["data"], arts
+    # and the run's page in the MLflow UI's model-training view
+    assert result["mlflow_url"].endswith(f"/runs/{result['mlflow_run_id']}?workflowType=machine_learning")
+    assert result["mlflow_url"] in ours[0]["data"]
     # dvc's output went through Prefect's logger into the flow run's logs
     logs = httpx.post(f"{api}/logs/filter", timeout=10, json={
         "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
