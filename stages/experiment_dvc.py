@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,10 +162,47 @@ def queue_cells(exp, root: Path, params: dict, mlflow: dict[str, str], log) -> d
     return counts
 
 
-def run_queue(root: Path, jobs: int) -> int:
+#: DVC's warning, once per pipeline output, when it copies the workspace for a queued
+#: experiment: the outputs of the last ``dvc repro`` that its cache lacks are not copied
+UNCACHED_OUTPUT = re.compile(r"^WARNING: No file hash info found for '(.*)'\. It won't be created\.\s*$")
+
+
+def run_queue(root: Path, jobs: int, out=None) -> int:
     """``dvc exp run --run-all -j jobs``: start ``jobs`` queue workers and follow every
-    queued experiment to its end. Returns DVC's exit status."""
-    return _run([dvc_executable(), "exp", "run", "--run-all", "-j", str(jobs)], root, echo=True).returncode
+    queued experiment to its end, its output passed on to ``out`` (stderr by default) by
+    :func:`follow`. Returns DVC's exit status."""
+    return follow([dvc_executable(), "exp", "run", "--run-all", "-j", str(jobs)], root, out or sys.stderr)
+
+
+def follow(cmd: list[str], root: Path, out) -> int:
+    """Run ``cmd`` in ``root`` (this interpreter's directory first on PATH, as the stages
+    need) and pass its output on to ``out`` line by line, except DVC's
+    :data:`UNCACHED_OUTPUT` warnings (about twelve per queued experiment): each run of them
+    becomes one line that says what they mean, since every stage of a cell's experiment
+    runs and builds those outputs afresh. Returns the exit status."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    skipped: list[str] = []
+
+    def say_skipped() -> None:
+        if skipped:
+            names = sorted(Path(p).name for p in skipped)
+            out.write(f"(DVC copied the workspace without {len(skipped)} outputs that its cache lacks ("
+                      f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): the experiment's stages build "
+                      "them)\n")
+            skipped.clear()
+
+    with subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            found = UNCACHED_OUTPUT.match(line)
+            if found:
+                skipped.append(found.group(1))
+                continue
+            say_skipped()
+            out.write(line)
+            out.flush()
+        say_skipped()
+    return proc.returncode
 
 
 def _summary(cell, metrics: dict, name: str) -> dict:

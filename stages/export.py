@@ -55,8 +55,10 @@ written; an ``outputs/export`` holding files qimera did not write is refused and
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .common import (
@@ -199,15 +201,68 @@ def register(client, student, name: str, run_id: str, tags: dict[str, str], expo
     from qimera.export import ONNX_FILE, ONNX_INT8_FILE
 
     carried = [export_dir / f for f in (ONNX_FILE, ONNX_INT8_FILE) if (export_dir / f).is_file()]
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _without_pickle_warning():
         info = mlflow.pytorch.log_model(
             student, name="student", serialization_format="pickle", code_paths=[str(Path(qimera.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.5,<3", "pyyaml>=6"],
             extra_files=[str(f) for f in carried],
         )
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    with _registry_progress_held_back():
+        mv = mlflow.register_model(info.model_uri, name, tags=tags)
     verify_version(client, name, str(mv.version), tags, carried)
     return mv, info.model_uri
+
+
+#: what the export stage says once instead of mlflow.pytorch's warning on pickled models
+PICKLE_NOTE = ("the registered model is a pickled torch module (mlflow.pytorch, serialization_format='pickle'): "
+               "loading it runs code, so load it only from a registry you trust; the ONNX and integer files are data")
+
+
+@contextmanager
+def _without_pickle_warning():
+    """mlflow.pytorch's warning that pickled models can execute code, held back while the
+    student is logged: the stage prints :data:`PICKLE_NOTE`, which says what it means here.
+    Its other messages pass."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+    logger = logging.getLogger("mlflow.pytorch")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+#: what MLflow's registry prints while registering (main prints the version in one line)
+REGISTRY_PROGRESS = re.compile(r"^(Registered model '.*' already exists\. Creating a new version|Successfully registered "
+                               r"model '|Created version '\d+' of model '|\d{4}/\d\d/\d\d \S+ INFO "
+                               r"mlflow\.store\.model_registry\.abstract_store: Waiting up to)")
+
+
+@contextmanager
+def _registry_progress_held_back():
+    """Drop the progress lines MLflow's registry prints on stderr (:data:`REGISTRY_PROGRESS`)
+    during the call; every other line it printed is written out afterwards, all of them
+    when the call fails."""
+    import contextlib
+    import io
+    import sys
+
+    buffer = io.StringIO()
+    failed = False
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True)
+                if failed or not REGISTRY_PROGRESS.match(line)]
+        sys.stderr.write("".join(kept))
 
 
 def verify_version(client, name: str, version: str, tags: dict[str, str], carried: list[Path]) -> None:
@@ -341,6 +396,7 @@ def main() -> None:
               + f" on {100 * verification['onnx_int8_prediction_agreement']:.2f}%")
     print(f"export: MLflow model {name} version {version}"
           + (f", now {CHAMPION}" if moved else f"; {CHAMPION} stays version {champion} (top-1 not better)"))
+    print(f"export: {PICKLE_NOTE}")
 
 
 if __name__ == "__main__":

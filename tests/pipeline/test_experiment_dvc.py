@@ -151,6 +151,13 @@ def test_a_queued_dvc_cell_is_the_same_run_and_a_child_of_the_experiment(dvc_pro
     assert child.info.run_id == summary["mlflow_run_id"] and child.info.status == "FINISHED"
     assert child.data.tags["dvc.exp_name"] == record["dvc_experiment"]
     assert child.data.tags["qimera.cell"] == cell_id and child.data.tags["qimera.column"] == "p=0.25"
+    # named after its cell, with the short params the UI's columns show
+    assert child.info.run_name == cell_id
+    assert {k: child.data.params[k] for k in ("method", "bits", "seed", "generator.p")} == {
+        "method": "qimera", "bits": "4w4a", "seed": "1", "generator.p": "0.25"}
+    # DVC's twelve "No file hash info found" warnings per cell are said in one line
+    assert "No file hash info found" not in res.stdout
+    assert "DVC copied the workspace without" in res.stdout
     assert child.data.metrics["student_top1"] == pytest.approx(summary["student_top1"])
 
     again = dvc_project.run(cmd, timeout=300)  # finished: nothing is queued or run again
