@@ -116,21 +116,27 @@ def log_cells(client, exp, parent_id: str, exp_id: str) -> int:
         # a DVC cell's pipeline run is the child already (its summary names it)
         run_id = summary.get("mlflow_run_id") if summary.get("mlflow_run_id") in children.values() else None
         run_id = run_id or children.get(cell.id)
-        if run_id is None:
-            run_id = client.create_run(exp_id, run_name=cell.id, tags=tags).info.run_id
+        if run_id is None:  # timed as the cell ran: it ended as its summary was written, `seconds` before
+            ended = int((cell.out_dir / SUMMARY).stat().st_mtime * 1000)
+            began = ended - int(1000 * float(summary.get("seconds") or 0))
+            run_id = client.create_run(exp_id, start_time=began, run_name=cell.id, tags=tags).info.run_id
             params = tracking.flatten(cell.cfg.resolved())
             params.update({f"axis.{k}": json.dumps(v) for k, v in cell.values.items()})
             tracking.log_params(client, run_id, {**cell_params(cell), **params})
             for record in cell_history(cell):
                 tracking.log_epoch(client, run_id, record)
-        else:  # a pipeline run (a DVC cell): named and tagged as the cell it ran
+            finished = False
+        else:  # logged before, or a pipeline run (a DVC cell): named and tagged as the cell it ran
+            ended, run = None, client.get_run(run_id)
+            finished = run.info.status == "FINISHED"  # keeps the time it ended
             tracking.log_tags(client, run_id, tags)
             tracking.log_params(client, run_id, cell_params(cell))
-            if client.get_run(run_id).info.run_name != cell.id:
+            if run.info.run_name != cell.id:
                 client.update_run(run_id, name=cell.id)
         tracking.log_metrics(client, run_id, {k: summary.get(k) for k in (
             CELL_METRIC, "student_top5", "teacher_top1", "naive_top1", "seconds")})
-        client.set_terminated(run_id, "FINISHED")
+        if not finished:
+            client.set_terminated(run_id, "FINISHED", end_time=ended)
         logged += 1
     return logged
 

@@ -310,12 +310,12 @@ def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-#: the runs table's column (and sort key) of the run name
-RUN_NAME_COLUMN = "tags.`mlflow.runName`"
+#: the runs table's sort key, and its column, of the run name
+RUN_NAME_SORT, RUN_NAME_COLUMN = "tags.`mlflow.runName`", "attributes.`Run Name`"
 
 
 def share_view(client, experiment_id: str, key: str, *, search: str, params: Iterable[str] = (),
-               metrics: Iterable[str] = (), order_by: str = RUN_NAME_COLUMN, name_width: int = 280) -> str:
+               metrics: Iterable[str] = (), order_by: str = RUN_NAME_SORT, name_width: int = 260) -> str:
     """Store a shared view of the experiment's runs table (an experiment tag, as the UI's
     *Share* button writes one) and return its key for :func:`experiment_url`: the runs
     that match ``search`` (an MLflow search filter), ordered by ``order_by``, with the
@@ -326,7 +326,9 @@ def share_view(client, experiment_id: str, key: str, *, search: str, params: Ite
     state = {"searchFilter": search, "orderByKey": order_by, "orderByAsc": True, "startTime": "ALL",
              "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
              "selectedColumns": [*(_column("metrics", m) for m in metrics), *(_column("params", p) for p in params)],
-             "columnWidths": {RUN_NAME_COLUMN: name_width}, "runsHiddenMode": "SHOW_ALL"}
+             # the UI applies a width only to a column that the order names
+             "columnOrder": [RUN_NAME_COLUMN], "columnWidths": {RUN_NAME_COLUMN: name_width},
+             "runsHiddenMode": "SHOW_ALL"}
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
     return key
 

@@ -56,6 +56,8 @@ def test_parent_run_with_one_child_per_cell(tiny_config, tmp_path):
         assert child.data.metrics["student_top1"] == pytest.approx(summary["student_top1"])
         assert child.data.params["generator.p"] == child.data.params["axis.generator.p"]
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss_g")] == [1]
+        # timed as the cell ran, not as it was logged
+        assert child.info.end_time - child.info.start_time == pytest.approx(1000 * summary["seconds"], abs=2)
     names = {a.path for a in client.list_artifacts(parent, "report")}
     assert names == {"report/report.md", "report/report.csv", "report/report.png"}
 

@@ -62,7 +62,8 @@ def test_a_shared_view_lists_the_cells_with_their_columns(client):
     state = json.loads(client.get_experiment(exp_id).tags[tracking.SHARED_VIEW_TAG + key])
     assert state["searchFilter"] == "tags.`mlflow.parentRunId` = 'p1'"
     assert state["selectedColumns"] == ["metrics.`student_top1`", "params.`method`", "params.`bits`", "params.`seed`"]
-    assert state["orderByKey"] == tracking.RUN_NAME_COLUMN and state["orderByAsc"] is True
+    assert state["orderByKey"] == tracking.RUN_NAME_SORT and state["orderByAsc"] is True
+    assert state["columnWidths"] == {tracking.RUN_NAME_COLUMN: 260} and state["columnOrder"] == [tracking.RUN_NAME_COLUMN]
     # the same search finds exactly the cells
     parent = client.create_run(exp_id, run_name="grid").info.run_id
     child = client.create_run(exp_id, run_name="cell", tags={"mlflow.parentRunId": parent}).info.run_id
