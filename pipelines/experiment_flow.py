@@ -256,9 +256,10 @@ def experiment_flow(experiment: str, seeds: Seeds = None, overrides: list[str] |
     out = tracked(exp, experiment, run_cells)
     table = out["paths"]["md"].read_text()
     create_markdown_artifact(key=f"experiment-{exp.spec.name}".lower().replace("_", "-").replace(".", "-"),
-                             markdown=table, description=f"The report of {experiment}")
+                             markdown=f"{table}\n\nThe cells in the MLflow UI: {out['url']}\n",
+                             description=f"The report of {experiment}")
     result = {"experiment": exp.spec.name, "cells": len(exp.cells), "ran": len(todo), **out["counts"],
-              "report": str(out["paths"]["md"]), "mlflow_parent_run": out["parent"]}
+              "report": str(out["paths"]["md"]), "mlflow_parent_run": out["parent"], "mlflow_url": out["url"]}
     if out["counts"]["failed"]:
         raise CellFailed(f"experiment {exp.spec.name}: {out['counts']['failed']} cell(s) failed; the report has "
                          f"the others ({out['paths']['md']}); rerun to retry them")

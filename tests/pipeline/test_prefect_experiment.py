@@ -97,3 +97,5 @@ def test_experiment_deployment_fans_cells_out_and_reports(prefect_env, dvc_proje
     arts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
         "artifacts": {"flow_run_id": {"any_": [parent_id]}}}).json()
     assert any(a["key"] == "experiment-demo-grid" and "p=0.25" in a["data"] for a in arts), arts
+    # with the page of the cells in the MLflow UI (the model-training view of the parent's cells)
+    assert any(f"viewStateShareKey=cells-{parent.info.run_id}" in a["data"] for a in arts), arts
