@@ -152,8 +152,7 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     still pending. The parent's note says what the experiment compares
     (:func:`description`), and a shared view of the experiment lists the parent's cells
     with their top-1, method, bits, axis values and seed as the first columns. Returns
-    ``{"counts", "paths", "parent", "logged", "uri", "url", "parent_url"}``: ``url`` opens
-    that view, ``parent_url`` the parent run (its report).
+    ``{"counts", "paths", "parent", "logged", "uri", "url"}``: ``url`` opens that view.
 
     ``reuse_parent``: log under the experiment's existing parent run (a rerun of the same
     cells); False makes a new one (cells computed afresh, as the pipeline's ``ladder``
@@ -168,7 +167,10 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     parent = _parent(client, exp_id, exp.spec.name, experiment_file, reuse=reuse_parent)
     client.update_run(parent, status="RUNNING")
     try:
-        tracking.log_tags(client, parent, {**(tags or {}), tracking.NOTE_TAG: description(exp)})
+        if tracking.NOTE_TAG not in client.get_run(parent).data.tags:  # a description the user wrote stays
+            tracking.log_tags(client, parent, {tracking.NOTE_TAG: description(exp)})
+        if tags:
+            tracking.log_tags(client, parent, tags)
         view = tracking.share_view(client, exp_id, f"cells-{parent}",
                                    search=f"tags.`mlflow.parentRunId` = '{parent}'", metrics=[CELL_METRIC],
                                    params=view_columns(exp))
@@ -187,7 +189,7 @@ def tracked(exp, experiment_file: str, run_cells: Callable[[str], dict[str, int]
     else:
         client.set_terminated(parent, "FINISHED" if not counts["failed"] else "FAILED")
     return {"counts": counts, "paths": paths, "parent": parent, "logged": logged, "uri": tracking.redact(uri),
-            "url": tracking.experiment_url(uri, exp_id, view), "parent_url": tracking.run_url(uri, exp_id, parent)}
+            "url": tracking.experiment_url(uri, exp_id, view)}
 
 
 def _run_with_dvc(exp, args, parent: str) -> dict[str, int]:

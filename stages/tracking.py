@@ -257,8 +257,9 @@ def nesting_tags(params: dict) -> dict[str, str]:
 #: the query parameter that opens MLflow 3's model-training pages of an experiment (its runs,
 #: models and traces) rather than its GenAI overview. MLflow 3.17's UI chooses between the
 #: two from this parameter, then from the browser's last choice, and defaults to GenAI; it
-#: does not read the experiment's kind tag for that (checked in a browser:
-#: tests/pipeline/test_mlflow_ui.py), so every link this project prints carries it.
+#: does not read the experiment's kind tag for that (seen in headless Chromium: an
+#: experiment tagged as model training still opened on the overview), so every link this
+#: project prints carries it (tests/pipeline/test_mlflow_ui.py opens them).
 UI_TRAINING_VIEW = "workflowType=machine_learning"
 #: the experiment tag, and its value, that MLflow's UI itself writes when a user declares an
 #: experiment as model training; the UI's experiment-kind selector shows it. Set on every
@@ -281,11 +282,26 @@ def ui_base(uri: str) -> str:
     return DEFAULT_UI
 
 
+def mlflow_executable() -> str:
+    """How to call the ``mlflow`` of this interpreter's environment from the current
+    directory: ``mlflow`` when that is the one on PATH, else its path (``.venv/bin/mlflow``
+    after ``make demo``, which does not put the virtualenv on the user's PATH)."""
+    import shutil
+
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.is_file() or shutil.which("mlflow") == str(exe):
+        return "mlflow"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
 def ui_command(uri: str) -> str | None:
     """The command that serves a database store in the UI (None for a tracking server)."""
     if uri.startswith(("http://", "https://")):
         return None
-    return f"mlflow ui --backend-store-uri {redact(uri)}"
+    return f"{mlflow_executable()} ui --backend-store-uri {redact(uri)}"
 
 
 def experiment_url(uri: str, experiment_id: str, view: str | None = None) -> str:
@@ -320,9 +336,8 @@ def share_view(client, experiment_id: str, key: str, *, search: str, params: Ite
     *Share* button writes one) and return its key for :func:`experiment_url`: the runs
     that match ``search`` (an MLflow search filter), ordered by ``order_by``, with the
     ``metrics`` and ``params`` as the first columns, the run names ``name_width`` pixels
-    wide (cell names are long). The UI does not share which parent
-    runs are expanded, so a view of an experiment's cells searches for its children, which
-    it then lists flat."""
+    wide (cell names are long). The UI does not share which parent runs are expanded, so a
+    view of an experiment's cells searches for its children, which it then lists flat."""
     state = {"searchFilter": search, "orderByKey": order_by, "orderByAsc": True, "startTime": "ALL",
              "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
              "selectedColumns": [*(_column("metrics", m) for m in metrics), *(_column("params", p) for p in params)],

@@ -32,7 +32,9 @@ def test_links_open_the_model_training_view_of_the_right_page():
     assert tracking.where_to_open(server, "U") == "open U"
     db = "sqlite:////tmp/x/mlflow.db"
     assert tracking.run_url(db, "1", "r").startswith("http://127.0.0.1:5000/#/experiments/1/runs/r?")
-    assert tracking.where_to_open(db, "U") == "`mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db`, then open U"
+    mlflow = tracking.mlflow_executable()  # `mlflow`, or the virtualenv's when that is not on PATH
+    assert mlflow == "mlflow" or Path(mlflow).name == "mlflow" and Path(mlflow).is_file()
+    assert tracking.where_to_open(db, "U") == f"`{mlflow} ui --backend-store-uri sqlite:////tmp/x/mlflow.db`, then open U"
 
 
 @pytest.fixture
@@ -104,7 +106,7 @@ def test_the_summary_says_how_to_open_the_run_and_the_ladder():
     ladder = {"mlflow_uri": "sqlite:////w/mlflow.db", "mlflow_url": tracking.experiment_url("sqlite:////w/mlflow.db",
                                                                                            "2", "cells-p")}
     lines = summary.mlflow_lines(run, ladder).splitlines()
-    assert lines[0] == "MLflow: run `mlflow ui --backend-store-uri sqlite:////w/mlflow.db`, then open"
+    assert lines[0] == f"MLflow: run `{tracking.mlflow_executable()} ui --backend-store-uri sqlite:////w/mlflow.db`, then open"
     assert lines[1].split() == ["this", "run:", "http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning"]
     assert lines[2].split()[-1].endswith("/#/experiments/2/runs?workflowType=machine_learning&viewStateShareKey=cells-p")
     assert "Compare" in lines[3]
