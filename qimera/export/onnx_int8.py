@@ -201,9 +201,7 @@ def _input_site(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuantizer | 
             return None
         if _is_site(arg, modules):
             return modules[str(arg.target)]
-        pooled = (arg.op == "call_module" and isinstance(modules.get(str(arg.target)), nn.MaxPool2d)) or (
-            arg.op == "call_function" and arg.target in (F.max_pool2d, torch.max_pool2d))
-        if not pooled:
+        if not _is_maxpool(arg, modules):
             return None
         arg = arg.args[0] if arg.args else None
     return None
