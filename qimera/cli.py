@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     er.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
                     help="run seeds 1..N instead of the file's")
     er.add_argument("--jobs", type=_positive_int, default=1, metavar="J", help="cells run at once (default 1)")
+    er.add_argument("--grid", dest="grids", action="append", default=[], metavar="LABEL",
+                    help="run only the grid of this label, repeatable (the report still covers every finished cell)")
     er.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config value for every cell, repeatable")
     ep = esub.add_parser("report", help="write report.md/.csv/.png from the finished cells")
@@ -83,13 +85,14 @@ def _positive_int(text: str) -> int:
 
 
 def _experiment(args) -> int:
-    from .experiments import check_experiment_dir, load_experiment, report, run_experiment
+    from .experiments import check_experiment_dir, load_experiment, report, run_experiment, select_grids
 
     exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
     check_experiment_dir(exp)
     counts = {"failed": 0}
     if args.action == "run":
-        counts = run_experiment(exp, jobs=args.jobs)
+        select_grids(exp, args.grids)  # an unknown label fails before any cell starts
+        counts = run_experiment(exp, jobs=args.jobs, grids=args.grids)
     paths = report(exp)
     print(paths["md"].read_text())
     print(f"report: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -549,17 +549,32 @@ def check_experiment_dir(exp: Experiment) -> None:
         raise ExperimentError(f"{exp.path}: {exc}") from None
 
 
-def run_experiment(exp: Experiment, *, jobs: int = 1, log=None) -> dict[str, int]:
+def select_grids(exp: Experiment, labels: Sequence[str]) -> list[Cell]:
+    """The cells of the grids labelled ``labels`` (all cells when empty); an unknown label
+    is an :class:`ExperimentError` that lists the file's labels."""
+    known = [g.label for g in exp.spec.grids]
+    for label in labels:
+        if label not in known:
+            raise ExperimentError(f"--grid {quoted(label)}: {exp.path} has no grid of that label; its grids are "
+                                  + ", ".join(quoted(k) for k in known))
+    return [c for c in exp.cells if not labels or c.grid in labels]
+
+
+def run_experiment(exp: Experiment, *, jobs: int = 1, grids: Sequence[str] = (), log=None) -> dict[str, int]:
     """Run every cell that is not finished, ``jobs`` at a time; returns the counts
-    ``{"skipped", "done", "failed"}``. A failed cell does not stop the others. An
-    interruption of the calling thread (Ctrl-C, SIGTERM as KeyboardInterrupt) is passed
-    on to the running cells (:func:`stop_cells`); once they have exited it goes on."""
+    ``{"skipped", "done", "failed"}``. ``grids``: run only the grids of these labels
+    (:func:`select_grids`); the report still covers every finished cell. A failed cell
+    does not stop the others. An interruption of the calling thread (Ctrl-C, SIGTERM as
+    KeyboardInterrupt) is passed on to the running cells (:func:`stop_cells`); once they
+    have exited it goes on."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_experiment_dir(exp)
-    todo = [c for c in exp.cells if not is_done(c)]
-    skipped = len(exp.cells) - len(todo)
-    progress = Progress(total=len(exp.cells), done=skipped)
-    log(f"experiment {exp.spec.name}: {len(exp.cells)} cells, {skipped} finished already, {len(todo)} to run, "
+    cells = select_grids(exp, grids)
+    todo = [c for c in cells if not is_done(c)]
+    skipped = len(cells) - len(todo)
+    progress = Progress(total=len(cells), done=skipped)
+    of = f" (grids {', '.join(quoted(g) for g in grids)})" if grids else ""
+    log(f"experiment {exp.spec.name}{of}: {len(cells)} cells, {skipped} finished already, {len(todo)} to run, "
         f"{jobs} at a time")
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))

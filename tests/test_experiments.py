@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qimera.experiments import ExperimentError, load_experiment, report, run_experiment
+from qimera.experiments import ExperimentError, load_experiment, report, run_experiment, select_grids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +70,21 @@ def test_grid_runs_resumes_and_reports_the_cells(workdir):
     for a, b in zip(exp.cells, twin.cells):
         sa, sb = (json.loads((c.out_dir / "summary.json").read_text()) for c in (a, b))
         assert sa["student_top1"] == sb["student_top1"] and sa["naive_top1"] == sb["naive_top1"]
+
+
+def test_grid_selection_runs_the_named_grids_only(workdir):
+    second = {"label": "digits p0", "config": "base.yaml", "methods": ["gdfq"], "bits": [4], "row": "{label}",
+              "column": "{method}"}
+    first = {**json.loads(json.dumps(second)), "label": "digits", "methods": ["qimera"]}
+    path = _experiment(workdir, "two", grids=[first, second], paper={})
+    exp = load_experiment(path)
+    assert [c.grid for c in select_grids(exp, ["digits p0"])] == ["digits p0", "digits p0"]
+    assert len(select_grids(exp, [])) == len(exp.cells) == 4
+    with pytest.raises(ExperimentError, match=r"--grid 'digit'.*its grids are 'digits', 'digits p0'"):
+        select_grids(exp, ["digit"])
+    with pytest.raises(ExperimentError, match="no grid of that label"):
+        run_experiment(exp, grids=["nope"], log=_quiet)  # before any cell starts
+    assert not (workdir / "runs" / "two").exists() or not any((workdir / "runs" / "two").iterdir())
 
 
 @pytest.mark.slow
