@@ -153,6 +153,7 @@ def main(argv=None) -> dict:
     print(f"\n{m['cpu']} ({m['capability']}, {m['cpu_count']} logical CPUs), onnxruntime {m['onnxruntime']}, threads: "
           f"{m['threads']}; median of {figures['runs']} calls after warm-up. Integer-exact form: "
           f"{exact_report.int4_weights} int4 weight tensors, {exact_report.folded_batchnorms} BatchNorms folded, "
+          f"{exact_report.channels_last_convs} convolutions written channels-last, "
           f"{exact_report.integer_adds} additions as QLinearAdd; layers in float: "
           f"{', '.join(exact_report.float_kernel_layers) or 'none'}. The integer-exact row's agreement is with "
           "the integer-exact student (the same weights as it evaluates).")

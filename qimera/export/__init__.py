@@ -4,12 +4,13 @@ figures, and the whole export with its verification.
 Each module imports only from the modules above it (``tests/export/test_package.py``
 checks it)::
 
-    integer.py    the integer artifact (safetensors + JSON map) and its loader; ExportError
-    onnx_qdq.py   the Q/DQ reference form and what both ONNX forms share (custom ops, layers, proto helpers)
-    onnx_int8.py  the int8 form: BatchNorm folding, integer kernels, int4 packing
-    onnx.py       the ONNX entry points: export_onnx(form=...), onnxruntime, latency, verify_exports
-    deploy.py     deployment figures: size, latency, integer kernels, the machine
-    bundle.py     export_deployables: every export of a student, verified, in one directory
+    integer.py      the integer artifact (safetensors + JSON map) and its loader; ExportError
+    onnx_qdq.py     the Q/DQ reference form and what both ONNX forms share (custom ops, layers, proto helpers)
+    onnx_layout.py  a pass over the int8 form's graph: channels-last integer convolutions for onnxruntime
+    onnx_int8.py    the int8 form: BatchNorm folding, integer kernels, int4 packing
+    onnx.py         the ONNX entry points: export_onnx(form=...), onnxruntime, latency, verify_exports
+    deploy.py       deployment figures: size, latency, integer kernels, the machine
+    bundle.py       export_deployables: every export of a student, verified, in one directory
 
 The names below are imported lazily, on first use, so that ``import qimera.export`` (the
 CLI does, for :class:`ExportError`) loads no ONNX module; ``from qimera.export import

@@ -74,6 +74,7 @@ from ..quant import ActQuantizer, QuantConv2d, set_module
 from ..quant.recipe import detach_recipe, is_integer_exact
 from ..quant.kernels import accumulator_bias, fits_float32, qlinear_add, qlinear_conv, requant_multiplier
 from .integer import ExportError, exportable_parts, float_twin, integer_weight
+from .onnx_layout import channels_last_convs
 from .onnx_qdq import OnnxReport, QDQActivation, QDQConv2d, QDQLinear, QDQRequant, activation_twin, convert_activations
 
 __all__ = ["INT8_DEFAULT_OPSET", "INT4_MIN_OPSET", "fold_batchnorm", "int8_model",
@@ -790,12 +791,15 @@ def int8_model(student: nn.Module, *, requantize: bool = False) -> tuple[nn.Modu
 def finish_proto(proto, report: OnnxReport, pack_int4: bool) -> None:
     """The int8 form's passes over the graph torch exported, in their order: the float
     layers' weights computed at load (:func:`float_at_load`), the int4 packing
-    (:func:`pack_int4_weights`, counted in ``report``) and the short names
-    (:func:`compact_names`)."""
+    (:func:`pack_int4_weights`, counted in ``report``), for the integer-exact form the
+    channels-last convolutions (:func:`qimera.export.onnx_layout.channels_last_convs`)
+    and the short names (:func:`compact_names`)."""
     if report.float_kernel_layers:
         float_at_load(proto, report.float_kernel_layers)
     if pack_int4:
         report.int4_weights = pack_int4_weights(proto)
+    if report.integer_exact:
+        report.channels_last_convs = channels_last_convs(proto)
     compact_names(proto)
 
 

@@ -246,6 +246,8 @@ class OnnxReport:
     integer_exact: bool = False
     #: int8 form, integer-exact: additions run as QLinearAdd
     integer_adds: int = 0
+    #: int8 form, integer-exact: convolutions written as channels-last QLinearConv (onnx_layout)
+    channels_last_convs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

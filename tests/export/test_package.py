@@ -12,7 +12,7 @@ import qimera.export
 PACKAGE = "qimera.export"
 DIRECTORY = Path(qimera.export.__file__).parent
 #: the package's order (qimera/export/__init__.py's docstring): a module may import only earlier ones
-ORDER = ("integer", "onnx_qdq", "onnx_int8", "onnx", "deploy", "bundle", "__init__")
+ORDER = ("integer", "onnx_qdq", "onnx_layout", "onnx_int8", "onnx", "deploy", "bundle", "__init__")
 
 
 def _absolute(node: ast.ImportFrom) -> str:
