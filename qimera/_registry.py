@@ -173,6 +173,7 @@ DATA_LOADERS = Registry("data.name", "dataset", {
 GENERATOR_TERMS = Registry("parts.generator_loss", "generator-loss term", {
     "ce": "qimera.parts:generator_ce",
     "bns": "qimera.parts:generator_bns",
+    "margin": "qimera.parts:generator_margin",
 })
 STUDENT_TERMS = Registry("parts.student_loss", "student-loss term", {
     "kd": "qimera.parts:student_kd",

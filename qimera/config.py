@@ -351,6 +351,10 @@ class PartsConfig(_Section):
     #: ``swa``: the 1-based epoch from which the steps are averaged; null: the epoch after
     #: the last train.lr_milestones step (or the first trained epoch without one)
     swa_start_epoch: Optional[int] = Field(default=None, ge=1)
+    #: ``margin`` (AdaDFQ): the bounds of the normalised teacher-student disagreement
+    #: (AdaDFQ's CIFAR settings: 0.1 and 0.8)
+    margin_low: float = Field(default=0.1, ge=0.0, lt=1.0)
+    margin_high: float = Field(default=0.8, gt=0.0, le=1.0)
 
     @field_validator("generator_loss", "student_loss")
     @classmethod
@@ -384,6 +388,9 @@ class PartsConfig(_Section):
     @model_validator(mode="after")
     def _options_in_use(self):
         """An option of a part that is not chosen would change nothing: refused."""
+        if self.margin_low >= self.margin_high:
+            raise ValueError(f"parts.margin_low={quoted(self.margin_low)} must be below parts.margin_high="
+                             f"{quoted(self.margin_high)}")
         for key, (choice, needs) in PARTS_OPTIONS.items():
             chosen = getattr(self, choice)
             if getattr(self, key) != PartsConfig.model_fields[key].default and needs not in (
@@ -395,7 +402,8 @@ class PartsConfig(_Section):
 
 #: each option of the ``parts`` section: the key that chooses its part, and that part
 PARTS_OPTIONS = {"easy_tau": ("student_loss", "ce_easy"), "lowpass_d0": ("image_filter", "lowpass"),
-                 "ema_decay": ("averaging", "ema"), "swa_start_epoch": ("averaging", "swa")}
+                 "ema_decay": ("averaging", "ema"), "swa_start_epoch": ("averaging", "swa"),
+                 "margin_low": ("generator_loss", "margin"), "margin_high": ("generator_loss", "margin")}
 
 
 class NaiveConfig(_Section):

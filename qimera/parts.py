@@ -17,6 +17,9 @@ additions of later work are parts too, each behind its own key:
   teacher's target is recomputed on the filtered images).
 * ``averaging: ema`` or ``swa``: the evaluated and exported student is an average of the
   trained one's weights (:class:`torch.optim.swa_utils.AveragedModel`).
+* ``generator_loss: [ce, bns, margin]``: AdaDFQ's margin (CVPR 2023), which keeps the
+  teacher-student disagreement on the generated samples between ``parts.margin_low`` and
+  ``parts.margin_high``; it runs the student in the generator's step.
 
 The registries (:data:`GENERATOR_TERMS`, :data:`STUDENT_TERMS`, :data:`IMAGE_FILTERS`,
 :data:`AVERAGING`) live in :mod:`qimera._registry`, so that validating a config imports
@@ -33,6 +36,7 @@ and name it in ``parts.student_loss`` (register it before the config is loaded).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -50,11 +54,22 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class GeneratorBatch:
     """What a generator-loss term sees: the teacher's logits on the generated images, the
-    intended soft labels and the BN-statistics loss of that teacher forward pass."""
+    intended soft labels and the BN-statistics loss of that teacher forward pass; and, for
+    a term marked :func:`needs_student`, the student's logits on the same images (with the
+    gradient to the generator), once the student is trained (None before)."""
 
     teacher_logits: torch.Tensor
     target: torch.Tensor
     bns: Callable[[], torch.Tensor]
+    student_logits: Optional[torch.Tensor] = None
+
+
+def needs_student(term: Callable) -> Callable:
+    """Mark a generator-loss term that reads ``batch.student_logits``: the trainer then runs
+    the student on the generated images in the generator's step (one more forward and
+    backward pass through the student)."""
+    term.needs_student = True
+    return term
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,24 @@ def generator_ce(batch: GeneratorBatch, cfg: "Config") -> torch.Tensor:
 def generator_bns(batch: GeneratorBatch, cfg: "Config") -> torch.Tensor:
     """The BatchNorm-statistics loss, weighted by ``train.bns_weight`` (SPEC §2)."""
     return batch.bns()
+
+
+@needs_student
+def generator_margin(batch: GeneratorBatch, cfg: "Config") -> torch.Tensor:
+    """AdaDFQ's margin (CVPR 2023): keep the generated samples' adaptability to the student
+    between two bounds. A sample's disagreement is the entropy of ``softmax(t − a)``
+    (teacher minus student logits), normalised over the batch to ``(h − min h) / (log C −
+    min h)``; the loss is ``mean(relu(parts.margin_low − h')) + mean(relu(h' −
+    parts.margin_high))``. Zero while the student is not trained yet (the calibration
+    epochs; AdaDFQ's student is not calibrated there)."""
+    if batch.student_logits is None:
+        return batch.teacher_logits.new_zeros((), dtype=torch.float32)
+    gap = batch.teacher_logits.float() - batch.student_logits.float()
+    entropy = -(torch.softmax(gap, dim=1) * F.log_softmax(gap, dim=1)).sum(1)
+    low = entropy.min()
+    scaled = (entropy - low) / (math.log(gap.shape[1]) - low).clamp_min(1e-6)
+    p = cfg.parts
+    return F.relu(p.margin_low - scaled).mean() + F.relu(scaled - p.margin_high).mean()
 
 
 def student_kd(batch: StudentBatch, cfg: "Config") -> torch.Tensor:
@@ -264,6 +297,11 @@ class Parts:
             part = value if weight == 1.0 else weight * value
             total = part if total is None else total + part
         return total, values
+
+    @property
+    def generator_needs_student(self) -> bool:
+        """Whether a generator term reads the student's logits (:func:`needs_student`)."""
+        return any(getattr(term, "needs_student", False) for _, term, _ in self.generator_terms)
 
     def generator_loss(self, batch: GeneratorBatch, cfg: "Config"):
         """``(L_G, {term: value})``: the weighted sum of the generator's terms, in order."""

@@ -520,12 +520,15 @@ class Trainer:
         return True
 
     # -- one iteration --------------------------------------------------------------------
-    def _generator_loss(self, labels: torch.Tensor, lam: torch.Tensor, noise: torch.Tensor, y: torch.Tensor):
+    def _generator_loss(self, labels: torch.Tensor, lam: torch.Tensor, noise: torch.Tensor, y: torch.Tensor,
+                        with_student: bool = False):
         """Generator, teacher and the generator's loss (CE + BNS) for one batch of class
         slots, noise and soft labels ``y``; the first part of :meth:`train_step`, compiled
         as one graph when ``train.compile`` is on (the BN-statistics hooks are traced with
         it). The loss is the sum of the ``parts.generator_loss`` terms (the paper's: CE +
-        bns_weight · BNS). Returns ``(loss_g, {term: value}, images, teacher logits)``."""
+        bns_weight · BNS). ``with_student``: a term reads the student's logits on the same
+        images (AdaDFQ's margin), so the student runs here too. Returns ``(loss_g, {term:
+        value}, images, teacher logits)``."""
         mix = ClassMix(labels, lam)
         self.bn_hook.enabled = True
         with autocast_context(self.device, self.amp):
@@ -534,7 +537,11 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             t = self.teacher(x)
         self.bn_hook.enabled = False
-        loss, terms = self.parts.generator_loss(GeneratorBatch(t, y, self.bn_hook.loss), self.cfg)
+        a = None
+        if with_student:
+            with autocast_context(self.device, self.amp):
+                a = self.student(x)
+        loss, terms = self.parts.generator_loss(GeneratorBatch(t, y, self.bn_hook.loss, a), self.cfg)
         return loss, terms, x, t
 
     def _student_loss(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -570,7 +577,8 @@ class Trainer:
         mix = self.sample_mix()
         noise = self.generator.sample_noise(mix, generator=self.rng_dev)
         y = mix.soft_labels(self.num_classes)
-        loss_g, terms, x, t = self._generator_step(mix.labels, mix.lam, noise, y)
+        loss_g, terms, x, t = self._generator_step(mix.labels, mix.lam, noise, y,
+                                                   train_student and self.parts.generator_needs_student)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()

@@ -10,13 +10,13 @@ import torch.nn as nn
 from qimera.config import ConfigError, load_config
 from qimera.losses import kd_loss, soft_cross_entropy
 from qimera.parts import (AveragingRule, GeneratorBatch, StudentBatch, compose, deployed_student_state,
-                          gaussian_lowpass, lowpass_d0, swa_start_epoch, teacher_difficulty)
+                          gaussian_lowpass, generator_margin, lowpass_d0, swa_start_epoch, teacher_difficulty)
 from qimera.trainer import CHECKPOINT_NAME, Trainer
 
 
 def _paper_generator_loss(trainer):
     """The generator's loss as the trainer computed it before the parts existed."""
-    def step(labels, lam, noise, y):
+    def step(labels, lam, noise, y, with_student=False):
         from qimera.generators import ClassMix
 
         trainer.bn_hook.enabled = True
@@ -203,13 +203,49 @@ def test_filter_and_easy_ce_train_and_change_the_run(tiny_config, tiny_teacher, 
         assert rec["loss_s"] != base["loss_s"] and torch.isfinite(torch.tensor(rec["loss_s"]))
 
 
+def test_margin_keeps_the_disagreement_between_its_bounds(tiny_config):
+    """AdaDFQ's margin: the batch-normalised entropy of softmax(t - a), penalised below
+    margin_low and above margin_high; zero without the student's logits (calibration)."""
+    cfg = load_config(tiny_config, ["parts.generator_loss=[ce, bns, margin]", "parts.margin_low=0.2",
+                                    "parts.margin_high=0.6"])
+    torch.manual_seed(0)
+    t = torch.randn(8, 10)
+    a = (t + torch.randn(8, 10) * torch.linspace(0.1, 5, 8)[:, None]).requires_grad_()
+    y = torch.softmax(torch.randn(8, 10), 1)
+    loss = generator_margin(GeneratorBatch(t, y, lambda: torch.tensor(0.0), a), cfg)
+    d = t - a.detach()
+    h = -(torch.softmax(d, 1) * torch.log_softmax(d, 1)).sum(1)
+    hn = (h - h.min()) / (torch.log(torch.tensor(10.0)) - h.min())
+    expected = torch.relu(0.2 - hn).mean() + torch.relu(hn - 0.6).mean()
+    assert torch.allclose(loss, expected) and loss > 0
+    loss.backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0  # it reaches the student's input side
+    assert generator_margin(GeneratorBatch(t, y, lambda: torch.tensor(0.0)), cfg) == 0
+    assert compose(cfg, (1, 8, 8)).generator_needs_student and not compose(load_config(tiny_config), (1, 8, 8)).generator_needs_student
+
+
+def test_margin_trains_the_generator_through_the_student(tiny_config, tiny_teacher, tmp_path):
+    """With the margin, the generator's loss has a margin term once the student trains,
+    and the run differs from plain Qimera's from then on."""
+    base = Trainer(load_config(tiny_config, [f"train.out_dir={tmp_path / 'base'}", "train.epochs=1"]),
+                   tiny_teacher).fit().history[-1]
+    rec = Trainer(load_config(tiny_config, ["parts.generator_loss=[ce, bns, margin]",
+                                            f"train.out_dir={tmp_path / 'm'}", "train.epochs=1"]),
+                  tiny_teacher).fit().history[-1]
+    assert rec["loss_g_margin"] > 0 and rec["loss_g"] != base["loss_g"]
+    assert torch.isfinite(torch.tensor([rec["loss_g"], rec["loss_s"]])).all()
+
+
 @pytest.mark.parametrize("over, words", [
     (["parts.ema_decay=0.9"], "parts.ema_decay=0.9 is read only with 'ema' in parts.averaging"),
     (["parts.easy_tau=0.3"], "with 'ce_easy' in parts.student_loss"),
     (["parts.student_loss=[kd, ce, ce_easy]"], "list one of them"),
     (["parts.student_loss=[kd, kd]"], "kd listed more than once"),
-    (["parts.generator_loss=[ce, nope]"], "unknown generator-loss term; allowed: ce, bns"),
+    (["parts.generator_loss=[ce, nope]"], "unknown generator-loss term; allowed: ce, bns, margin"),
     (["parts.averaging=mean"], "unknown averaging rule; allowed: none, ema, swa"),
+    (["parts.margin_low=0.3"], "with 'margin' in parts.generator_loss"),
+    (["parts.generator_loss=[ce, bns, margin]", "parts.margin_low=0.8", "parts.margin_high=0.5"],
+     "parts.margin_low=0.8 must be below parts.margin_high=0.5"),
     (["parts.image_filter=blur"], "unknown image filter; allowed: none, lowpass"),
     (["parts.averaging=swa", "parts.swa_start_epoch=9"], "parts.swa_start_epoch=9: SWA averages trained epochs"),
     (["parts.student_loss=[]"], "parts.student_loss=[]"),

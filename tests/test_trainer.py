@@ -215,8 +215,8 @@ def test_epoch_diagnostics_of_the_generated_samples(tiny_config, tiny_teacher):
     seen = []
     step = tr._generator_step
 
-    def spy(labels, lam, noise, y):
-        out = step(labels, lam, noise, y)
+    def spy(labels, lam, noise, y, with_student=False):
+        out = step(labels, lam, noise, y, with_student)
         seen.append((labels.shape[1] > 1, out[3].detach(), y))
         return out
 
