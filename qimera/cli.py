@@ -85,14 +85,13 @@ def _positive_int(text: str) -> int:
 
 
 def _experiment(args) -> int:
-    from .experiments import check_experiment_dir, load_experiment, report, run_experiment, select_grids
+    from .experiments import check_experiment_dir, load_experiment, report, run_experiment
 
     exp = load_experiment(args.experiment, seeds=args.seeds, overrides=tuple(args.overrides))
     check_experiment_dir(exp)
     counts = {"failed": 0}
     if args.action == "run":
-        select_grids(exp, args.grids)  # an unknown label fails before any cell starts
-        counts = run_experiment(exp, jobs=args.jobs, grids=args.grids)
+        counts = run_experiment(exp, jobs=args.jobs, grids=args.grids)  # an unknown --grid fails before any cell
     paths = report(exp)
     print(paths["md"].read_text())
     print(f"report: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)

@@ -190,8 +190,8 @@ def _integer_shortcuts(g: _Graph) -> None:
     producers, consumers = g.producers(), g.consumers()
     gone = set()
     for quant in [n for n in g.nodes if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
-        chain, value = [], quant.input[0]
-        node = producers.get(value)
+        chain = []
+        node = producers.get(quant.input[0])
         while (node is not None and node.op_type in ("Slice", "Pad") and len(consumers[node.output[0]]) == 1
                and _joinable(g, node)):
             chain.append(node)
@@ -237,12 +237,10 @@ def channels_last_convs(proto) -> int:
     if not lowered:
         return 0
     g.nodes = [lowered.get(id(n), n) for n in g.nodes if id(n) not in dropped]
-    used = {i for n in g.nodes for i in n.input}
-    g.nodes = [n for n in g.nodes  # the inputs' DequantizeLinear now read by nothing
-               if not (n.op_type == "DequantizeLinear" and not any(o in used for o in n.output))]
     _integer_shortcuts(g)
     used = {i for n in g.nodes for i in n.input}
-    g.nodes = [n for n in g.nodes if not (n.op_type == "DequantizeLinear" and not any(o in used for o in n.output))]
+    g.nodes = [n for n in g.nodes  # the DequantizeLinear nodes that the two rewrites left unread
+               if not (n.op_type == "DequantizeLinear" and not any(o in used for o in n.output))]
     producers, consumers = g.producers(), g.consumers()
 
     # the channels-last region: from the convolutions through the nodes that can join it
